@@ -1,0 +1,126 @@
+//! One configuration tree for the server: flags with environment
+//! equivalents, their defaults, and the checks run once at start-up.
+//!
+//! Nothing here touches the network or the database.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// Server configuration. Every field is a command-line flag with an
+/// environment variable of the same meaning, listed by `leasehold serve --help`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Config {
+    /// Address the gRPC server listens on.
+    #[arg(long, env = "LEASEHOLD_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+
+    /// Postgres connection URL. The database is created if it does not exist
+    /// (when the role may create databases).
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/leasehold"
+    )]
+    pub database_url: String,
+
+    /// Maximum number of pooled database connections.
+    #[arg(long, env = "LEASEHOLD_DB_POOL_SIZE", default_value_t = 16)]
+    pub db_pool_size: usize,
+
+    /// How long a request waits for a database connection (and for a new
+    /// connection to open) before it fails with UNAVAILABLE.
+    #[arg(long, env = "LEASEHOLD_DB_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub db_timeout: Duration,
+
+    /// Lease length when a request does not give one.
+    #[arg(long, env = "LEASEHOLD_LEASE_DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub lease_duration: Duration,
+
+    /// First retry delay after a failed attempt; doubles with each attempt.
+    #[arg(long, env = "LEASEHOLD_RETRY_BACKOFF_BASE", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub retry_backoff_base: Duration,
+
+    /// Longest retry delay after a failed attempt.
+    #[arg(long, env = "LEASEHOLD_RETRY_BACKOFF_MAX", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub retry_backoff_max: Duration,
+
+    /// Largest accepted `params` or `result`, in encoded bytes.
+    #[arg(long, env = "LEASEHOLD_MAX_PAYLOAD_BYTES", default_value_t = 1024 * 1024)]
+    pub max_payload_bytes: usize,
+
+    /// Interval of the reclaimer's safety sweep for expired leases (the
+    /// reclaimer also wakes exactly at the earliest expiry it knows of).
+    #[arg(long, env = "LEASEHOLD_RECLAIM_INTERVAL", default_value = "250ms", value_parser = humantime::parse_duration)]
+    pub reclaim_interval: Duration,
+
+    /// Interval at which waiting workers re-check for due tasks even without
+    /// a notification (a safety net; notifications wake them at once).
+    #[arg(long, env = "LEASEHOLD_POLL_INTERVAL", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub poll_interval: Duration,
+}
+
+/// Bounds shared by validation and configuration.
+pub(crate) const MIN_LEASE: Duration = Duration::from_secs(1);
+pub(crate) const MAX_LEASE: Duration = Duration::from_secs(3600);
+
+impl Config {
+    /// A configuration with every default, for the given database.
+    pub fn with_database_url(database_url: impl Into<String>) -> Self {
+        Self {
+            listen: "127.0.0.1:50051".parse().expect("valid literal address"),
+            database_url: database_url.into(),
+            db_pool_size: 16,
+            db_timeout: Duration::from_secs(5),
+            lease_duration: Duration::from_secs(30),
+            retry_backoff_base: Duration::from_secs(1),
+            retry_backoff_max: Duration::from_secs(600),
+            max_payload_bytes: 1024 * 1024,
+            reclaim_interval: Duration::from_millis(250),
+            poll_interval: Duration::from_secs(2),
+        }
+    }
+
+    /// Checks the values that flags alone cannot; called once at start-up.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.db_pool_size == 0 {
+            return Err("--db-pool-size must be at least 1".into());
+        }
+        if self.db_timeout.is_zero() {
+            return Err("--db-timeout must be positive".into());
+        }
+        if !(MIN_LEASE..=MAX_LEASE).contains(&self.lease_duration) {
+            return Err("--lease-duration must be between 1s and 1h".into());
+        }
+        if self.retry_backoff_base.is_zero() || self.retry_backoff_max < self.retry_backoff_base {
+            return Err(
+                "--retry-backoff-base must be positive and at most --retry-backoff-max".into(),
+            );
+        }
+        if self.max_payload_bytes == 0 || self.max_payload_bytes > 64 * 1024 * 1024 {
+            return Err("--max-payload-bytes must be between 1 and 67108864".into());
+        }
+        if self.reclaim_interval.is_zero() || self.poll_interval.is_zero() {
+            return Err("--reclaim-interval and --poll-interval must be positive".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        Config::with_database_url("postgres://x@y/z")
+            .validate()
+            .unwrap();
+    }
+
+    #[test]
+    fn lease_out_of_range_is_rejected() {
+        let mut config = Config::with_database_url("postgres://x@y/z");
+        config.lease_duration = Duration::from_millis(10);
+        assert!(config.validate().unwrap_err().contains("--lease-duration"));
+    }
+}

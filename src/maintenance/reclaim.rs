@@ -1,0 +1,70 @@
+//! The reclaimer takes back leases that were not renewed.
+//!
+//! It sleeps until the earliest `locked_until` it knows of (asked of the
+//! database, whose clock decides), but never longer than the sweep interval,
+//! so a lease granted by another node, or one that shrank, is still taken
+//! back within one interval of its expiry. Each pass reclaims in bounded
+//! batches until none is left. The statement re-checks status and expiry on
+//! the locked row, so a completion that committed a moment earlier wins.
+
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::store::Store;
+use crate::task::Status;
+
+/// Rows reclaimed per statement.
+const BATCH: i64 = 500;
+
+/// Reclaims expired leases until shutdown.
+#[derive(Debug)]
+pub struct Reclaimer {
+    store: Store,
+    interval: Duration,
+}
+
+impl Reclaimer {
+    /// A reclaimer that sweeps at least every `interval`.
+    pub fn new(store: Store, interval: Duration) -> Self {
+        Self { store, interval }
+    }
+
+    /// Runs until `shutdown` turns true.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            let sleep = match self.pass().await {
+                Ok(next) => next.map_or(self.interval, |d| d.min(self.interval)),
+                Err(err) => {
+                    tracing::warn!(error = %err, "reclaim pass failed");
+                    self.interval.max(Duration::from_secs(1))
+                }
+            };
+            tokio::select! {
+                // A few milliseconds past the expiry, so that `now()` in the
+                // statement is past it too.
+                _ = tokio::time::sleep(sleep + Duration::from_millis(2)) => {}
+                _ = shutdown.wait_for(|stop| *stop) => return,
+            }
+        }
+    }
+
+    /// Reclaims every expired lease, then returns how long until the next
+    /// one expires.
+    async fn pass(&self) -> Result<Option<Duration>, crate::store::Error> {
+        loop {
+            let reclaimed = self.store.lease_reclaim_expired(BATCH).await?;
+            for (task_id, status) in &reclaimed {
+                if *status == Status::Failed {
+                    tracing::info!(task_id = %task_id, "lease expired, no attempts left: task failed");
+                } else {
+                    tracing::info!(task_id = %task_id, "lease expired: task pending again");
+                }
+            }
+            if (reclaimed.len() as i64) < BATCH {
+                break;
+            }
+        }
+        self.store.lease_next_expiry().await
+    }
+}

@@ -1,0 +1,198 @@
+//! Wires a node together: store, migrations, dispatcher, reclaimer, health,
+//! reflection and the two gRPC services, and runs it until shutdown.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tonic::transport::server::TcpIncoming;
+use tonic_health::ServingStatus;
+
+use crate::api::{TaskApi, WorkerApi};
+use crate::config::Config;
+use crate::dispatch::Dispatcher;
+use crate::maintenance::Reclaimer;
+use crate::proto::task_service_server::TaskServiceServer;
+use crate::proto::worker_service_server::WorkerServiceServer;
+use crate::service::Service;
+use crate::store::{self, Store};
+use crate::task::Backoff;
+
+/// Why a node could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The configuration is invalid.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// The database could not be prepared.
+    #[error(transparent)]
+    Store(#[from] store::Error),
+    /// Binding or serving failed.
+    #[error("transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// The listener failed.
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+    /// The reflection service could not be built.
+    #[error("reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+/// How often the health service re-checks the database.
+const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Fully qualified service names, as health checks name them.
+const SERVICE_NAMES: [&str; 3] = ["", "leasehold.v1.TaskService", "leasehold.v1.WorkerService"];
+
+/// A running node.
+#[derive(Debug)]
+pub struct Running {
+    addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    handle: JoinHandle<Result<(), Error>>,
+}
+
+impl Running {
+    /// The address the node listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops accepting, lets in-flight calls finish (long polls return
+    /// empty), and waits until the node has stopped.
+    pub async fn shutdown(self) -> Result<(), Error> {
+        let _ = self.shutdown.send(true);
+        self.handle
+            .await
+            .unwrap_or_else(|err| Err(Error::Io(std::io::Error::other(err))))
+    }
+
+    /// Waits until the node stops by itself (it only does on an error).
+    pub async fn wait(self) -> Result<(), Error> {
+        self.handle
+            .await
+            .unwrap_or_else(|err| Err(Error::Io(std::io::Error::other(err))))
+    }
+
+    /// A handle that triggers shutdown from elsewhere (a signal handler).
+    pub fn shutdown_trigger(&self) -> watch::Sender<bool> {
+        self.shutdown.clone()
+    }
+}
+
+/// Prepares the database (creating it if missing, then migrating).
+pub async fn prepare_database(config: &Config) -> Result<Store, Error> {
+    config.validate().map_err(Error::Config)?;
+    let store = Store::new(&config.database_url, config.db_pool_size, config.db_timeout)?;
+    store.database_create_if_missing().await?;
+    store.migrate().await?;
+    Ok(store)
+}
+
+/// Starts a node on `listener` (bound by the caller, so tests can use port
+/// 0) and returns once it accepts calls.
+pub async fn start(config: Config, listener: tokio::net::TcpListener) -> Result<Running, Error> {
+    let store = prepare_database(&config).await?;
+    let addr = listener.local_addr()?;
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+
+    let dispatcher = Dispatcher::start(store.clone(), config.poll_interval, shutdown_rx.clone());
+    tokio::spawn(Reclaimer::new(store.clone(), config.reclaim_interval).run(shutdown_rx.clone()));
+
+    let service = Service::new(
+        store.clone(),
+        dispatcher,
+        Backoff {
+            base: config.retry_backoff_base,
+            max: config.retry_backoff_max,
+        },
+    );
+    // A message must fit the largest payload plus the rest of the request.
+    let max_message = (config.max_payload_bytes + 64 * 1024).max(4 * 1024 * 1024);
+    let tasks = TaskServiceServer::new(TaskApi::new(service.clone(), config.max_payload_bytes))
+        .max_decoding_message_size(max_message);
+    let workers = WorkerServiceServer::new(WorkerApi::new(
+        service,
+        config.lease_duration,
+        config.max_payload_bytes,
+    ))
+    .max_decoding_message_size(max_message);
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    tokio::spawn(health_loop(store, health, shutdown_rx.clone()));
+
+    // Older grpcurl and Python's grpcio-reflection speak only v1alpha.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
+
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let mut stop = shutdown_rx;
+    let router = tonic::transport::Server::builder()
+        // Dead peers are noticed even on idle connections.
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(tasks)
+        .add_service(workers);
+    let handle = tokio::spawn(async move {
+        router
+            .serve_with_incoming_shutdown(incoming, async move {
+                let _ = stop.wait_for(|s| *s).await;
+            })
+            .await?;
+        tracing::info!("server stopped");
+        Ok(())
+    });
+    tracing::info!(%addr, "listening");
+    Ok(Running {
+        addr,
+        shutdown: shutdown_tx,
+        handle,
+    })
+}
+
+/// Reports SERVING only while the database answers.
+async fn health_loop(
+    store: Store,
+    health: tonic_health::server::HealthReporter,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut last = None;
+    loop {
+        let status = match tokio::time::timeout(HEALTH_INTERVAL, store.ping()).await {
+            Ok(Ok(())) => ServingStatus::Serving,
+            _ => ServingStatus::NotServing,
+        };
+        if last != Some(status) {
+            if status == ServingStatus::Serving {
+                tracing::info!("database reachable: serving");
+            } else {
+                tracing::warn!("database unreachable: not serving");
+            }
+            for name in SERVICE_NAMES {
+                health.set_service_status(name, status).await;
+            }
+            last = Some(status);
+        }
+        let stopping = tokio::select! {
+            _ = tokio::time::sleep(HEALTH_INTERVAL) => false,
+            _ = shutdown.wait_for(|s| *s) => true,
+        };
+        if stopping {
+            for name in SERVICE_NAMES {
+                health
+                    .set_service_status(name, ServingStatus::NotServing)
+                    .await;
+            }
+            return;
+        }
+    }
+}

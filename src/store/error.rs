@@ -1,0 +1,56 @@
+//! Store errors and the one place that maps Postgres and pool failures to
+//! them.
+
+use tokio_postgres::error::SqlState;
+
+/// What can go wrong talking to the database.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The database cannot be reached, is restarting, or no connection was
+    /// free in time. Safe to retry.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    /// A unique constraint was violated.
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// Anything else: a bug or an unexpected database state.
+    #[error("database error: {0}")]
+    Other(String),
+}
+
+impl From<tokio_postgres::Error> for Error {
+    fn from(err: tokio_postgres::Error) -> Self {
+        let Some(code) = err.code() else {
+            // No SQLSTATE: the connection broke, timed out or never opened.
+            return Error::Unavailable(err.to_string());
+        };
+        if *code == SqlState::UNIQUE_VIOLATION {
+            return Error::Conflict(err.to_string());
+        }
+        // Class 08 (connection exception), 53 (insufficient resources) and
+        // 57P0x (shutdown, restart) all mean: try again later.
+        let class = &code.code()[..2];
+        if class == "08"
+            || class == "53"
+            || *code == SqlState::ADMIN_SHUTDOWN
+            || *code == SqlState::CRASH_SHUTDOWN
+            || *code == SqlState::CANNOT_CONNECT_NOW
+            || *code == SqlState::READ_ONLY_SQL_TRANSACTION
+        {
+            return Error::Unavailable(err.to_string());
+        }
+        if err.is_closed() {
+            return Error::Unavailable(err.to_string());
+        }
+        Error::Other(err.to_string())
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for Error {
+    fn from(err: deadpool_postgres::PoolError) -> Self {
+        match err {
+            deadpool_postgres::PoolError::Backend(err) => err.into(),
+            other => Error::Unavailable(other.to_string()),
+        }
+    }
+}

@@ -1,0 +1,179 @@
+//! The only module that knows Postgres: connections, migrations and every
+//! SQL statement, each behind one typed function.
+//!
+//! It must never decide policy (who may do what, defaults, limits): callers
+//! pass validated values in and get rows, counts or fencing outcomes back.
+//! Time-dependent statements use the database clock (`now()`).
+
+mod error;
+mod task;
+
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::NoTls;
+
+pub use error::Error;
+pub use task::Fenced;
+
+/// Result of a store call.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// The Postgres channel on which the `task_wake` trigger announces tasks that
+/// became pending.
+pub const WAKE_CHANNEL: &str = "leasehold_task";
+
+mod embedded {
+    refinery::embed_migrations!("migrations");
+}
+
+/// Handle to the task store: a connection pool plus what is needed to open
+/// dedicated connections (for LISTEN).
+#[derive(Clone)]
+pub struct Store {
+    pool: Pool,
+    pg_config: tokio_postgres::Config,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("dbname", &self.pg_config.get_dbname())
+            .field("pool", &self.pool.status())
+            .finish()
+    }
+}
+
+impl Store {
+    /// Builds a store for `database_url`. Opens no connection yet: the pool
+    /// connects on demand, so a server can start while the database is down
+    /// and recovers by itself when it returns.
+    pub fn new(database_url: &str, pool_size: usize, timeout: Duration) -> Result<Self> {
+        let mut pg_config: tokio_postgres::Config = database_url
+            .parse()
+            .map_err(|err| Error::Other(format!("invalid database URL: {err}")))?;
+        if pg_config.get_application_name().is_none() {
+            pg_config.application_name("leasehold");
+        }
+        pg_config
+            .connect_timeout(timeout)
+            .keepalives(true)
+            .keepalives_idle(Duration::from_secs(10))
+            // A peer that vanished without a FIN must not hold a request past
+            // its deadline: unacknowledged writes fail after this long.
+            .tcp_user_timeout(timeout.max(Duration::from_secs(1)));
+        let manager = Manager::from_config(
+            pg_config.clone(),
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(pool_size)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(timeout))
+            .create_timeout(Some(timeout))
+            .recycle_timeout(Some(timeout))
+            .build()
+            .map_err(|err| Error::Other(format!("cannot build connection pool: {err}")))?;
+        Ok(Self { pool, pg_config })
+    }
+
+    /// Opens a connection that is not pooled, driving it on a background
+    /// task that forwards asynchronous messages (notifications) to `tx` when
+    /// given. The connection closes when the returned client is dropped.
+    pub async fn connect_dedicated(
+        &self,
+        tx: Option<tokio::sync::mpsc::UnboundedSender<tokio_postgres::Notification>>,
+    ) -> Result<tokio_postgres::Client> {
+        let (client, mut connection) = self.pg_config.connect(NoTls).await?;
+        tokio::spawn(async move {
+            let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+            use futures_util::StreamExt;
+            while let Some(message) = messages.next().await {
+                match message {
+                    Ok(tokio_postgres::AsyncMessage::Notification(n)) => {
+                        if let Some(tx) = &tx {
+                            let _ = tx.send(n);
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(err) => {
+                        tracing::debug!(error = %err, "dedicated connection closed");
+                        break;
+                    }
+                }
+            }
+        });
+        Ok(client)
+    }
+
+    /// Creates the database named in the URL if it does not exist, by
+    /// connecting to the `postgres` database with the same settings.
+    pub async fn database_create_if_missing(&self) -> Result<()> {
+        match self.pg_config.connect(NoTls).await {
+            Ok(_) => return Ok(()),
+            Err(err) if err.code() == Some(&SqlState::INVALID_CATALOG_NAME) => {}
+            Err(err) => return Err(err.into()),
+        }
+        let name = self
+            .pg_config
+            .get_dbname()
+            .ok_or_else(|| Error::Other("database URL names no database".into()))?
+            .to_owned();
+        let mut admin = self.pg_config.clone();
+        admin.dbname("postgres");
+        let (client, connection) = admin.connect(NoTls).await?;
+        let driver = tokio::spawn(connection);
+        let quoted = format!("\"{}\"", name.replace('"', "\"\""));
+        let created = client
+            .batch_execute(&format!("CREATE DATABASE {quoted}"))
+            .await;
+        drop(client);
+        let _ = driver.await;
+        match created {
+            Ok(()) => {
+                tracing::info!(database = %name, "created database");
+                Ok(())
+            }
+            // Another node created it first.
+            Err(err) if err.code() == Some(&SqlState::DUPLICATE_DATABASE) => Ok(()),
+            Err(err) => Err(err.into()),
+        }
+    }
+
+    /// Applies pending migrations. Nodes starting together take turns on an
+    /// advisory lock, so each migration runs once.
+    pub async fn migrate(&self) -> Result<()> {
+        const MIGRATION_LOCK: i64 = 0x6c65_6173_6568_6f6c; // "leasehol"
+        let mut client = self.connect_dedicated(None).await?;
+        client
+            .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
+            .await?;
+        let report = embedded::migrations::runner()
+            .set_migration_table_name("leasehold_schema_history")
+            .run_async(&mut client)
+            .await;
+        client
+            .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
+            .await?;
+        let report = report.map_err(|err| Error::Other(format!("migration failed: {err}")))?;
+        for migration in report.applied_migrations() {
+            tracing::info!(migration = %migration, "applied migration");
+        }
+        Ok(())
+    }
+
+    /// Answers whether the database responds to a trivial query.
+    pub async fn ping(&self) -> Result<()> {
+        let client = self.pool.get().await?;
+        client.simple_query("SELECT 1").await?;
+        Ok(())
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object> {
+        Ok(self.pool.get().await?)
+    }
+}

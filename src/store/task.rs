@@ -1,0 +1,726 @@
+//! Task statements. Every write that depends on a lease carries the lease
+//! token in its `WHERE`; zero rows affected means the lease is gone, which is
+//! a normal outcome reported as [`Fenced`], not an error.
+//!
+//! Lease design, in short: a hand-out sets `status = 'processing'`,
+//! `locked_by`, `locked_until` and a fresh random `lease_token`. Heartbeats
+//! move `locked_until`. Complete and fail keep the token on the row so a
+//! repeated call with the same token is recognised as already applied;
+//! release, expiry and an operator retry clear it, so a stale worker can
+//! never act again. The reclaimer re-checks status and expiry in the same
+//! statement that takes the lease back, so it cannot clobber a completion
+//! that landed a moment earlier.
+
+use std::collections::HashMap;
+use std::time::{Duration, SystemTime};
+
+use tokio_postgres::Row;
+use uuid::Uuid;
+
+use super::{Error, Result, Store};
+use crate::task::{
+    Backoff, Claim, Counts, Created, Failure, LeaseRef, LeaseState, ListFilter, NewTask, Page,
+    Stats, Status, Task, TypeStats,
+};
+
+/// The outcome of a write fenced by a lease token.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Fenced<T> {
+    /// The write took effect now, or had already taken effect with the same
+    /// token (a retried call).
+    Applied(T),
+    /// The token does not match a processing task; the task is as returned.
+    Stale(Task),
+    /// No task has that id.
+    NotFound,
+}
+
+macro_rules! columns {
+    () => {
+        "id, seq, task_type, status, priority, attempts, max_attempts, scheduled_for, \
+         created_at, started_at, completed_at, locked_by, locked_until, lease_token, \
+         last_error, params, result, library_id, series_id, book_id, dedup_key"
+    };
+}
+
+/// The same columns qualified by the alias `t`, for statements with joins.
+macro_rules! t_columns {
+    () => {
+        "t.id, t.seq, t.task_type, t.status, t.priority, t.attempts, t.max_attempts, \
+         t.scheduled_for, t.created_at, t.started_at, t.completed_at, t.locked_by, \
+         t.locked_until, t.lease_token, t.last_error, t.params, t.result, t.library_id, \
+         t.series_id, t.book_id, t.dedup_key"
+    };
+}
+
+/// Every statement of this module, so a test can prepare each one against
+/// the migrated schema.
+pub(crate) const STATEMENTS: &[&str] = &[
+    TASK_INSERT,
+    TASK_INSERT_MANY,
+    TASK_GET,
+    TASK_GET_LIVE_BY_DEDUP,
+    TASK_CLAIM,
+    TASK_NEXT_DUE,
+    LEASE_EXTEND,
+    TASK_COMPLETE,
+    TASK_FAIL,
+    TASK_RELEASE,
+    TASK_CANCEL,
+    TASK_RETRY,
+    TASK_LIST,
+    TASK_PURGE,
+    TASK_STATS,
+    LEASE_RECLAIM_EXPIRED,
+    LEASE_NEXT_EXPIRY,
+];
+
+const TASK_INSERT: &str = concat!(
+    "INSERT INTO task (id, task_type, params, priority, max_attempts, scheduled_for, \
+     library_id, series_id, book_id, dedup_key) \
+     VALUES ($1, $2, $3, $4, $5, COALESCE($6, now()), $7, $8, $9, $10) \
+     ON CONFLICT (dedup_key) WHERE dedup_key IS NOT NULL AND status IN ('pending', 'processing') \
+     DO NOTHING RETURNING ",
+    columns!()
+);
+
+const TASK_INSERT_MANY: &str = concat!(
+    "INSERT INTO task (id, task_type, params, priority, max_attempts, scheduled_for, \
+     library_id, series_id, book_id, dedup_key) \
+     SELECT id, task_type, params, priority, max_attempts, COALESCE(scheduled_for, now()), \
+     library_id, series_id, book_id, dedup_key \
+     FROM unnest($1::uuid[], $2::text[], $3::jsonb[], $4::int4[], $5::int4[], \
+     $6::timestamptz[], $7::uuid[], $8::uuid[], $9::uuid[], $10::text[]) WITH ORDINALITY \
+     AS r(id, task_type, params, priority, max_attempts, scheduled_for, library_id, \
+     series_id, book_id, dedup_key, n) \
+     ORDER BY n \
+     ON CONFLICT (dedup_key) WHERE dedup_key IS NOT NULL AND status IN ('pending', 'processing') \
+     DO NOTHING RETURNING ",
+    columns!()
+);
+
+const TASK_GET: &str = concat!("SELECT ", columns!(), " FROM task WHERE id = $1");
+
+const TASK_GET_LIVE_BY_DEDUP: &str = concat!(
+    "SELECT ",
+    columns!(),
+    " FROM task WHERE dedup_key = ANY($1::text[]) AND status IN ('pending', 'processing')"
+);
+
+// The pending index serves the ORDER BY; SKIP LOCKED lets concurrent
+// claimers take disjoint rows without waiting on each other.
+const TASK_CLAIM: &str = concat!(
+    "WITH picked AS ( \
+       SELECT id FROM task \
+       WHERE status = 'pending' AND scheduled_for <= now() \
+         AND (cardinality($1::text[]) = 0 OR task_type = ANY($1::text[])) \
+       ORDER BY priority DESC, scheduled_for, seq \
+       LIMIT $2 FOR UPDATE SKIP LOCKED) \
+     UPDATE task t SET status = 'processing', attempts = t.attempts + 1, locked_by = $3, \
+       locked_until = now() + $4 * interval '1 millisecond', started_at = now(), \
+       lease_token = gen_random_uuid() \
+     FROM picked WHERE t.id = picked.id \
+     RETURNING ",
+    t_columns!()
+);
+
+const TASK_NEXT_DUE: &str =
+    "SELECT EXTRACT(EPOCH FROM (min(scheduled_for) - clock_timestamp()))::float8 \
+     FROM task WHERE status = 'pending' \
+       AND (cardinality($1::text[]) = 0 OR task_type = ANY($1::text[]))";
+
+// The CTE sees the table as it was before the update, which is what the
+// lost/cancelled answers need.
+const LEASE_EXTEND: &str = "WITH req AS ( \
+       SELECT * FROM unnest($1::uuid[], $2::uuid[]) WITH ORDINALITY AS r(id, token, n)), \
+     renewed AS ( \
+       UPDATE task t SET locked_until = now() + $3 * interval '1 millisecond' \
+       FROM req WHERE t.id = req.id AND t.lease_token = req.token AND t.status = 'processing' \
+       RETURNING t.id, t.locked_until) \
+     SELECT req.id, \
+       CASE WHEN renewed.id IS NOT NULL THEN 'held' \
+            WHEN cur.status = 'cancelled' AND cur.lease_token = req.token THEN 'cancelled' \
+            ELSE 'lost' END AS state, \
+       renewed.locked_until \
+     FROM req \
+     LEFT JOIN renewed ON renewed.id = req.id \
+     LEFT JOIN task cur ON cur.id = req.id \
+     ORDER BY req.n";
+
+const TASK_COMPLETE: &str = concat!(
+    "UPDATE task SET status = 'completed', result = $3, completed_at = now(), \
+       locked_until = NULL \
+     WHERE id = $1 AND lease_token = $2 AND status = 'processing' \
+     RETURNING ",
+    columns!()
+);
+
+// $3 permanent, $4 retry_after in ms (NULL: backoff), $5 backoff base ms,
+// $6 backoff cap ms. The delay is base * 2^(attempt-1), capped, then scaled
+// by a random factor in [0.5, 1) so that a burst of failures spreads out.
+const TASK_FAIL: &str = concat!(
+    "UPDATE task SET \
+       status = CASE WHEN $3 OR attempts >= max_attempts THEN 'failed' ELSE 'pending' END, \
+       scheduled_for = CASE WHEN $3 OR attempts >= max_attempts THEN scheduled_for \
+         ELSE now() + COALESCE($4::float8, \
+           LEAST($6::float8, $5::float8 * power(2, LEAST(attempts - 1, 60))) \
+           * (0.5 + random() / 2)) * interval '1 millisecond' END, \
+       completed_at = CASE WHEN $3 OR attempts >= max_attempts THEN now() END, \
+       locked_by = CASE WHEN $3 OR attempts >= max_attempts THEN locked_by END, \
+       locked_until = NULL, \
+       last_error = $7 \
+     WHERE id = $1 AND lease_token = $2 AND status = 'processing' \
+     RETURNING ",
+    columns!()
+);
+
+const TASK_RELEASE: &str = concat!(
+    "UPDATE task SET status = 'pending', attempts = attempts - 1, scheduled_for = now(), \
+       locked_by = NULL, locked_until = NULL, lease_token = NULL \
+     WHERE id = $1 AND lease_token = $2 AND status = 'processing' \
+     RETURNING ",
+    columns!()
+);
+
+const TASK_CANCEL: &str = concat!(
+    "UPDATE task SET status = 'cancelled', completed_at = now(), locked_until = NULL, \
+       last_error = COALESCE($2, last_error) \
+     WHERE id = $1 AND status IN ('pending', 'processing') \
+     RETURNING ",
+    columns!()
+);
+
+const TASK_RETRY: &str = concat!(
+    "UPDATE task SET status = 'pending', attempts = 0, scheduled_for = now(), \
+       completed_at = NULL, locked_by = NULL, locked_until = NULL, lease_token = NULL, \
+       result = NULL \
+     WHERE id = $1 AND status IN ('failed', 'cancelled') \
+     RETURNING ",
+    columns!()
+);
+
+const TASK_LIST: &str = concat!(
+    "SELECT ",
+    columns!(),
+    " FROM task \
+     WHERE (cardinality($1::text[]) = 0 OR status = ANY($1::text[])) \
+       AND (cardinality($2::text[]) = 0 OR task_type = ANY($2::text[])) \
+       AND ($3::uuid IS NULL OR library_id = $3) \
+       AND ($4::uuid IS NULL OR series_id = $4) \
+       AND ($5::uuid IS NULL OR book_id = $5) \
+       AND ($6::int8 IS NULL OR seq < $6) \
+     ORDER BY seq DESC LIMIT $7"
+);
+
+const TASK_PURGE: &str = "WITH doomed AS ( \
+       SELECT id FROM task \
+       WHERE status = ANY($1::text[]) AND completed_at < COALESCE($2, now()) \
+       ORDER BY completed_at LIMIT $3 FOR UPDATE SKIP LOCKED) \
+     DELETE FROM task t USING doomed WHERE t.id = doomed.id";
+
+const TASK_STATS: &str = "SELECT task_type, status, count(*) AS n, \
+       EXTRACT(EPOCH FROM now() - min(scheduled_for) \
+         FILTER (WHERE status = 'pending' AND scheduled_for <= now()))::float8 AS oldest \
+     FROM task GROUP BY task_type, status";
+
+const LEASE_RECLAIM_EXPIRED: &str = "WITH expired AS ( \
+       SELECT id FROM task WHERE status = 'processing' AND locked_until <= now() \
+       ORDER BY locked_until LIMIT $1 FOR UPDATE SKIP LOCKED) \
+     UPDATE task t SET \
+       status = CASE WHEN t.attempts >= t.max_attempts THEN 'failed' ELSE 'pending' END, \
+       scheduled_for = CASE WHEN t.attempts >= t.max_attempts THEN t.scheduled_for ELSE now() END, \
+       completed_at = CASE WHEN t.attempts >= t.max_attempts THEN now() END, \
+       last_error = format('lease expired: worker %s did not renew it (attempt %s of %s)', \
+         t.locked_by, t.attempts, t.max_attempts), \
+       locked_by = NULL, locked_until = NULL, lease_token = NULL \
+     FROM expired \
+     WHERE t.id = expired.id AND t.status = 'processing' AND t.locked_until <= now() \
+     RETURNING t.id, t.status";
+
+const LEASE_NEXT_EXPIRY: &str =
+    "SELECT EXTRACT(EPOCH FROM (min(locked_until) - clock_timestamp()))::float8 \
+     FROM task WHERE status = 'processing'";
+
+/// Rows deleted per purge statement: bounded so one pass never locks much.
+const PURGE_BATCH: i64 = 1000;
+
+fn millis(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn seconds_to_duration(secs: Option<f64>) -> Option<Duration> {
+    secs.map(|s| Duration::from_secs_f64(s.max(0.0)))
+}
+
+impl Task {
+    fn from_row(row: &Row) -> Result<Task> {
+        let status: &str = row.try_get("status")?;
+        Ok(Task {
+            id: row.try_get("id")?,
+            seq: row.try_get("seq")?,
+            task_type: row.try_get("task_type")?,
+            status: Status::parse(status)
+                .ok_or_else(|| Error::Other(format!("unknown task status {status:?}")))?,
+            priority: row.try_get("priority")?,
+            attempts: row.try_get("attempts")?,
+            max_attempts: row.try_get("max_attempts")?,
+            scheduled_for: row.try_get("scheduled_for")?,
+            created_at: row.try_get("created_at")?,
+            started_at: row.try_get("started_at")?,
+            completed_at: row.try_get("completed_at")?,
+            locked_by: row.try_get("locked_by")?,
+            locked_until: row.try_get("locked_until")?,
+            lease_token: row.try_get("lease_token")?,
+            last_error: row.try_get("last_error")?,
+            params: row.try_get("params")?,
+            result: row.try_get("result")?,
+            library_id: row.try_get("library_id")?,
+            series_id: row.try_get("series_id")?,
+            book_id: row.try_get("book_id")?,
+            dedup_key: row.try_get("dedup_key")?,
+        })
+    }
+}
+
+fn tasks_from_rows(rows: &[Row]) -> Result<Vec<Task>> {
+    rows.iter().map(Task::from_row).collect()
+}
+
+impl Store {
+    /// Inserts one task, or returns the live task holding its dedup key.
+    pub async fn task_insert(&self, new: &NewTask) -> Result<Created> {
+        let client = self.client().await?;
+        let insert = client.prepare_cached(TASK_INSERT).await?;
+        // The loop only repeats if the task holding the key finished between
+        // our insert and our read: then the next insert goes through.
+        for _ in 0..5 {
+            let rows = client
+                .query(
+                    &insert,
+                    &[
+                        &new.id,
+                        &new.task_type,
+                        &new.params,
+                        &new.priority,
+                        &new.max_attempts,
+                        &new.scheduled_for,
+                        &new.library_id,
+                        &new.series_id,
+                        &new.book_id,
+                        &new.dedup_key,
+                    ],
+                )
+                .await?;
+            if let Some(row) = rows.first() {
+                return Ok(Created {
+                    task: Task::from_row(row)?,
+                    deduplicated: false,
+                });
+            }
+            let keys = vec![new.dedup_key.clone()];
+            let rows = client.query(TASK_GET_LIVE_BY_DEDUP, &[&keys]).await?;
+            if let Some(row) = rows.first() {
+                return Ok(Created {
+                    task: Task::from_row(row)?,
+                    deduplicated: true,
+                });
+            }
+        }
+        Err(Error::Conflict(
+            "dedup key kept changing hands; try again".into(),
+        ))
+    }
+
+    /// Inserts many tasks in one transaction and one statement. Results come
+    /// in input order; entries whose dedup key is already held by a live task
+    /// (or by an earlier entry of the same batch) return that task.
+    pub async fn task_insert_many(&self, news: &[NewTask]) -> Result<Vec<Created>> {
+        let mut client = self.client().await?;
+        let ids: Vec<Uuid> = news.iter().map(|n| n.id).collect();
+        let types: Vec<&str> = news.iter().map(|n| n.task_type.as_str()).collect();
+        let params: Vec<&serde_json::Value> = news.iter().map(|n| &n.params).collect();
+        let priorities: Vec<i32> = news.iter().map(|n| n.priority).collect();
+        let max_attempts: Vec<i32> = news.iter().map(|n| n.max_attempts).collect();
+        let scheduled: Vec<Option<SystemTime>> = news.iter().map(|n| n.scheduled_for).collect();
+        let libraries: Vec<Option<Uuid>> = news.iter().map(|n| n.library_id).collect();
+        let series: Vec<Option<Uuid>> = news.iter().map(|n| n.series_id).collect();
+        let books: Vec<Option<Uuid>> = news.iter().map(|n| n.book_id).collect();
+        let keys: Vec<Option<&str>> = news.iter().map(|n| n.dedup_key.as_deref()).collect();
+
+        for _ in 0..5 {
+            let tx = client.transaction().await?;
+            let insert = tx.prepare_cached(TASK_INSERT_MANY).await?;
+            let rows = tx
+                .query(
+                    &insert,
+                    &[
+                        &ids,
+                        &types,
+                        &params,
+                        &priorities,
+                        &max_attempts,
+                        &scheduled,
+                        &libraries,
+                        &series,
+                        &books,
+                        &keys,
+                    ],
+                )
+                .await?;
+            let mut inserted: HashMap<Uuid, Task> = HashMap::with_capacity(rows.len());
+            for row in &rows {
+                let task = Task::from_row(row)?;
+                inserted.insert(task.id, task);
+            }
+            let mut by_key: HashMap<String, Task> = HashMap::new();
+            if inserted.len() < news.len() {
+                let missing: Vec<&str> = news
+                    .iter()
+                    .filter(|n| !inserted.contains_key(&n.id))
+                    .filter_map(|n| n.dedup_key.as_deref())
+                    .collect();
+                for row in tx.query(TASK_GET_LIVE_BY_DEDUP, &[&missing]).await? {
+                    let task = Task::from_row(&row)?;
+                    if let Some(key) = task.dedup_key.clone() {
+                        by_key.insert(key, task);
+                    }
+                }
+            }
+            let mut results = Vec::with_capacity(news.len());
+            for new in news {
+                if let Some(task) = inserted.remove(&new.id) {
+                    results.push(Created {
+                        task,
+                        deduplicated: false,
+                    });
+                } else if let Some(task) = new.dedup_key.as_ref().and_then(|k| by_key.get(k)) {
+                    results.push(Created {
+                        task: task.clone(),
+                        deduplicated: true,
+                    });
+                } else {
+                    // The holder of a key finished between insert and read.
+                    break;
+                }
+            }
+            if results.len() == news.len() {
+                tx.commit().await?;
+                return Ok(results);
+            }
+            tx.rollback().await?;
+        }
+        Err(Error::Conflict(
+            "dedup keys kept changing hands; try again".into(),
+        ))
+    }
+
+    /// Reads one task.
+    pub async fn task_get(&self, id: Uuid) -> Result<Option<Task>> {
+        let client = self.client().await?;
+        let stmt = client.prepare_cached(TASK_GET).await?;
+        client
+            .query_opt(&stmt, &[&id])
+            .await?
+            .as_ref()
+            .map(Task::from_row)
+            .transpose()
+    }
+
+    /// Leases up to `claim.max_tasks` due tasks, in claim order.
+    pub async fn task_claim(&self, claim: &Claim) -> Result<Vec<Task>> {
+        let client = self.client().await?;
+        let stmt = client.prepare_cached(TASK_CLAIM).await?;
+        let rows = client
+            .query(
+                &stmt,
+                &[
+                    &claim.task_types,
+                    &claim.max_tasks,
+                    &claim.worker_id,
+                    &millis(claim.lease_duration),
+                ],
+            )
+            .await?;
+        let mut tasks = tasks_from_rows(&rows)?;
+        // UPDATE ... RETURNING does not keep the order of the picked rows.
+        tasks.sort_by(|a, b| {
+            b.priority
+                .cmp(&a.priority)
+                .then(a.scheduled_for.cmp(&b.scheduled_for))
+                .then(a.seq.cmp(&b.seq))
+        });
+        Ok(tasks)
+    }
+
+    /// How long until the earliest pending task of these types is due (zero
+    /// if one is due now); `None` when there is no pending task.
+    pub async fn task_next_due(&self, task_types: &[String]) -> Result<Option<Duration>> {
+        let client = self.client().await?;
+        let stmt = client.prepare_cached(TASK_NEXT_DUE).await?;
+        let row = client.query_one(&stmt, &[&task_types]).await?;
+        Ok(seconds_to_duration(row.try_get(0)?))
+    }
+
+    /// Renews leases in one statement; one answer per lease, in input order.
+    pub async fn lease_extend(
+        &self,
+        leases: &[LeaseRef],
+        duration: Duration,
+    ) -> Result<Vec<(Uuid, LeaseState)>> {
+        let client = self.client().await?;
+        let stmt = client.prepare_cached(LEASE_EXTEND).await?;
+        let ids: Vec<Uuid> = leases.iter().map(|l| l.task_id).collect();
+        let tokens: Vec<Uuid> = leases.iter().map(|l| l.lease_token).collect();
+        let rows = client
+            .query(&stmt, &[&ids, &tokens, &millis(duration)])
+            .await?;
+        rows.iter()
+            .map(|row| {
+                let id: Uuid = row.try_get(0)?;
+                let state = match row.try_get::<_, &str>(1)? {
+                    "held" => LeaseState::Held(row.try_get(2)?),
+                    "cancelled" => LeaseState::Cancelled,
+                    _ => LeaseState::Lost,
+                };
+                Ok((id, state))
+            })
+            .collect()
+    }
+
+    /// Completes a leased task.
+    pub async fn task_complete(
+        &self,
+        lease: LeaseRef,
+        result: &serde_json::Value,
+    ) -> Result<Fenced<Task>> {
+        let client = self.client().await?;
+        let stmt = client.prepare_cached(TASK_COMPLETE).await?;
+        let row = client
+            .query_opt(&stmt, &[&lease.task_id, &lease.lease_token, result])
+            .await?;
+        self.fenced(&client, row, lease, |t| t.status == Status::Completed)
+            .await
+    }
+
+    /// Records a failed attempt: pending again after a backoff, or failed.
+    pub async fn task_fail(
+        &self,
+        lease: LeaseRef,
+        failure: &Failure,
+        backoff: Backoff,
+    ) -> Result<Fenced<Task>> {
+        let client = self.client().await?;
+        let stmt = client.prepare_cached(TASK_FAIL).await?;
+        let retry_after = failure.retry_after.map(millis);
+        let row = client
+            .query_opt(
+                &stmt,
+                &[
+                    &lease.task_id,
+                    &lease.lease_token,
+                    &failure.permanent,
+                    &retry_after,
+                    &millis(backoff.base),
+                    &millis(backoff.max),
+                    &failure.error,
+                ],
+            )
+            .await?;
+        // A repeated fail finds the task failed, or pending with this token
+        // still on it (no one has leased it since).
+        self.fenced(&client, row, lease, |t| {
+            matches!(t.status, Status::Failed | Status::Pending)
+        })
+        .await
+    }
+
+    /// Gives a lease back: pending now, the attempt not counted.
+    pub async fn task_release(&self, lease: LeaseRef) -> Result<Fenced<Task>> {
+        let client = self.client().await?;
+        let stmt = client.prepare_cached(TASK_RELEASE).await?;
+        let row = client
+            .query_opt(&stmt, &[&lease.task_id, &lease.lease_token])
+            .await?;
+        // Release clears the token, so a repeated release is stale.
+        self.fenced(&client, row, lease, |_| false).await
+    }
+
+    /// Turns the row of a fenced write into its outcome. When the write
+    /// matched nothing, the current row decides: the same token on a task in
+    /// the state the write leads to means the call had already been applied.
+    async fn fenced(
+        &self,
+        client: &deadpool_postgres::Object,
+        row: Option<Row>,
+        lease: LeaseRef,
+        already_applied: impl Fn(&Task) -> bool,
+    ) -> Result<Fenced<Task>> {
+        if let Some(row) = row {
+            return Ok(Fenced::Applied(Task::from_row(&row)?));
+        }
+        let stmt = client.prepare_cached(TASK_GET).await?;
+        let Some(row) = client.query_opt(&stmt, &[&lease.task_id]).await? else {
+            return Ok(Fenced::NotFound);
+        };
+        let task = Task::from_row(&row)?;
+        if task.lease_token == Some(lease.lease_token) && already_applied(&task) {
+            Ok(Fenced::Applied(task))
+        } else {
+            Ok(Fenced::Stale(task))
+        }
+    }
+
+    /// Cancels a pending or processing task. `Err(task)` in the inner result
+    /// when the task is already terminal.
+    pub async fn task_cancel(
+        &self,
+        id: Uuid,
+        reason: Option<&str>,
+    ) -> Result<Option<std::result::Result<Task, Task>>> {
+        let client = self.client().await?;
+        let stmt = client.prepare_cached(TASK_CANCEL).await?;
+        if let Some(row) = client.query_opt(&stmt, &[&id, &reason]).await? {
+            return Ok(Some(Ok(Task::from_row(&row)?)));
+        }
+        self.current(&client, id).await
+    }
+
+    /// Puts a failed or cancelled task back to pending with attempts reset.
+    /// `Err(task)` in the inner result when the task is in another state.
+    pub async fn task_retry(&self, id: Uuid) -> Result<Option<std::result::Result<Task, Task>>> {
+        let client = self.client().await?;
+        let stmt = client.prepare_cached(TASK_RETRY).await?;
+        if let Some(row) = client.query_opt(&stmt, &[&id]).await? {
+            return Ok(Some(Ok(Task::from_row(&row)?)));
+        }
+        self.current(&client, id).await
+    }
+
+    async fn current(
+        &self,
+        client: &deadpool_postgres::Object,
+        id: Uuid,
+    ) -> Result<Option<std::result::Result<Task, Task>>> {
+        let stmt = client.prepare_cached(TASK_GET).await?;
+        Ok(match client.query_opt(&stmt, &[&id]).await? {
+            Some(row) => Some(Err(Task::from_row(&row)?)),
+            None => None,
+        })
+    }
+
+    /// One page of tasks, newest first.
+    pub async fn task_list(&self, filter: &ListFilter) -> Result<Page> {
+        let client = self.client().await?;
+        let stmt = client.prepare_cached(TASK_LIST).await?;
+        let statuses: Vec<&str> = filter.statuses.iter().map(|s| s.as_str()).collect();
+        // One extra row tells whether another page follows.
+        let rows = client
+            .query(
+                &stmt,
+                &[
+                    &statuses,
+                    &filter.task_types,
+                    &filter.library_id,
+                    &filter.series_id,
+                    &filter.book_id,
+                    &filter.before_seq,
+                    &(filter.limit + 1),
+                ],
+            )
+            .await?;
+        let mut tasks = tasks_from_rows(&rows)?;
+        let next_seq = if tasks.len() as i64 > filter.limit {
+            tasks.truncate(filter.limit as usize);
+            tasks.last().map(|t| t.seq)
+        } else {
+            None
+        };
+        Ok(Page { tasks, next_seq })
+    }
+
+    /// Deletes terminal tasks finished before `before` (now when `None`), in
+    /// batches; returns how many were deleted.
+    pub async fn task_purge(&self, statuses: &[Status], before: Option<SystemTime>) -> Result<i64> {
+        let client = self.client().await?;
+        let stmt = client.prepare_cached(TASK_PURGE).await?;
+        let statuses: Vec<&str> = statuses.iter().map(|s| s.as_str()).collect();
+        let mut deleted = 0i64;
+        loop {
+            let n = client
+                .execute(&stmt, &[&statuses, &before, &PURGE_BATCH])
+                .await? as i64;
+            deleted += n;
+            if n < PURGE_BATCH {
+                return Ok(deleted);
+            }
+        }
+    }
+
+    /// Counts per type and status, computed by the database.
+    pub async fn task_stats(&self) -> Result<Stats> {
+        let client = self.client().await?;
+        let stmt = client.prepare_cached(TASK_STATS).await?;
+        let rows = client.query(&stmt, &[]).await?;
+        let mut totals = Counts::default();
+        let mut oldest_overall: Option<Duration> = None;
+        let mut by_type: std::collections::BTreeMap<String, TypeStats> = Default::default();
+        for row in rows {
+            let task_type: String = row.try_get("task_type")?;
+            let status: &str = row.try_get("status")?;
+            let status = Status::parse(status)
+                .ok_or_else(|| Error::Other(format!("unknown task status {status:?}")))?;
+            let n: i64 = row.try_get("n")?;
+            let oldest = seconds_to_duration(row.try_get("oldest")?);
+            totals.add(status, n);
+            oldest_overall = oldest_overall.max(oldest);
+            let entry = by_type.entry(task_type.clone()).or_insert(TypeStats {
+                task_type,
+                counts: Counts::default(),
+                oldest_due_pending_age: None,
+            });
+            entry.counts.add(status, n);
+            entry.oldest_due_pending_age = entry.oldest_due_pending_age.max(oldest);
+        }
+        Ok(Stats {
+            totals,
+            task_types: by_type.into_values().collect(),
+            oldest_due_pending_age: oldest_overall,
+        })
+    }
+
+    /// Takes back up to `limit` expired leases; returns the task ids with
+    /// their new status (pending, or failed when no attempts are left).
+    pub async fn lease_reclaim_expired(&self, limit: i64) -> Result<Vec<(Uuid, Status)>> {
+        let client = self.client().await?;
+        let stmt = client.prepare_cached(LEASE_RECLAIM_EXPIRED).await?;
+        let rows = client.query(&stmt, &[&limit]).await?;
+        rows.iter()
+            .map(|row| {
+                let status: &str = row.try_get(1)?;
+                Ok((
+                    row.try_get(0)?,
+                    Status::parse(status).unwrap_or(Status::Pending),
+                ))
+            })
+            .collect()
+    }
+
+    /// How long until the earliest lease runs out (zero if one has);
+    /// `None` when no task is processing.
+    pub async fn lease_next_expiry(&self) -> Result<Option<Duration>> {
+        let client = self.client().await?;
+        let stmt = client.prepare_cached(LEASE_NEXT_EXPIRY).await?;
+        let row = client.query_one(&stmt, &[]).await?;
+        Ok(seconds_to_duration(row.try_get(0)?))
+    }
+
+    /// Prepares every statement of the store; fails on the first that the
+    /// migrated schema rejects.
+    pub async fn statements_prepare(&self) -> Result<()> {
+        let client = self.client().await?;
+        for sql in STATEMENTS {
+            client.prepare(sql).await?;
+        }
+        Ok(())
+    }
+}

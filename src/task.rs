@@ -1,0 +1,241 @@
+//! The task model as the domain sees it: states, the row, and the inputs of
+//! the writes. Free of SQL and of protobuf; `store` fills these from rows and
+//! `api` converts them to and from the wire.
+
+use std::time::{Duration, SystemTime};
+
+use uuid::Uuid;
+
+/// Lifecycle state of a task, as stored in the `status` column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Status {
+    /// Waiting to be leased once due.
+    Pending,
+    /// Leased to a worker.
+    Processing,
+    /// Finished with a result.
+    Completed,
+    /// Failed for good.
+    Failed,
+    /// Cancelled by an operator.
+    Cancelled,
+}
+
+impl Status {
+    /// Every status, in lifecycle order.
+    pub const ALL: [Status; 5] = [
+        Status::Pending,
+        Status::Processing,
+        Status::Completed,
+        Status::Failed,
+        Status::Cancelled,
+    ];
+
+    /// The statuses no worker can change any more.
+    pub const TERMINAL: [Status; 3] = [Status::Completed, Status::Failed, Status::Cancelled];
+
+    /// The word stored in the database.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Pending => "pending",
+            Status::Processing => "processing",
+            Status::Completed => "completed",
+            Status::Failed => "failed",
+            Status::Cancelled => "cancelled",
+        }
+    }
+
+    /// Parses the word stored in the database.
+    pub fn parse(s: &str) -> Option<Status> {
+        Status::ALL.into_iter().find(|status| status.as_str() == s)
+    }
+
+    /// Whether the status is final until an operator retries the task.
+    pub fn is_terminal(self) -> bool {
+        Status::TERMINAL.contains(&self)
+    }
+}
+
+/// A task row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Task {
+    pub id: Uuid,
+    /// Creation order, unique and increasing.
+    pub seq: i64,
+    pub task_type: String,
+    pub status: Status,
+    pub priority: i32,
+    pub attempts: i32,
+    pub max_attempts: i32,
+    pub scheduled_for: SystemTime,
+    pub created_at: SystemTime,
+    pub started_at: Option<SystemTime>,
+    pub completed_at: Option<SystemTime>,
+    pub locked_by: Option<String>,
+    pub locked_until: Option<SystemTime>,
+    pub lease_token: Option<Uuid>,
+    pub last_error: Option<String>,
+    pub params: serde_json::Value,
+    pub result: Option<serde_json::Value>,
+    pub library_id: Option<Uuid>,
+    pub series_id: Option<Uuid>,
+    pub book_id: Option<Uuid>,
+    pub dedup_key: Option<String>,
+}
+
+/// A validated request to create a task.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewTask {
+    pub id: Uuid,
+    pub task_type: String,
+    pub params: serde_json::Value,
+    pub priority: i32,
+    pub max_attempts: i32,
+    /// `None` means now, by the database clock.
+    pub scheduled_for: Option<SystemTime>,
+    pub library_id: Option<Uuid>,
+    pub series_id: Option<Uuid>,
+    pub book_id: Option<Uuid>,
+    pub dedup_key: Option<String>,
+}
+
+/// The outcome of a create: the task, and whether an existing live task with
+/// the same dedup key was returned instead of a new row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Created {
+    pub task: Task,
+    pub deduplicated: bool,
+}
+
+/// What a worker asks for when it acquires tasks.
+#[derive(Debug, Clone)]
+pub struct Claim {
+    pub worker_id: String,
+    /// Empty means any type.
+    pub task_types: Vec<String>,
+    pub max_tasks: i64,
+    pub lease_duration: Duration,
+}
+
+/// A reference to one lease: the task and the token of its hand-out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseRef {
+    pub task_id: Uuid,
+    pub lease_token: Uuid,
+}
+
+/// State of a lease after a heartbeat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseState {
+    /// Renewed until the given time.
+    Held(SystemTime),
+    /// Expired, reclaimed, finished, handed to someone else or unknown.
+    Lost,
+    /// The task was cancelled while leased.
+    Cancelled,
+}
+
+/// How a failed attempt should be retried.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    pub error: String,
+    pub permanent: bool,
+    /// Overrides the backoff when set.
+    pub retry_after: Option<Duration>,
+}
+
+/// Retry backoff settings: `base * 2^(attempt-1)`, capped, with jitter.
+#[derive(Debug, Clone, Copy)]
+pub struct Backoff {
+    pub base: Duration,
+    pub max: Duration,
+}
+
+/// Filters and page position of a task listing.
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    pub statuses: Vec<Status>,
+    pub task_types: Vec<String>,
+    pub library_id: Option<Uuid>,
+    pub series_id: Option<Uuid>,
+    pub book_id: Option<Uuid>,
+    /// Only tasks created before this position (exclusive); `None` is the
+    /// first page.
+    pub before_seq: Option<i64>,
+    pub limit: i64,
+}
+
+/// One page of a listing.
+#[derive(Debug, Clone)]
+pub struct Page {
+    pub tasks: Vec<Task>,
+    /// Position to continue from, when more rows may follow.
+    pub next_seq: Option<i64>,
+}
+
+/// Counts of one task type (or of all tasks) per status.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub pending: i64,
+    pub processing: i64,
+    pub completed: i64,
+    pub failed: i64,
+    pub cancelled: i64,
+}
+
+impl Counts {
+    /// Adds `n` tasks of `status`.
+    pub fn add(&mut self, status: Status, n: i64) {
+        match status {
+            Status::Pending => self.pending += n,
+            Status::Processing => self.processing += n,
+            Status::Completed => self.completed += n,
+            Status::Failed => self.failed += n,
+            Status::Cancelled => self.cancelled += n,
+        }
+    }
+
+    /// Tasks in every status.
+    pub fn total(&self) -> i64 {
+        self.pending + self.processing + self.completed + self.failed + self.cancelled
+    }
+}
+
+/// Statistics of one task type.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TypeStats {
+    pub task_type: String,
+    pub counts: Counts,
+    /// How long the oldest due pending task has been due.
+    pub oldest_due_pending_age: Option<Duration>,
+}
+
+/// Statistics over the whole table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stats {
+    pub totals: Counts,
+    pub task_types: Vec<TypeStats>,
+    pub oldest_due_pending_age: Option<Duration>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_words_round_trip() {
+        for status in Status::ALL {
+            assert_eq!(Status::parse(status.as_str()), Some(status));
+        }
+        assert_eq!(Status::parse("running"), None);
+    }
+
+    #[test]
+    fn counts_total_every_status() {
+        let mut counts = Counts::default();
+        for (i, status) in Status::ALL.into_iter().enumerate() {
+            counts.add(status, i as i64 + 1);
+        }
+        assert_eq!(counts.total(), 15);
+    }
+}
