@@ -136,14 +136,14 @@ const LEASE_EXTEND: &str = "WITH req AS ( \
      renewed AS ( \
        UPDATE task t SET locked_until = now() + $3 * interval '1 millisecond' \
        FROM req WHERE t.id = req.id AND t.lease_token = req.token AND t.status = 'processing' \
-       RETURNING t.id, t.locked_until) \
+       RETURNING t.id, t.lease_token, t.locked_until) \
      SELECT req.id, \
        CASE WHEN renewed.id IS NOT NULL THEN 'held' \
             WHEN cur.status = 'cancelled' AND cur.lease_token = req.token THEN 'cancelled' \
             ELSE 'lost' END AS state, \
        renewed.locked_until \
      FROM req \
-     LEFT JOIN renewed ON renewed.id = req.id \
+     LEFT JOIN renewed ON renewed.id = req.id AND renewed.lease_token = req.token \
      LEFT JOIN task cur ON cur.id = req.id \
      ORDER BY req.n";
 

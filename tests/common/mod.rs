@@ -1,0 +1,186 @@
+//! Shared test harness: a real server on 127.0.0.1:0 over its own fresh
+//! database, generated clients, and direct SQL access for asserting rows.
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use leasehold::config::Config;
+use leasehold::proto;
+use leasehold::proto::task_service_client::TaskServiceClient;
+use leasehold::proto::worker_service_client::WorkerServiceClient;
+use leasehold::server::Running;
+use tonic::transport::Channel;
+
+/// Where the tests find Postgres; the machine's default unless overridden.
+pub fn admin_url() -> String {
+    std::env::var("LEASEHOLD_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_owned())
+}
+
+/// A fresh database name; CI drops leftovers by this prefix.
+pub fn fresh_database_url() -> (String, String) {
+    let name = format!("leasehold_test_{}", uuid::Uuid::new_v4().simple());
+    (format!("{}/{name}", admin_url()), name)
+}
+
+/// A server over its own database.
+pub struct TestServer {
+    pub running: Option<Running>,
+    pub url: String,
+    pub db_name: String,
+    pub config: Config,
+}
+
+impl TestServer {
+    /// Starts a server with the default configuration (smaller pool).
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    /// Starts a server after `tweak` adjusts the configuration.
+    pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> Self {
+        leasehold::telemetry::init(false);
+        let (url, db_name) = fresh_database_url();
+        let mut config = Config::with_database_url(&url);
+        config.db_pool_size = 8;
+        tweak(&mut config);
+        Self::start_config(config, db_name).await
+    }
+
+    /// Starts a server with exactly `config` (its database named `db_name`).
+    pub async fn start_config(config: Config, db_name: String) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let running = leasehold::server::start(config.clone(), listener)
+            .await
+            .expect("server starts");
+        Self {
+            running: Some(running),
+            url: config.database_url.clone(),
+            db_name,
+            config,
+        }
+    }
+
+    /// A second node on the same database.
+    pub async fn another_node(&self) -> Running {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        leasehold::server::start(self.config.clone(), listener)
+            .await
+            .expect("second node starts")
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.running.as_ref().unwrap().addr())
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(self.endpoint())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+
+    pub async fn tasks(&self) -> TaskServiceClient<Channel> {
+        TaskServiceClient::new(self.channel().await)
+    }
+
+    pub async fn workers(&self) -> WorkerServiceClient<Channel> {
+        WorkerServiceClient::new(self.channel().await)
+    }
+
+    /// A direct connection to the test database.
+    pub async fn sql(&self) -> tokio_postgres::Client {
+        let (client, connection) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        client
+    }
+
+    /// Number of rows in the task table.
+    pub async fn task_count(&self) -> i64 {
+        self.sql()
+            .await
+            .query_one("SELECT count(*) FROM task", &[])
+            .await
+            .unwrap()
+            .get(0)
+    }
+
+    /// Stops the server and drops its database.
+    pub async fn stop(mut self) {
+        if let Some(running) = self.running.take() {
+            running.shutdown().await.unwrap();
+        }
+        drop_database(&self.db_name).await;
+    }
+}
+
+/// Drops a test database, disconnecting whatever is still attached.
+pub async fn drop_database(name: &str) {
+    let (client, connection) =
+        tokio_postgres::connect(&format!("{}/postgres", admin_url()), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    client
+        .batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+        .await
+        .unwrap();
+}
+
+/// A `CreateTaskRequest` of `task_type` with everything else default.
+pub fn new_task(task_type: &str) -> proto::CreateTaskRequest {
+    proto::CreateTaskRequest {
+        task_type: task_type.to_owned(),
+        ..Default::default()
+    }
+}
+
+/// An `AcquireTasksRequest` for `worker_id`.
+pub fn acquire(worker_id: &str, task_types: &[&str], max_tasks: i32) -> proto::AcquireTasksRequest {
+    proto::AcquireTasksRequest {
+        worker_id: worker_id.to_owned(),
+        task_types: task_types.iter().map(|s| s.to_string()).collect(),
+        max_tasks,
+        ..Default::default()
+    }
+}
+
+/// A protobuf duration.
+pub fn duration(d: Duration) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+    }
+}
+
+/// A JSON object as a `Struct`.
+pub fn json(value: serde_json::Value) -> prost_types::Struct {
+    leasehold::api::convert::json_to_struct(&value)
+}
+
+/// Polls `check` until it yields `Some`, failing the test after `limit`.
+pub async fn eventually<T, F, Fut>(limit: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not met within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Shortcut: a task's status as the enum.
+pub fn status_of(task: &proto::Task) -> proto::TaskStatus {
+    proto::TaskStatus::try_from(task.status).unwrap()
+}
