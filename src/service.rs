@@ -29,23 +29,23 @@ fn not_found(id: Uuid) -> Error {
 }
 
 /// Why a fenced write on `task` was refused.
-fn stale(task: &Task, call: &str) -> Error {
-    let why = match task.status {
+fn stale(task_id: Uuid, status: Status, call: &str) -> Error {
+    let why = match status {
         Status::Processing => "the lease token does not match the current lease",
         Status::Pending => "the lease was given back or expired and the task is pending again",
         Status::Completed => "the task is already completed",
         Status::Failed => "the task has already failed",
         Status::Cancelled => "the task was cancelled",
     };
-    Error::FailedPrecondition(format!("cannot {call} task {}: {why}", task.id))
+    Error::FailedPrecondition(format!("cannot {call} task {task_id}: {why}"))
 }
 
-fn fenced(outcome: Fenced<Task>, lease: LeaseRef, call: &str) -> Result<Task> {
+fn fenced(outcome: Fenced, lease: LeaseRef, call: &str) -> Result<Task> {
     match outcome {
-        Fenced::Applied(task) => Ok(task),
-        Fenced::Stale(task) => {
-            tracing::info!(task_id = %lease.task_id, status = task.status.as_str(), call, "stale lease token refused");
-            Err(stale(&task, call))
+        Fenced::Applied(task) => Ok(*task),
+        Fenced::Stale(status) => {
+            tracing::info!(task_id = %lease.task_id, status = status.as_str(), call, "stale lease token refused");
+            Err(stale(lease.task_id, status, call))
         }
         Fenced::NotFound => Err(not_found(lease.task_id)),
     }

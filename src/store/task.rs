@@ -25,12 +25,12 @@ use crate::task::{
 
 /// The outcome of a write fenced by a lease token.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Fenced<T> {
+pub enum Fenced {
     /// The write took effect now, or had already taken effect with the same
-    /// token (a retried call).
-    Applied(T),
-    /// The token does not match a processing task; the task is as returned.
-    Stale(Task),
+    /// token (a retried call); the task as it is now.
+    Applied(Box<Task>),
+    /// The token does not match a processing task, which is in this status.
+    Stale(Status),
     /// No task has that id.
     NotFound,
 }
@@ -232,7 +232,8 @@ const LEASE_RECLAIM_EXPIRED: &str = "WITH expired AS ( \
        completed_at = CASE WHEN t.attempts >= t.max_attempts THEN now() END, \
        last_error = format('lease expired: worker %s did not renew it (attempt %s of %s)', \
          t.locked_by, t.attempts, t.max_attempts), \
-       locked_by = NULL, locked_until = NULL, lease_token = NULL \
+       locked_by = CASE WHEN t.attempts >= t.max_attempts THEN t.locked_by END, \
+       locked_until = NULL, lease_token = NULL \
      FROM expired \
      WHERE t.id = expired.id AND t.status = 'processing' AND t.locked_until <= now() \
      RETURNING t.id, t.status";
@@ -492,7 +493,7 @@ impl Store {
         &self,
         lease: LeaseRef,
         result: &serde_json::Value,
-    ) -> Result<Fenced<Task>> {
+    ) -> Result<Fenced> {
         let client = self.client().await?;
         let stmt = client.prepare_cached(TASK_COMPLETE).await?;
         let row = client
@@ -508,7 +509,7 @@ impl Store {
         lease: LeaseRef,
         failure: &Failure,
         backoff: Backoff,
-    ) -> Result<Fenced<Task>> {
+    ) -> Result<Fenced> {
         let client = self.client().await?;
         let stmt = client.prepare_cached(TASK_FAIL).await?;
         let retry_after = failure.retry_after.map(millis);
@@ -535,7 +536,7 @@ impl Store {
     }
 
     /// Gives a lease back: pending now, the attempt not counted.
-    pub async fn task_release(&self, lease: LeaseRef) -> Result<Fenced<Task>> {
+    pub async fn task_release(&self, lease: LeaseRef) -> Result<Fenced> {
         let client = self.client().await?;
         let stmt = client.prepare_cached(TASK_RELEASE).await?;
         let row = client
@@ -554,9 +555,9 @@ impl Store {
         row: Option<Row>,
         lease: LeaseRef,
         already_applied: impl Fn(&Task) -> bool,
-    ) -> Result<Fenced<Task>> {
+    ) -> Result<Fenced> {
         if let Some(row) = row {
-            return Ok(Fenced::Applied(Task::from_row(&row)?));
+            return Ok(Fenced::Applied(Box::new(Task::from_row(&row)?)));
         }
         let stmt = client.prepare_cached(TASK_GET).await?;
         let Some(row) = client.query_opt(&stmt, &[&lease.task_id]).await? else {
@@ -564,9 +565,9 @@ impl Store {
         };
         let task = Task::from_row(&row)?;
         if task.lease_token == Some(lease.lease_token) && already_applied(&task) {
-            Ok(Fenced::Applied(task))
+            Ok(Fenced::Applied(Box::new(task)))
         } else {
-            Ok(Fenced::Stale(task))
+            Ok(Fenced::Stale(task.status))
         }
     }
 
