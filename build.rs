@@ -29,6 +29,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // `connect` would clash with the `Connect` RPC; clients use `new(channel)`.
+        .build_transport(false)
         .compile_fds(fds)?;
     Ok(())
 }

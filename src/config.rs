@@ -57,6 +57,11 @@ pub struct Config {
     /// a notification (a safety net; notifications wake them at once).
     #[arg(long, env = "LEASEHOLD_POLL_INTERVAL", default_value = "2s", value_parser = humantime::parse_duration)]
     pub poll_interval: Duration,
+
+    /// On SIGTERM, how long connected workers may still finish or release
+    /// their tasks before their sessions are closed.
+    #[arg(long, env = "LEASEHOLD_DRAIN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub drain_grace: Duration,
 }
 
 /// Bounds shared by validation and configuration.
@@ -77,6 +82,7 @@ impl Config {
             max_payload_bytes: 1024 * 1024,
             reclaim_interval: Duration::from_millis(250),
             poll_interval: Duration::from_secs(2),
+            drain_grace: Duration::from_secs(30),
         }
     }
 

@@ -19,6 +19,14 @@ pub enum Error {
     /// Stale lease token, or a state that does not allow the call.
     #[error("{0}")]
     FailedPrecondition(String),
+    /// A lease-fenced write found the lease gone; the task is in `status`.
+    #[error("{message}")]
+    LeaseLost {
+        /// Status of the task now.
+        status: crate::task::Status,
+        /// What happened, for the client.
+        message: String,
+    },
     /// Database down, pool exhausted, or node shutting down.
     #[error("{0}")]
     Unavailable(String),
@@ -69,6 +77,7 @@ impl From<Error> for tonic::Status {
             }
             Error::NotFound(msg) => tonic::Status::not_found(msg),
             Error::FailedPrecondition(msg) => tonic::Status::failed_precondition(msg),
+            Error::LeaseLost { message, .. } => tonic::Status::failed_precondition(message),
             Error::Unavailable(msg) => {
                 tracing::warn!(error = %msg, "unavailable");
                 tonic::Status::unavailable("database unavailable, try again")

@@ -9,6 +9,7 @@ pub mod api;
 pub mod config;
 pub mod dispatch;
 pub mod error;
+pub mod events;
 pub mod maintenance;
 pub mod server;
 pub mod service;

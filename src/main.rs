@@ -51,13 +51,12 @@ async fn main() -> anyhow::Result<()> {
 async fn serve(config: Config) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     let running = leasehold::server::start(config, listener).await?;
-    let trigger = running.shutdown_trigger();
-    tokio::spawn(async move {
-        shutdown_signal().await;
-        tracing::info!("shutdown signal received: finishing in-flight calls");
-        let _ = trigger.send(true);
-    });
-    running.wait().await?;
+    running
+        .run_until(async {
+            shutdown_signal().await;
+            tracing::info!("shutdown signal received: draining sessions, finishing calls");
+        })
+        .await?;
     Ok(())
 }
 

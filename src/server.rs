@@ -11,7 +11,8 @@ use tonic_health::ServingStatus;
 
 use crate::api::{TaskApi, WorkerApi};
 use crate::config::Config;
-use crate::dispatch::Dispatcher;
+use crate::dispatch::{Dispatcher, Settings};
+use crate::events::Hub;
 use crate::maintenance::Reclaimer;
 use crate::proto::task_service_server::TaskServiceServer;
 use crate::proto::worker_service_server::WorkerServiceServer;
@@ -51,6 +52,8 @@ pub struct Running {
     addr: SocketAddr,
     shutdown: watch::Sender<bool>,
     handle: JoinHandle<Result<(), Error>>,
+    dispatcher: Dispatcher,
+    drain_grace: Duration,
 }
 
 impl Running {
@@ -59,25 +62,35 @@ impl Running {
         self.addr
     }
 
-    /// Stops accepting, lets in-flight calls finish (long polls return
-    /// empty), and waits until the node has stopped.
+    /// This node's id, as sessions and ListWorkers show it.
+    pub fn node_id(&self) -> uuid::Uuid {
+        self.dispatcher.node_id()
+    }
+
+    /// Stops gracefully: drains the worker sessions (they are told to
+    /// finish or release their tasks and may do so for the drain grace
+    /// period), then stops accepting, lets in-flight calls finish (long polls
+    /// and watch streams end), and waits until the node has stopped.
     pub async fn shutdown(self) -> Result<(), Error> {
+        self.dispatcher.drain(self.drain_grace).await;
         let _ = self.shutdown.send(true);
         self.handle
             .await
             .unwrap_or_else(|err| Err(Error::Io(std::io::Error::other(err))))
     }
 
-    /// Waits until the node stops by itself (it only does on an error).
-    pub async fn wait(self) -> Result<(), Error> {
-        self.handle
-            .await
-            .unwrap_or_else(|err| Err(Error::Io(std::io::Error::other(err))))
-    }
-
-    /// A handle that triggers shutdown from elsewhere (a signal handler).
-    pub fn shutdown_trigger(&self) -> watch::Sender<bool> {
-        self.shutdown.clone()
+    /// Runs until `signal` completes, then shuts down gracefully; returns
+    /// early if the server fails.
+    pub async fn run_until(
+        mut self,
+        signal: impl std::future::Future<Output = ()>,
+    ) -> Result<(), Error> {
+        tokio::select! {
+            _ = signal => self.shutdown().await,
+            result = &mut self.handle => {
+                result.unwrap_or_else(|err| Err(Error::Io(std::io::Error::other(err))))
+            }
+        }
     }
 }
 
@@ -97,21 +110,44 @@ pub async fn start(config: Config, listener: tokio::net::TcpListener) -> Result<
     let addr = listener.local_addr()?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
 
-    let dispatcher = Dispatcher::start(store.clone(), config.poll_interval, shutdown_rx.clone());
-    tokio::spawn(Reclaimer::new(store.clone(), config.reclaim_interval).run(shutdown_rx.clone()));
-
-    let service = Service::new(
+    let events = Hub::start(store.clone(), shutdown_rx.clone());
+    let dispatcher = Dispatcher::start(
         store.clone(),
-        dispatcher,
-        Backoff {
-            base: config.retry_backoff_base,
-            max: config.retry_backoff_max,
+        Settings {
+            node_id: uuid::Uuid::now_v7(),
+            address: addr.to_string(),
+            poll_interval: config.poll_interval,
+            backoff: Backoff {
+                base: config.retry_backoff_base,
+                max: config.retry_backoff_max,
+            },
         },
+        events.clone(),
+        shutdown_rx.clone(),
     );
+    let service = Service::new(store.clone(), dispatcher.clone(), events);
+
+    let (reclaimed_tx, mut reclaimed_rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(
+        Reclaimer::new(store.clone(), config.reclaim_interval, reclaimed_tx)
+            .run(shutdown_rx.clone()),
+    );
+    {
+        let service = service.clone();
+        tokio::spawn(async move {
+            while let Some(tasks) = reclaimed_rx.recv().await {
+                service.on_reclaimed(&tasks).await;
+            }
+        });
+    }
     // A message must fit the largest payload plus the rest of the request.
     let max_message = (config.max_payload_bytes + 64 * 1024).max(4 * 1024 * 1024);
-    let tasks = TaskServiceServer::new(TaskApi::new(service.clone(), config.max_payload_bytes))
-        .max_decoding_message_size(max_message);
+    let tasks = TaskServiceServer::new(TaskApi::new(
+        service.clone(),
+        config.max_payload_bytes,
+        shutdown_rx.clone(),
+    ))
+    .max_decoding_message_size(max_message);
     let workers = WorkerServiceServer::new(WorkerApi::new(
         service,
         config.lease_duration,
@@ -151,11 +187,13 @@ pub async fn start(config: Config, listener: tokio::net::TcpListener) -> Result<
         tracing::info!("server stopped");
         Ok(())
     });
-    tracing::info!(%addr, "listening");
+    tracing::info!(%addr, node_id = %dispatcher.node_id(), "listening");
     Ok(Running {
         addr,
         shutdown: shutdown_tx,
         handle,
+        dispatcher,
+        drain_grace: config.drain_grace,
     })
 }
 

@@ -6,11 +6,14 @@ use std::time::{Duration, SystemTime};
 
 use uuid::Uuid;
 
-use crate::dispatch::Dispatcher;
+use std::sync::Arc;
+
+use crate::dispatch::{CancelReason, Dispatcher, Session};
 use crate::error::Error;
-use crate::store::{Fenced, Store};
+use crate::events::{Event, EventKind, Hub};
+use crate::store::{Fenced, SessionRow, Store};
 use crate::task::{
-    Backoff, Claim, Created, Failure, LeaseRef, LeaseState, ListFilter, NewTask, Page, Stats,
+    Claim, Created, Failure, LeaseRef, LeaseState, ListFilter, NewTask, Page, Progress, Stats,
     Status, Task,
 };
 
@@ -19,7 +22,7 @@ use crate::task::{
 pub struct Service {
     store: Store,
     dispatcher: Dispatcher,
-    backoff: Backoff,
+    events: Hub,
 }
 
 type Result<T> = std::result::Result<T, Error>;
@@ -37,10 +40,14 @@ fn stale(task_id: Uuid, status: Status, call: &str) -> Error {
         Status::Failed => "the task has already failed",
         Status::Cancelled => "the task was cancelled",
     };
-    Error::FailedPrecondition(format!("cannot {call} task {task_id}: {why}"))
+    Error::LeaseLost {
+        status,
+        message: format!("cannot {call} task {task_id}: {why}"),
+    }
 }
 
-fn fenced(outcome: Fenced, lease: LeaseRef, call: &str) -> Result<Task> {
+/// The task of an applied fenced write, or why it was refused.
+pub fn fenced(outcome: Fenced, lease: LeaseRef, call: &str) -> Result<Task> {
     match outcome {
         Fenced::Applied(task) => Ok(*task),
         Fenced::Stale(status) => {
@@ -52,13 +59,24 @@ fn fenced(outcome: Fenced, lease: LeaseRef, call: &str) -> Result<Task> {
 }
 
 impl Service {
-    /// Builds the domain over a store and the node's dispatcher.
-    pub fn new(store: Store, dispatcher: Dispatcher, backoff: Backoff) -> Self {
+    /// Builds the domain over a store, the node's dispatcher and its event
+    /// hub.
+    pub fn new(store: Store, dispatcher: Dispatcher, events: Hub) -> Self {
         Self {
             store,
             dispatcher,
-            backoff,
+            events,
         }
+    }
+
+    /// The node's dispatcher, for session streams.
+    pub fn dispatcher(&self) -> &Dispatcher {
+        &self.dispatcher
+    }
+
+    /// The node's event hub, for watchers.
+    pub fn events(&self) -> &Hub {
+        &self.events
     }
 
     /// Creates one task (or returns the live one holding its dedup key).
@@ -67,6 +85,8 @@ impl Service {
         if !created.deduplicated {
             // Local waiters need not wait for the notification round trip.
             self.dispatcher.wake();
+            self.events
+                .publish_tasks(EventKind::Created, [&created.task]);
         }
         Ok(created)
     }
@@ -75,6 +95,10 @@ impl Service {
     pub async fn create_many(&self, news: Vec<NewTask>) -> Result<Vec<Created>> {
         let created = self.store.task_insert_many(&news).await?;
         self.dispatcher.wake();
+        self.events.publish_tasks(
+            EventKind::Created,
+            created.iter().filter(|c| !c.deduplicated).map(|c| &c.task),
+        );
         Ok(created)
     }
 
@@ -94,6 +118,9 @@ impl Service {
         match self.store.task_cancel(id, reason.as_deref()).await? {
             Some(Ok(task)) => {
                 tracing::info!(task_id = %id, "task cancelled");
+                self.events.publish_tasks(EventKind::Cancelled, [&task]);
+                // Whichever node's session holds the lease must stop it.
+                self.dispatcher.revoke(&[id], CancelReason::Cancelled).await;
                 Ok(task)
             }
             Some(Err(task)) => Err(Error::FailedPrecondition(format!(
@@ -107,7 +134,11 @@ impl Service {
     /// Puts a failed or cancelled task back to pending.
     pub async fn retry(&self, id: Uuid) -> Result<Task> {
         match self.store.task_retry(id).await {
-            Ok(Some(Ok(task))) => Ok(task),
+            Ok(Some(Ok(task))) => {
+                self.events.publish_tasks(EventKind::Retried, [&task]);
+                self.dispatcher.wake();
+                Ok(task)
+            }
             Ok(Some(Err(task))) => Err(Error::FailedPrecondition(format!(
                 "cannot retry task {id}: it is {}, only failed or cancelled tasks can be retried",
                 task.status.as_str()
@@ -132,6 +163,11 @@ impl Service {
         Ok(self.store.task_stats().await?)
     }
 
+    /// Live events, for a watcher.
+    pub fn watch(&self) -> crate::events::Subscription {
+        self.events.subscribe()
+    }
+
     /// Leases due tasks, waiting up to `wait` for some to arrive.
     pub async fn acquire(&self, claim: Claim, wait: Duration) -> Result<Vec<Task>> {
         Ok(self.dispatcher.acquire(&claim, wait).await?)
@@ -143,32 +179,83 @@ impl Service {
         leases: Vec<LeaseRef>,
         duration: Duration,
     ) -> Result<Vec<(Uuid, LeaseState)>> {
-        if leases.is_empty() {
-            return Ok(Vec::new());
-        }
-        Ok(self.store.lease_extend(&leases, duration).await?)
+        let states = self.dispatcher.heartbeat(None, leases, duration).await?;
+        Ok(states.into_iter().map(|(l, s)| (l.task_id, s)).collect())
+    }
+
+    /// Renews leases on a session: the listed ones (re-attaching them to it),
+    /// or every lease it holds when the list is empty.
+    pub async fn session_heartbeat(
+        &self,
+        session: &Arc<Session>,
+        leases: Vec<LeaseRef>,
+    ) -> Result<Vec<(Uuid, LeaseState)>> {
+        let leases = if leases.is_empty() {
+            session.leases()
+        } else {
+            leases
+        };
+        let states = self
+            .dispatcher
+            .heartbeat(Some(session), leases, session.spec.lease_duration)
+            .await?;
+        Ok(states.into_iter().map(|(l, s)| (l.task_id, s)).collect())
     }
 
     /// Completes a leased task.
     pub async fn complete(&self, lease: LeaseRef, result: serde_json::Value) -> Result<Task> {
-        fenced(
-            self.store.task_complete(lease, &result).await?,
+        let task = fenced(
+            self.dispatcher.complete(lease, result).await?,
             lease,
             "complete",
-        )
+        )?;
+        self.events.publish_tasks(EventKind::Completed, [&task]);
+        Ok(task)
     }
 
     /// Records a failed attempt.
     pub async fn fail(&self, lease: LeaseRef, failure: Failure) -> Result<Task> {
-        fenced(
-            self.store.task_fail(lease, &failure, self.backoff).await?,
-            lease,
-            "fail",
-        )
+        let task = fenced(self.dispatcher.fail(lease, failure).await?, lease, "fail")?;
+        self.events.publish_tasks(EventKind::Failed, [&task]);
+        Ok(task)
     }
 
     /// Gives a lease back without using up the attempt.
     pub async fn release(&self, lease: LeaseRef) -> Result<Task> {
-        fenced(self.store.task_release(lease).await?, lease, "release")
+        let task = fenced(self.dispatcher.release(lease).await?, lease, "release")?;
+        self.events.publish_tasks(EventKind::Released, [&task]);
+        self.dispatcher.wake();
+        Ok(task)
+    }
+
+    /// Stores the progress of a leased task.
+    pub async fn progress(&self, lease: LeaseRef, progress: Progress) -> Result<Task> {
+        let task = fenced(
+            self.store.task_progress(lease, &progress).await?,
+            lease,
+            "report progress of",
+        )?;
+        self.events.publish_tasks(EventKind::Progress, [&task]);
+        Ok(task)
+    }
+
+    /// Every connected worker session across all nodes.
+    pub async fn workers(&self) -> Result<Vec<SessionRow>> {
+        Ok(self.store.worker_list().await?)
+    }
+
+    /// What to do with leases the reclaimer took back: tell watchers, and
+    /// tell the sessions that held them to stop.
+    pub async fn on_reclaimed(&self, tasks: &[Task]) {
+        self.events.publish(
+            tasks
+                .iter()
+                .map(|t| Event::of(EventKind::LeaseExpired, t))
+                .collect(),
+        );
+        let ids: Vec<Uuid> = tasks.iter().map(|t| t.id).collect();
+        self.dispatcher
+            .revoke(&ids, CancelReason::LeaseReclaimed)
+            .await;
     }
 }

@@ -81,6 +81,18 @@ pub struct Task {
     pub series_id: Option<Uuid>,
     pub book_id: Option<Uuid>,
     pub dedup_key: Option<String>,
+    pub progress: Option<Progress>,
+}
+
+/// Progress of a running attempt, as its worker reported it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Progress {
+    pub current: i64,
+    /// 0 when unknown.
+    pub total: i64,
+    pub message: String,
+    /// `None` in a report not yet stored.
+    pub updated_at: Option<SystemTime>,
 }
 
 /// A validated request to create a task.
@@ -107,14 +119,31 @@ pub struct Created {
     pub deduplicated: bool,
 }
 
-/// What a worker asks for when it acquires tasks.
+/// One claim statement's worth of takers: tasks of `task_types` for each
+/// slot, the n-th task in claim order going to the n-th slot.
 #[derive(Debug, Clone)]
 pub struct Claim {
-    pub worker_id: String,
     /// Empty means any type.
     pub task_types: Vec<String>,
-    pub max_tasks: i64,
+    /// The worker id of each slot; as many tasks are claimed at most.
+    pub slots: Vec<String>,
     pub lease_duration: Duration,
+}
+
+impl Claim {
+    /// A claim of up to `max_tasks` tasks for one worker.
+    pub fn for_worker(
+        worker_id: &str,
+        task_types: Vec<String>,
+        max_tasks: usize,
+        lease_duration: Duration,
+    ) -> Self {
+        Self {
+            task_types,
+            slots: vec![worker_id.to_owned(); max_tasks],
+            lease_duration,
+        }
+    }
 }
 
 /// A reference to one lease: the task and the token of its hand-out.

@@ -649,11 +649,9 @@ async fn a_long_poll_is_woken_by_a_create_well_before_its_wait() {
     // create lands while the poll waits (were it earlier, the poll would
     // still get the task, just without being woken).
     let other = server.another_node().await;
-    let mut other_tasks = leasehold::proto::task_service_client::TaskServiceClient::connect(
-        format!("http://{}", other.addr()),
-    )
-    .await
-    .unwrap();
+    let mut other_tasks = leasehold::proto::task_service_client::TaskServiceClient::new(
+        common::channel_to(&format!("http://{}", other.addr())).await,
+    );
     let created = other_tasks
         .create_task(new_task("user_plugin_sync"))
         .await

@@ -56,8 +56,9 @@ async fn migrate_then_serve_and_stop_gracefully_on_sigterm() {
 
     let (mut child, addr) = spawn_server(&url);
     let endpoint = format!("http://{addr}");
-    let mut tasks = TaskServiceClient::connect(endpoint.clone()).await.unwrap();
-    let mut workers = WorkerServiceClient::connect(endpoint).await.unwrap();
+    let channel = common::channel_to(&endpoint).await;
+    let mut tasks = TaskServiceClient::new(channel.clone());
+    let mut workers = WorkerServiceClient::new(channel);
     tasks.create_task(new_task("scan_library")).await.unwrap();
     let got = workers
         .acquire_tasks(acquire("w", &["scan_library"], 1))

@@ -6,8 +6,10 @@ use std::time::{Duration, SystemTime};
 use prost_types::value::Kind;
 use prost_types::{ListValue, Struct, Value};
 
+use crate::events::{Event, EventKind};
 use crate::proto;
-use crate::task::{Counts, Stats, Status, Task, TypeStats};
+use crate::store::SessionRow;
+use crate::task::{Counts, Progress, Stats, Status, Task, TypeStats};
 
 /// A JSON value as a protobuf `Value`.
 pub fn json_to_value(json: &serde_json::Value) -> Value {
@@ -134,6 +136,73 @@ pub fn task_to_proto(task: &Task) -> proto::Task {
         series_id: task.series_id.map(|id| id.to_string()),
         book_id: task.book_id.map(|id| id.to_string()),
         dedup_key: task.dedup_key.clone(),
+        progress: task.progress.as_ref().map(progress_to_proto),
+    }
+}
+
+/// Progress on the wire.
+pub fn progress_to_proto(progress: &Progress) -> proto::TaskProgress {
+    proto::TaskProgress {
+        current: progress.current,
+        total: progress.total,
+        message: progress.message.clone(),
+        updated_at: progress.updated_at.map(timestamp),
+    }
+}
+
+fn event_kind_to_proto(kind: EventKind) -> proto::TaskEventKind {
+    match kind {
+        EventKind::Created => proto::TaskEventKind::Created,
+        EventKind::Leased => proto::TaskEventKind::Leased,
+        EventKind::Progress => proto::TaskEventKind::Progress,
+        EventKind::Completed => proto::TaskEventKind::Completed,
+        EventKind::Failed => proto::TaskEventKind::Failed,
+        EventKind::Retried => proto::TaskEventKind::Retried,
+        EventKind::Cancelled => proto::TaskEventKind::Cancelled,
+        EventKind::LeaseExpired => proto::TaskEventKind::LeaseExpired,
+        EventKind::Released => proto::TaskEventKind::Released,
+    }
+}
+
+/// A task event on the wire.
+pub fn event_to_proto(event: &Event) -> proto::TaskEvent {
+    proto::TaskEvent {
+        kind: event_kind_to_proto(event.kind) as i32,
+        task_id: event.task_id.to_string(),
+        task_type: event.task_type.clone(),
+        status: status_to_proto(event.status) as i32,
+        attempts: event.attempts,
+        worker_id: event.worker_id.clone(),
+        progress: event.progress.as_ref().map(progress_to_proto),
+        library_id: event.library_id.map(|id| id.to_string()),
+        series_id: event.series_id.map(|id| id.to_string()),
+        book_id: event.book_id.map(|id| id.to_string()),
+        occurred_at: Some(timestamp(event.at)),
+        error: event.error.clone(),
+    }
+}
+
+/// A worker session row on the wire.
+pub fn session_to_proto(row: &SessionRow) -> proto::WorkerSession {
+    proto::WorkerSession {
+        worker_id: row.worker_id.clone(),
+        session_id: row.id.to_string(),
+        node_id: row.node_id.to_string(),
+        task_types: row.task_types.clone(),
+        slots: row.slots,
+        in_flight: row.in_flight,
+        connected_at: Some(timestamp(row.connected_at)),
+        last_seen_at: Some(timestamp(row.last_seen_at)),
+        labels: row
+            .labels
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
+                    .collect()
+            })
+            .unwrap_or_default(),
+        draining: row.draining,
     }
 }
 

@@ -4,23 +4,36 @@ use tonic::{Request, Response, Status};
 
 use super::{convert, validate};
 use crate::error::Error;
+use crate::events::{Delivery, Filter};
 use crate::proto::{self, task_service_server::TaskService};
 use crate::service::Service;
 use crate::task::{ListFilter, NewTask, Status as TaskStatus};
+
+/// The server side of a WatchTasks stream.
+pub type WatchStream = std::pin::Pin<
+    Box<dyn futures_util::Stream<Item = Result<proto::WatchTasksResponse, Status>> + Send>,
+>;
 
 /// Implements `TaskService` over the domain.
 #[derive(Debug, Clone)]
 pub struct TaskApi {
     service: Service,
     max_payload_bytes: usize,
+    shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 impl TaskApi {
     /// The service, with the payload limit it enforces on `params`.
-    pub fn new(service: Service, max_payload_bytes: usize) -> Self {
+    /// Watch streams end when `shutdown` turns true.
+    pub fn new(
+        service: Service,
+        max_payload_bytes: usize,
+        shutdown: tokio::sync::watch::Receiver<bool>,
+    ) -> Self {
         Self {
             service,
             max_payload_bytes,
+            shutdown,
         }
     }
 
@@ -192,5 +205,68 @@ impl TaskService for TaskApi {
     ) -> Result<Response<proto::GetStatsResponse>, Status> {
         let stats = self.service.stats().await?;
         Ok(Response::new(convert::stats_to_proto(&stats)))
+    }
+
+    type WatchTasksStream = WatchStream;
+
+    async fn watch_tasks(
+        &self,
+        request: Request<proto::WatchTasksRequest>,
+    ) -> Result<Response<Self::WatchTasksStream>, Status> {
+        let req = request.get_ref();
+        if req.task_ids.len() > validate::MAX_FILTER_VALUES {
+            return Err(Error::invalid(
+                "task_ids",
+                format!("at most {} values", validate::MAX_FILTER_VALUES),
+            )
+            .into());
+        }
+        let filter = Filter {
+            task_types: validate::task_types("task_types", &req.task_types)?
+                .into_iter()
+                .collect(),
+            statuses: validate::statuses("statuses", &req.statuses)?
+                .into_iter()
+                .collect(),
+            task_ids: req
+                .task_ids
+                .iter()
+                .enumerate()
+                .map(|(i, id)| validate::uuid(&format!("task_ids[{i}]"), id))
+                .collect::<Result<_, _>>()?,
+            library_id: validate::opt_uuid("library_id", req.library_id.as_deref())?,
+            series_id: validate::opt_uuid("series_id", req.series_id.as_deref())?,
+            book_id: validate::opt_uuid("book_id", req.book_id.as_deref())?,
+        };
+        let subscription = self.service.watch();
+        let shutdown = self.shutdown.clone();
+        // The stream is polled only as fast as the client reads; meanwhile
+        // the subscription's bounded buffer absorbs events and reports what
+        // overflowed as `missed`.
+        let stream = futures_util::stream::unfold(
+            (subscription, filter, shutdown),
+            |(mut subscription, filter, mut shutdown)| async move {
+                loop {
+                    let delivery = tokio::select! {
+                        d = subscription.next() => d?,
+                        _ = shutdown.wait_for(|s| *s) => return None,
+                    };
+                    let kind = match delivery {
+                        Delivery::Event(event) if filter.matches(&event) => {
+                            proto::watch_tasks_response::Kind::Event(convert::event_to_proto(
+                                &event,
+                            ))
+                        }
+                        Delivery::Event(_) => continue,
+                        Delivery::Missed(count) => {
+                            proto::watch_tasks_response::Kind::Missed(proto::EventsMissed { count })
+                        }
+                    };
+                    let item = Ok(proto::WatchTasksResponse { kind: Some(kind) });
+                    return Some((item, (subscription, filter, shutdown)));
+                }
+            },
+        );
+        Ok(Response::new(Box::pin(stream)))
     }
 }

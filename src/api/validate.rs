@@ -28,6 +28,10 @@ pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(30 * 24 * 3600);
 pub const DEFAULT_PAGE_SIZE: i32 = 50;
 pub const MAX_PAGE_SIZE: i32 = 1000;
 pub const MAX_FILTER_VALUES: usize = 1000;
+pub const MAX_SLOTS: i32 = 10_000;
+pub const MAX_LABELS: usize = 64;
+pub const LABEL_MAX_CHARS: usize = 256;
+pub const PROGRESS_MESSAGE_MAX_CHARS: usize = 1000;
 
 /// A UUID in its text form.
 pub fn uuid(field: &str, value: &str) -> Result<Uuid> {
@@ -100,6 +104,31 @@ fn text(field: &str, value: &str, min: usize, max: usize, multiline: bool) -> Re
         return Err(Error::invalid(field, "must not contain control characters"));
     }
     Ok(value.to_owned())
+}
+
+/// Session labels: at most 64, keys 1 to 256 characters, values up to 256.
+pub fn labels(
+    field: &str,
+    value: &std::collections::HashMap<String, String>,
+) -> Result<serde_json::Value> {
+    if value.len() > MAX_LABELS {
+        return Err(Error::invalid(
+            field,
+            format!("at most {MAX_LABELS} labels"),
+        ));
+    }
+    let mut map = serde_json::Map::new();
+    for (k, v) in value {
+        let key = text(&format!("{field}.key"), k, 1, LABEL_MAX_CHARS, false)?;
+        let val = text(&format!("{field}[{k}]"), v, 0, LABEL_MAX_CHARS, false)?;
+        map.insert(key, serde_json::Value::String(val));
+    }
+    Ok(serde_json::Value::Object(map))
+}
+
+/// A progress message.
+pub fn progress_message(field: &str, value: &str) -> Result<String> {
+    text(field, value, 0, PROGRESS_MESSAGE_MAX_CHARS, true)
 }
 
 /// A worker id: 1 to 100 characters.
@@ -231,6 +260,14 @@ pub fn range(field: &str, value: i32, min: i32, max: i32) -> Result<i32> {
             field,
             format!("must be between {min} and {max}"),
         ));
+    }
+    Ok(value)
+}
+
+/// A count that must not be negative.
+pub fn range64(field: &str, value: i64) -> Result<i64> {
+    if value < 0 {
+        return Err(Error::invalid(field, "must not be negative"));
     }
     Ok(value)
 }

@@ -2,14 +2,15 @@
 
 use std::time::Duration;
 
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 
+use super::session::{self, ConnectStream};
 use super::{convert, validate};
 use crate::config::{MAX_LEASE, MIN_LEASE};
 use crate::error::Error;
 use crate::proto::{self, worker_service_server::WorkerService};
 use crate::service::Service;
-use crate::task::{Claim, Failure, LeaseRef, LeaseState};
+use crate::task::{Claim, Failure, LeaseRef};
 
 /// Implements `WorkerService` over the domain.
 #[derive(Debug, Clone)]
@@ -41,6 +42,27 @@ impl WorkerApi {
     }
 }
 
+/// The failure a FailTask request reports.
+pub(crate) fn failure(req: &proto::FailTaskRequest) -> Result<Failure, Error> {
+    Ok(Failure {
+        error: validate::error_text("error", &req.error)?,
+        permanent: req.permanent,
+        retry_after: req
+            .retry_after
+            .as_ref()
+            .map(|d| {
+                validate::duration(
+                    "retry_after",
+                    Some(d),
+                    Duration::ZERO,
+                    validate::MAX_RETRY_AFTER,
+                    Duration::ZERO,
+                )
+            })
+            .transpose()?,
+    })
+}
+
 fn lease_ref(task_id: &str, lease_token: &str) -> Result<LeaseRef, Error> {
     Ok(LeaseRef {
         task_id: validate::uuid("task_id", task_id)?,
@@ -56,12 +78,12 @@ impl WorkerService for WorkerApi {
     ) -> Result<Response<proto::AcquireTasksResponse>, Status> {
         let req = request.get_ref();
         let max_tasks = validate::range("max_tasks", req.max_tasks, 0, validate::MAX_CLAIM)?;
-        let claim = Claim {
-            worker_id: validate::worker_id("worker_id", &req.worker_id)?,
-            task_types: validate::task_types("task_types", &req.task_types)?,
-            max_tasks: max_tasks.max(1) as i64,
-            lease_duration: self.lease_duration(req.lease_duration.as_ref())?,
-        };
+        let claim = Claim::for_worker(
+            &validate::worker_id("worker_id", &req.worker_id)?,
+            validate::task_types("task_types", &req.task_types)?,
+            max_tasks.max(1) as usize,
+            self.lease_duration(req.lease_duration.as_ref())?,
+        );
         let wait = validate::duration(
             "wait",
             req.wait.as_ref(),
@@ -102,20 +124,7 @@ impl WorkerService for WorkerApi {
         Ok(Response::new(proto::HeartbeatResponse {
             leases: states
                 .into_iter()
-                .map(|(id, state)| {
-                    let (status, locked_until) = match state {
-                        LeaseState::Held(until) => {
-                            (proto::LeaseStatus::Held, Some(convert::timestamp(until)))
-                        }
-                        LeaseState::Lost => (proto::LeaseStatus::Lost, None),
-                        LeaseState::Cancelled => (proto::LeaseStatus::Cancelled, None),
-                    };
-                    proto::LeaseState {
-                        task_id: id.to_string(),
-                        status: status as i32,
-                        locked_until,
-                    }
-                })
+                .map(|(id, state)| session::lease_state(id, state))
                 .collect(),
         }))
     }
@@ -139,23 +148,7 @@ impl WorkerService for WorkerApi {
     ) -> Result<Response<proto::FailTaskResponse>, Status> {
         let req = request.get_ref();
         let lease = lease_ref(&req.task_id, &req.lease_token)?;
-        let failure = Failure {
-            error: validate::error_text("error", &req.error)?,
-            permanent: req.permanent,
-            retry_after: req
-                .retry_after
-                .as_ref()
-                .map(|d| {
-                    validate::duration(
-                        "retry_after",
-                        Some(d),
-                        Duration::ZERO,
-                        validate::MAX_RETRY_AFTER,
-                        Duration::ZERO,
-                    )
-                })
-                .transpose()?,
-        };
+        let failure = failure(req)?;
         let task = self.service.fail(lease, failure).await?;
         Ok(Response::new(proto::FailTaskResponse {
             task: Some(convert::task_to_proto(&task)),
@@ -171,6 +164,32 @@ impl WorkerService for WorkerApi {
         let task = self.service.release(lease).await?;
         Ok(Response::new(proto::ReleaseTaskResponse {
             task: Some(convert::task_to_proto(&task)),
+        }))
+    }
+
+    type ConnectStream = ConnectStream;
+
+    async fn connect(
+        &self,
+        request: Request<Streaming<proto::ConnectRequest>>,
+    ) -> Result<Response<Self::ConnectStream>, Status> {
+        let stream = session::open(
+            self.service.clone(),
+            self.default_lease,
+            self.max_payload_bytes,
+            request.into_inner(),
+        )
+        .await?;
+        Ok(Response::new(stream))
+    }
+
+    async fn list_workers(
+        &self,
+        _request: Request<proto::ListWorkersRequest>,
+    ) -> Result<Response<proto::ListWorkersResponse>, Status> {
+        let rows = self.service.workers().await?;
+        Ok(Response::new(proto::ListWorkersResponse {
+            sessions: rows.iter().map(convert::session_to_proto).collect(),
         }))
     }
 }

@@ -9,10 +9,10 @@
 
 use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use crate::store::Store;
-use crate::task::Status;
+use crate::task::{Status, Task};
 
 /// Rows reclaimed per statement.
 const BATCH: i64 = 500;
@@ -22,12 +22,22 @@ const BATCH: i64 = 500;
 pub struct Reclaimer {
     store: Store,
     interval: Duration,
+    reclaimed: mpsc::UnboundedSender<Vec<Task>>,
 }
 
 impl Reclaimer {
-    /// A reclaimer that sweeps at least every `interval`.
-    pub fn new(store: Store, interval: Duration) -> Self {
-        Self { store, interval }
+    /// A reclaimer that sweeps at least every `interval` and sends every
+    /// batch of reclaimed tasks (as they are now) to `reclaimed`.
+    pub fn new(
+        store: Store,
+        interval: Duration,
+        reclaimed: mpsc::UnboundedSender<Vec<Task>>,
+    ) -> Self {
+        Self {
+            store,
+            interval,
+            reclaimed,
+        }
     }
 
     /// Runs until `shutdown` turns true.
@@ -54,14 +64,18 @@ impl Reclaimer {
     async fn pass(&self) -> Result<Option<Duration>, crate::store::Error> {
         loop {
             let reclaimed = self.store.lease_reclaim_expired(BATCH).await?;
-            for (task_id, status) in &reclaimed {
-                if *status == Status::Failed {
-                    tracing::info!(task_id = %task_id, "lease expired, no attempts left: task failed");
+            for task in &reclaimed {
+                if task.status == Status::Failed {
+                    tracing::info!(task_id = %task.id, "lease expired, no attempts left: task failed");
                 } else {
-                    tracing::info!(task_id = %task_id, "lease expired: task pending again");
+                    tracing::info!(task_id = %task.id, "lease expired: task pending again");
                 }
             }
-            if (reclaimed.len() as i64) < BATCH {
+            let full = reclaimed.len() as i64 == BATCH;
+            if !reclaimed.is_empty() {
+                let _ = self.reclaimed.send(reclaimed);
+            }
+            if !full {
                 break;
             }
         }

@@ -6,6 +6,7 @@
 //! Time-dependent statements use the database clock (`now()`).
 
 mod error;
+mod node;
 mod task;
 
 use std::time::Duration;
@@ -15,6 +16,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::NoTls;
 
 pub use error::Error;
+pub use node::SessionRow;
 pub use task::Fenced;
 
 /// Result of a store call.

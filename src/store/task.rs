@@ -20,7 +20,7 @@ use uuid::Uuid;
 use super::{Error, Result, Store};
 use crate::task::{
     Backoff, Claim, Counts, Created, Failure, LeaseRef, LeaseState, ListFilter, NewTask, Page,
-    Stats, Status, Task, TypeStats,
+    Progress, Stats, Status, Task, TypeStats,
 };
 
 /// The outcome of a write fenced by a lease token.
@@ -39,7 +39,8 @@ macro_rules! columns {
     () => {
         "id, seq, task_type, status, priority, attempts, max_attempts, scheduled_for, \
          created_at, started_at, completed_at, locked_by, locked_until, lease_token, \
-         last_error, params, result, library_id, series_id, book_id, dedup_key"
+         last_error, params, result, library_id, series_id, book_id, dedup_key, \
+         progress_current, progress_total, progress_message, progress_updated_at"
     };
 }
 
@@ -49,7 +50,8 @@ macro_rules! t_columns {
         "t.id, t.seq, t.task_type, t.status, t.priority, t.attempts, t.max_attempts, \
          t.scheduled_for, t.created_at, t.started_at, t.completed_at, t.locked_by, \
          t.locked_until, t.lease_token, t.last_error, t.params, t.result, t.library_id, \
-         t.series_id, t.book_id, t.dedup_key"
+         t.series_id, t.book_id, t.dedup_key, t.progress_current, t.progress_total, \
+         t.progress_message, t.progress_updated_at"
     };
 }
 
@@ -63,8 +65,10 @@ pub(crate) const STATEMENTS: &[&str] = &[
     TASK_CLAIM,
     TASK_NEXT_DUE,
     LEASE_EXTEND,
-    TASK_COMPLETE,
-    TASK_FAIL,
+    TASK_COMPLETE_MANY,
+    TASK_FAIL_MANY,
+    TASK_PROGRESS,
+    NOTIFY,
     TASK_RELEASE,
     TASK_CANCEL,
     TASK_RETRY,
@@ -108,19 +112,27 @@ const TASK_GET_LIVE_BY_DEDUP: &str = concat!(
 );
 
 // The pending index serves the ORDER BY; SKIP LOCKED lets concurrent
-// claimers take disjoint rows without waiting on each other.
+// claimers take disjoint rows without waiting on each other. One statement
+// serves many takers: `$2` holds one worker id per slot, and the n-th task in
+// claim order goes to the n-th slot, so a node fills every waiting session
+// of a group in one round trip.
 const TASK_CLAIM: &str = concat!(
-    "WITH picked AS ( \
-       SELECT id FROM task \
-       WHERE status = 'pending' AND scheduled_for <= now() \
-         AND (cardinality($1::text[]) = 0 OR task_type = ANY($1::text[])) \
-       ORDER BY priority DESC, scheduled_for, seq \
-       LIMIT $2 FOR UPDATE SKIP LOCKED) \
-     UPDATE task t SET status = 'processing', attempts = t.attempts + 1, locked_by = $3, \
-       locked_until = now() + $4 * interval '1 millisecond', started_at = now(), \
-       lease_token = gen_random_uuid() \
-     FROM picked WHERE t.id = picked.id \
-     RETURNING ",
+    "WITH slot AS ( \
+       SELECT * FROM unnest($2::text[]) WITH ORDINALITY AS s(worker_id, n)), \
+     picked AS ( \
+       SELECT id, row_number() OVER () AS n FROM ( \
+         SELECT id FROM task \
+         WHERE status = 'pending' AND scheduled_for <= now() \
+           AND (cardinality($1::text[]) = 0 OR task_type = ANY($1::text[])) \
+         ORDER BY priority DESC, scheduled_for, seq \
+         LIMIT cardinality($2::text[]) FOR UPDATE SKIP LOCKED) p) \
+     UPDATE task t SET status = 'processing', attempts = t.attempts + 1, \
+       locked_by = slot.worker_id, locked_until = now() + $3 * interval '1 millisecond', \
+       started_at = now(), lease_token = gen_random_uuid(), progress_current = NULL, \
+       progress_total = NULL, progress_message = NULL, progress_updated_at = NULL \
+     FROM picked JOIN slot ON slot.n = picked.n \
+     WHERE t.id = picked.id \
+     RETURNING picked.n, ",
     t_columns!()
 );
 
@@ -132,9 +144,10 @@ const TASK_NEXT_DUE: &str =
 // The CTE sees the table as it was before the update, which is what the
 // lost/cancelled answers need.
 const LEASE_EXTEND: &str = "WITH req AS ( \
-       SELECT * FROM unnest($1::uuid[], $2::uuid[]) WITH ORDINALITY AS r(id, token, n)), \
+       SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::float8[]) \
+         WITH ORDINALITY AS r(id, token, ms, n)), \
      renewed AS ( \
-       UPDATE task t SET locked_until = now() + $3 * interval '1 millisecond' \
+       UPDATE task t SET locked_until = now() + req.ms * interval '1 millisecond' \
        FROM req WHERE t.id = req.id AND t.lease_token = req.token AND t.status = 'processing' \
        RETURNING t.id, t.lease_token, t.locked_until) \
      SELECT req.id, \
@@ -147,28 +160,43 @@ const LEASE_EXTEND: &str = "WITH req AS ( \
      LEFT JOIN task cur ON cur.id = req.id \
      ORDER BY req.n";
 
-const TASK_COMPLETE: &str = concat!(
-    "UPDATE task SET status = 'completed', result = $3, completed_at = now(), \
+// Completions and failures are written in batches (group commit): one
+// statement for every outcome that arrived together.
+const TASK_COMPLETE_MANY: &str = concat!(
+    "UPDATE task t SET status = 'completed', result = r.result, completed_at = now(), \
        locked_until = NULL \
-     WHERE id = $1 AND lease_token = $2 AND status = 'processing' \
+     FROM unnest($1::uuid[], $2::uuid[], $3::jsonb[]) AS r(id, token, result) \
+     WHERE t.id = r.id AND t.lease_token = r.token AND t.status = 'processing' \
      RETURNING ",
-    columns!()
+    t_columns!()
 );
 
-// $3 permanent, $4 retry_after in ms (NULL: backoff), $5 backoff base ms,
-// $6 backoff cap ms. The delay is base * 2^(attempt-1), capped, then scaled
-// by a random factor in [0.5, 1) so that a burst of failures spreads out.
-const TASK_FAIL: &str = concat!(
-    "UPDATE task SET \
-       status = CASE WHEN $3 OR attempts >= max_attempts THEN 'failed' ELSE 'pending' END, \
-       scheduled_for = CASE WHEN $3 OR attempts >= max_attempts THEN scheduled_for \
-         ELSE now() + COALESCE($4::float8, \
-           LEAST($6::float8, $5::float8 * power(2, LEAST(attempts - 1, 60))) \
+// $6 backoff base ms, $7 backoff cap ms; per row a NULL retry_ms means
+// backoff. The delay is base * 2^(attempt-1), capped, then scaled by a random
+// factor in [0.5, 1) so that a burst of failures spreads out.
+const TASK_FAIL_MANY: &str = concat!(
+    "UPDATE task t SET \
+       status = CASE WHEN r.permanent OR t.attempts >= t.max_attempts \
+         THEN 'failed' ELSE 'pending' END, \
+       scheduled_for = CASE WHEN r.permanent OR t.attempts >= t.max_attempts \
+         THEN t.scheduled_for \
+         ELSE now() + COALESCE(r.retry_ms, \
+           LEAST($7::float8, $6::float8 * power(2, LEAST(t.attempts - 1, 60))) \
            * (0.5 + random() / 2)) * interval '1 millisecond' END, \
-       completed_at = CASE WHEN $3 OR attempts >= max_attempts THEN now() END, \
-       locked_by = CASE WHEN $3 OR attempts >= max_attempts THEN locked_by END, \
+       completed_at = CASE WHEN r.permanent OR t.attempts >= t.max_attempts THEN now() END, \
+       locked_by = CASE WHEN r.permanent OR t.attempts >= t.max_attempts THEN t.locked_by END, \
        locked_until = NULL, \
-       last_error = $7 \
+       last_error = r.error \
+     FROM unnest($1::uuid[], $2::uuid[], $3::bool[], $4::float8[], $5::text[]) \
+       AS r(id, token, permanent, retry_ms, error) \
+     WHERE t.id = r.id AND t.lease_token = r.token AND t.status = 'processing' \
+     RETURNING ",
+    t_columns!()
+);
+
+const TASK_PROGRESS: &str = concat!(
+    "UPDATE task SET progress_current = $3, progress_total = $4, progress_message = $5, \
+       progress_updated_at = now() \
      WHERE id = $1 AND lease_token = $2 AND status = 'processing' \
      RETURNING ",
     columns!()
@@ -223,7 +251,8 @@ const TASK_STATS: &str = "SELECT task_type, status, count(*) AS n, \
          FILTER (WHERE status = 'pending' AND scheduled_for <= now()))::float8 AS oldest \
      FROM task GROUP BY task_type, status";
 
-const LEASE_RECLAIM_EXPIRED: &str = "WITH expired AS ( \
+const LEASE_RECLAIM_EXPIRED: &str = concat!(
+    "WITH expired AS ( \
        SELECT id FROM task WHERE status = 'processing' AND locked_until <= now() \
        ORDER BY locked_until LIMIT $1 FOR UPDATE SKIP LOCKED) \
      UPDATE task t SET \
@@ -236,7 +265,11 @@ const LEASE_RECLAIM_EXPIRED: &str = "WITH expired AS ( \
        locked_until = NULL, lease_token = NULL \
      FROM expired \
      WHERE t.id = expired.id AND t.status = 'processing' AND t.locked_until <= now() \
-     RETURNING t.id, t.status";
+     RETURNING ",
+    t_columns!()
+);
+
+const NOTIFY: &str = "SELECT pg_notify($1, $2)";
 
 const LEASE_NEXT_EXPIRY: &str =
     "SELECT EXTRACT(EPOCH FROM (min(locked_until) - clock_timestamp()))::float8 \
@@ -279,6 +312,21 @@ impl Task {
             series_id: row.try_get("series_id")?,
             book_id: row.try_get("book_id")?,
             dedup_key: row.try_get("dedup_key")?,
+            progress: match row.try_get::<_, Option<SystemTime>>("progress_updated_at")? {
+                Some(updated_at) => Some(Progress {
+                    current: row
+                        .try_get::<_, Option<i64>>("progress_current")?
+                        .unwrap_or(0),
+                    total: row
+                        .try_get::<_, Option<i64>>("progress_total")?
+                        .unwrap_or(0),
+                    message: row
+                        .try_get::<_, Option<String>>("progress_message")?
+                        .unwrap_or_default(),
+                    updated_at: Some(updated_at),
+                }),
+                None => None,
+            },
         })
     }
 }
@@ -427,8 +475,9 @@ impl Store {
             .transpose()
     }
 
-    /// Leases up to `claim.max_tasks` due tasks, in claim order.
-    pub async fn task_claim(&self, claim: &Claim) -> Result<Vec<Task>> {
+    /// Leases due tasks, one per slot at most, in claim order; returns each
+    /// task with the index of the slot it went to.
+    pub async fn task_claim(&self, claim: &Claim) -> Result<Vec<(usize, Task)>> {
         let client = self.client().await?;
         let stmt = client.prepare_cached(TASK_CLAIM).await?;
         let rows = client
@@ -436,20 +485,22 @@ impl Store {
                 &stmt,
                 &[
                     &claim.task_types,
-                    &claim.max_tasks,
-                    &claim.worker_id,
+                    &claim.slots,
                     &millis(claim.lease_duration),
                 ],
             )
             .await?;
-        let mut tasks = tasks_from_rows(&rows)?;
+        let mut tasks = rows
+            .iter()
+            .map(|row| {
+                Ok((
+                    (row.try_get::<_, i64>("n")? - 1) as usize,
+                    Task::from_row(row)?,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
         // UPDATE ... RETURNING does not keep the order of the picked rows.
-        tasks.sort_by(|a, b| {
-            b.priority
-                .cmp(&a.priority)
-                .then(a.scheduled_for.cmp(&b.scheduled_for))
-                .then(a.seq.cmp(&b.seq))
-        });
+        tasks.sort_by_key(|(slot, _)| *slot);
         Ok(tasks)
     }
 
@@ -462,19 +513,18 @@ impl Store {
         Ok(seconds_to_duration(row.try_get(0)?))
     }
 
-    /// Renews leases in one statement; one answer per lease, in input order.
+    /// Renews leases, each by its own duration, in one statement; one answer
+    /// per lease, in input order.
     pub async fn lease_extend(
         &self,
-        leases: &[LeaseRef],
-        duration: Duration,
+        leases: &[(LeaseRef, Duration)],
     ) -> Result<Vec<(Uuid, LeaseState)>> {
         let client = self.client().await?;
         let stmt = client.prepare_cached(LEASE_EXTEND).await?;
-        let ids: Vec<Uuid> = leases.iter().map(|l| l.task_id).collect();
-        let tokens: Vec<Uuid> = leases.iter().map(|l| l.lease_token).collect();
-        let rows = client
-            .query(&stmt, &[&ids, &tokens, &millis(duration)])
-            .await?;
+        let ids: Vec<Uuid> = leases.iter().map(|(l, _)| l.task_id).collect();
+        let tokens: Vec<Uuid> = leases.iter().map(|(l, _)| l.lease_token).collect();
+        let ms: Vec<f64> = leases.iter().map(|(_, d)| millis(*d)).collect();
+        let rows = client.query(&stmt, &[&ids, &tokens, &ms]).await?;
         rows.iter()
             .map(|row| {
                 let id: Uuid = row.try_get(0)?;
@@ -488,51 +538,80 @@ impl Store {
             .collect()
     }
 
-    /// Completes a leased task.
-    pub async fn task_complete(
+    /// Completes leased tasks in one statement; one outcome per input, in
+    /// input order.
+    pub async fn task_complete_many(
         &self,
-        lease: LeaseRef,
-        result: &serde_json::Value,
-    ) -> Result<Fenced> {
+        completions: &[(LeaseRef, serde_json::Value)],
+    ) -> Result<Vec<Fenced>> {
         let client = self.client().await?;
-        let stmt = client.prepare_cached(TASK_COMPLETE).await?;
-        let row = client
-            .query_opt(&stmt, &[&lease.task_id, &lease.lease_token, result])
-            .await?;
-        self.fenced(&client, row, lease, |t| t.status == Status::Completed)
+        let stmt = client.prepare_cached(TASK_COMPLETE_MANY).await?;
+        let ids: Vec<Uuid> = completions.iter().map(|(l, _)| l.task_id).collect();
+        let tokens: Vec<Uuid> = completions.iter().map(|(l, _)| l.lease_token).collect();
+        let results: Vec<&serde_json::Value> = completions.iter().map(|(_, r)| r).collect();
+        let rows = client.query(&stmt, &[&ids, &tokens, &results]).await?;
+        let leases: Vec<LeaseRef> = completions.iter().map(|(l, _)| *l).collect();
+        self.fenced_many(&client, rows, &leases, |t| t.status == Status::Completed)
             .await
     }
 
-    /// Records a failed attempt: pending again after a backoff, or failed.
-    pub async fn task_fail(
+    /// Records failed attempts in one statement: each task pending again
+    /// after a backoff, or failed. One outcome per input, in input order.
+    pub async fn task_fail_many(
         &self,
-        lease: LeaseRef,
-        failure: &Failure,
+        failures: &[(LeaseRef, Failure)],
         backoff: Backoff,
-    ) -> Result<Fenced> {
+    ) -> Result<Vec<Fenced>> {
         let client = self.client().await?;
-        let stmt = client.prepare_cached(TASK_FAIL).await?;
-        let retry_after = failure.retry_after.map(millis);
+        let stmt = client.prepare_cached(TASK_FAIL_MANY).await?;
+        let ids: Vec<Uuid> = failures.iter().map(|(l, _)| l.task_id).collect();
+        let tokens: Vec<Uuid> = failures.iter().map(|(l, _)| l.lease_token).collect();
+        let permanent: Vec<bool> = failures.iter().map(|(_, f)| f.permanent).collect();
+        let retry_ms: Vec<Option<f64>> = failures
+            .iter()
+            .map(|(_, f)| f.retry_after.map(millis))
+            .collect();
+        let errors: Vec<&str> = failures.iter().map(|(_, f)| f.error.as_str()).collect();
+        let rows = client
+            .query(
+                &stmt,
+                &[
+                    &ids,
+                    &tokens,
+                    &permanent,
+                    &retry_ms,
+                    &errors,
+                    &millis(backoff.base),
+                    &millis(backoff.max),
+                ],
+            )
+            .await?;
+        let leases: Vec<LeaseRef> = failures.iter().map(|(l, _)| *l).collect();
+        // A repeated fail finds the task failed, or pending with this token
+        // still on it (no one has leased it since).
+        self.fenced_many(&client, rows, &leases, |t| {
+            matches!(t.status, Status::Failed | Status::Pending)
+        })
+        .await
+    }
+
+    /// Stores the progress of a leased task.
+    pub async fn task_progress(&self, lease: LeaseRef, progress: &Progress) -> Result<Fenced> {
+        let client = self.client().await?;
+        let stmt = client.prepare_cached(TASK_PROGRESS).await?;
         let row = client
             .query_opt(
                 &stmt,
                 &[
                     &lease.task_id,
                     &lease.lease_token,
-                    &failure.permanent,
-                    &retry_after,
-                    &millis(backoff.base),
-                    &millis(backoff.max),
-                    &failure.error,
+                    &progress.current,
+                    &progress.total,
+                    &progress.message,
                 ],
             )
             .await?;
-        // A repeated fail finds the task failed, or pending with this token
-        // still on it (no one has leased it since).
-        self.fenced(&client, row, lease, |t| {
-            matches!(t.status, Status::Failed | Status::Pending)
-        })
-        .await
+        self.fenced(&client, row, lease, &|_: &Task| false).await
     }
 
     /// Gives a lease back: pending now, the attempt not counted.
@@ -543,7 +622,7 @@ impl Store {
             .query_opt(&stmt, &[&lease.task_id, &lease.lease_token])
             .await?;
         // Release clears the token, so a repeated release is stale.
-        self.fenced(&client, row, lease, |_| false).await
+        self.fenced(&client, row, lease, &|_: &Task| false).await
     }
 
     /// Turns the row of a fenced write into its outcome. When the write
@@ -554,7 +633,7 @@ impl Store {
         client: &deadpool_postgres::Object,
         row: Option<Row>,
         lease: LeaseRef,
-        already_applied: impl Fn(&Task) -> bool,
+        already_applied: &impl Fn(&Task) -> bool,
     ) -> Result<Fenced> {
         if let Some(row) = row {
             return Ok(Fenced::Applied(Box::new(Task::from_row(&row)?)));
@@ -569,6 +648,40 @@ impl Store {
         } else {
             Ok(Fenced::Stale(task.status))
         }
+    }
+
+    /// Outcomes of a batch of fenced writes: the rows written, by task id,
+    /// and for every lease that matched nothing, the verdict of `fenced`.
+    async fn fenced_many(
+        &self,
+        client: &deadpool_postgres::Object,
+        rows: Vec<Row>,
+        leases: &[LeaseRef],
+        already_applied: impl Fn(&Task) -> bool,
+    ) -> Result<Vec<Fenced>> {
+        let mut written: HashMap<Uuid, Task> = HashMap::with_capacity(rows.len());
+        for row in &rows {
+            let task = Task::from_row(row)?;
+            written.insert(task.id, task);
+        }
+        let mut outcomes = Vec::with_capacity(leases.len());
+        for lease in leases {
+            match written.get(&lease.task_id) {
+                Some(task) if task.lease_token == Some(lease.lease_token) => {
+                    outcomes.push(Fenced::Applied(Box::new(task.clone())));
+                }
+                _ => outcomes.push(self.fenced(client, None, *lease, &already_applied).await?),
+            }
+        }
+        Ok(outcomes)
+    }
+
+    /// Sends a notification on `channel` to every listening node.
+    pub async fn notify(&self, channel: &str, payload: &str) -> Result<()> {
+        let client = self.client().await?;
+        let stmt = client.prepare_cached(NOTIFY).await?;
+        client.execute(&stmt, &[&channel, &payload]).await?;
+        Ok(())
     }
 
     /// Cancels a pending or processing task. `Err(task)` in the inner result
@@ -689,21 +802,13 @@ impl Store {
         })
     }
 
-    /// Takes back up to `limit` expired leases; returns the task ids with
-    /// their new status (pending, or failed when no attempts are left).
-    pub async fn lease_reclaim_expired(&self, limit: i64) -> Result<Vec<(Uuid, Status)>> {
+    /// Takes back up to `limit` expired leases; returns the tasks as they
+    /// are now (pending, or failed when no attempts are left).
+    pub async fn lease_reclaim_expired(&self, limit: i64) -> Result<Vec<Task>> {
         let client = self.client().await?;
         let stmt = client.prepare_cached(LEASE_RECLAIM_EXPIRED).await?;
         let rows = client.query(&stmt, &[&limit]).await?;
-        rows.iter()
-            .map(|row| {
-                let status: &str = row.try_get(1)?;
-                Ok((
-                    row.try_get(0)?,
-                    Status::parse(status).unwrap_or(Status::Pending),
-                ))
-            })
-            .collect()
+        tasks_from_rows(&rows)
     }
 
     /// How long until the earliest lease runs out (zero if one has);
@@ -719,7 +824,7 @@ impl Store {
     /// migrated schema rejects.
     pub async fn statements_prepare(&self) -> Result<()> {
         let client = self.client().await?;
-        for sql in STATEMENTS {
+        for sql in STATEMENTS.iter().chain(super::node::STATEMENTS) {
             client.prepare(sql).await?;
         }
         Ok(())

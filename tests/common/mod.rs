@@ -84,11 +84,7 @@ impl TestServer {
     }
 
     pub async fn channel(&self) -> Channel {
-        Channel::from_shared(self.endpoint())
-            .unwrap()
-            .connect()
-            .await
-            .unwrap()
+        channel_to(&self.endpoint()).await
     }
 
     pub async fn tasks(&self) -> TaskServiceClient<Channel> {
@@ -125,6 +121,15 @@ impl TestServer {
         }
         drop_database(&self.db_name).await;
     }
+}
+
+/// A connected channel to `endpoint` (`http://host:port`).
+pub async fn channel_to(endpoint: &str) -> Channel {
+    Channel::from_shared(endpoint.to_owned())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
 }
 
 /// Drops a test database, disconnecting whatever is still attached.

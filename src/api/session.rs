@@ -1,0 +1,333 @@
+//! The `Connect` stream: one worker session. Reads the worker's messages,
+//! answers each, and forwards what the dispatcher pushes (tasks, cancels,
+//! drain) until either side ends the stream.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::Stream;
+use tokio::sync::mpsc;
+use tonic::{Status, Streaming};
+
+use super::{convert, validate};
+use crate::config::{MAX_LEASE, MIN_LEASE};
+use crate::dispatch::{CancelReason, Push, Session, SessionSpec};
+use crate::error::Error;
+use crate::proto::{self, connect_request, connect_response};
+use crate::service::Service;
+use crate::task::{LeaseRef, LeaseState, Progress};
+
+/// The server side of a session stream.
+pub type ConnectStream = Pin<Box<dyn Stream<Item = Result<proto::ConnectResponse, Status>> + Send>>;
+
+type Out = mpsc::Sender<Result<proto::ConnectResponse, Status>>;
+
+/// Answers buffered per session before the server waits for the worker to
+/// read; bounded so a worker that stops reading holds no unbounded memory.
+const OUT_BUFFER: usize = 256;
+
+/// Turns a channel into the response stream.
+pub(crate) fn receiver_stream<T: Send + 'static>(
+    rx: mpsc::Receiver<T>,
+) -> Pin<Box<dyn Stream<Item = T> + Send>> {
+    Box::pin(futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    }))
+}
+
+fn respond(kind: connect_response::Kind) -> Result<proto::ConnectResponse, Status> {
+    Ok(proto::ConnectResponse { kind: Some(kind) })
+}
+
+fn spec(register: &proto::RegisterWorker, default_lease: Duration) -> Result<SessionSpec, Error> {
+    let mut task_types = validate::task_types("register.task_types", &register.task_types)?;
+    task_types.sort();
+    task_types.dedup();
+    let slots = validate::range("register.slots", register.slots, 1, validate::MAX_SLOTS)?;
+    Ok(SessionSpec {
+        worker_id: validate::worker_id("register.worker_id", &register.worker_id)?,
+        task_types,
+        slots: slots as usize,
+        lease_duration: validate::duration(
+            "register.lease_duration",
+            register.lease_duration.as_ref(),
+            MIN_LEASE,
+            MAX_LEASE,
+            default_lease,
+        )?,
+        labels: validate::labels("register.labels", &register.labels)?,
+    })
+}
+
+/// Opens a session: reads `register`, registers with the dispatcher, and
+/// spawns the loop that serves the stream.
+pub(crate) async fn open(
+    service: Service,
+    default_lease: Duration,
+    max_payload_bytes: usize,
+    mut inbound: Streaming<proto::ConnectRequest>,
+) -> Result<ConnectStream, Status> {
+    let first = inbound
+        .message()
+        .await?
+        .ok_or_else(|| Status::failed_precondition("the stream ended before `register`"))?;
+    let Some(connect_request::Kind::Register(register)) = first.kind else {
+        return Err(Status::failed_precondition(
+            "the first message of a session must be `register`",
+        ));
+    };
+    let spec = spec(&register, default_lease)?;
+    let Some((session, pushes)) = service.dispatcher().register(spec) else {
+        return Err(Status::unavailable(
+            "this node is draining: connect to another node",
+        ));
+    };
+    let (out, rx) = mpsc::channel(OUT_BUFFER);
+    let lease = session.spec.lease_duration;
+    let _ = out
+        .send(respond(connect_response::Kind::Registered(
+            proto::SessionRegistered {
+                session_id: session.id.to_string(),
+                node_id: service.dispatcher().node_id().to_string(),
+                lease_duration: Some(convert::duration(lease)),
+                heartbeat_interval: Some(convert::duration(lease / 3)),
+            },
+        )))
+        .await;
+    let served = Served {
+        service,
+        session,
+        out,
+        max_payload_bytes,
+    };
+    tokio::spawn(served.run(inbound, pushes));
+    Ok(receiver_stream(rx))
+}
+
+struct Served {
+    service: Service,
+    session: Arc<Session>,
+    out: Out,
+    max_payload_bytes: usize,
+}
+
+impl Served {
+    async fn run(
+        self,
+        mut inbound: Streaming<proto::ConnectRequest>,
+        mut pushes: mpsc::UnboundedReceiver<Push>,
+    ) {
+        loop {
+            tokio::select! {
+                message = inbound.message() => match message {
+                    Ok(Some(request)) => {
+                        self.session.touch();
+                        if let Err(status) = self.handle(request) {
+                            let _ = self.out.send(Err(status)).await;
+                            break;
+                        }
+                    }
+                    // The worker closed its side, or the connection broke.
+                    Ok(None) | Err(_) => break,
+                },
+                push = pushes.recv() => {
+                    let response = match push {
+                        Some(Push::Task(task)) => connect_response::Kind::Task(convert::leased_to_proto(&task)),
+                        Some(Push::Cancel { task_id, reason }) => {
+                            connect_response::Kind::Cancel(proto::CancelLease {
+                                task_id: task_id.to_string(),
+                                reason: match reason {
+                                    CancelReason::Cancelled => proto::CancelReason::Cancelled,
+                                    CancelReason::LeaseReclaimed => proto::CancelReason::LeaseReclaimed,
+                                } as i32,
+                            })
+                        }
+                        Some(Push::Drain { grace }) => connect_response::Kind::Drain(proto::DrainNotice {
+                            grace_period: Some(convert::duration(grace)),
+                        }),
+                        Some(Push::Close) | None => break,
+                    };
+                    if self.out.send(respond(response)).await.is_err() {
+                        break;
+                    }
+                }
+                _ = self.out.closed() => break,
+            }
+        }
+        self.service.dispatcher().unregister(&self.session);
+    }
+
+    /// Handles one message. Outcomes run concurrently (they are written in
+    /// batches with other sessions'); only protocol violations end the
+    /// stream.
+    fn handle(&self, request: proto::ConnectRequest) -> Result<(), Status> {
+        let Some(kind) = request.kind else {
+            return Err(Status::invalid_argument(
+                "kind: a message must set one field",
+            ));
+        };
+        let service = self.service.clone();
+        let session = self.session.clone();
+        let out = self.out.clone();
+        let max_payload = self.max_payload_bytes;
+        match kind {
+            connect_request::Kind::Register(_) => {
+                return Err(Status::failed_precondition(
+                    "register: this session is already registered",
+                ))
+            }
+            connect_request::Kind::Drain(_) => {
+                service.dispatcher().session_drain(&session);
+            }
+            connect_request::Kind::Heartbeat(heartbeat) => {
+                if heartbeat.leases.len() > validate::MAX_HEARTBEAT_LEASES {
+                    return Err(Error::invalid(
+                        "heartbeat.leases",
+                        format!("at most {} leases", validate::MAX_HEARTBEAT_LEASES),
+                    )
+                    .into());
+                }
+                let leases = heartbeat
+                    .leases
+                    .iter()
+                    .enumerate()
+                    .map(|(i, l)| {
+                        lease_ref(&l.task_id, &l.lease_token)
+                            .map_err(|e| e.within(&format!("heartbeat.leases[{i}].")))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                tokio::spawn(async move {
+                    let answer = match service.session_heartbeat(&session, leases).await {
+                        Ok(states) => respond(connect_response::Kind::HeartbeatAck(
+                            proto::HeartbeatResponse {
+                                leases: states
+                                    .into_iter()
+                                    .map(|(id, s)| lease_state(id, s))
+                                    .collect(),
+                            },
+                        )),
+                        Err(err) => Err(err.into()),
+                    };
+                    let _ = out.send(answer).await;
+                });
+            }
+            connect_request::Kind::Complete(req) => {
+                tokio::spawn(async move {
+                    let outcome = async {
+                        let lease = lease_ref(&req.task_id, &req.lease_token)?;
+                        let result = validate::payload("result", req.result.as_ref(), max_payload)?;
+                        service.complete(lease, result).await
+                    }
+                    .await;
+                    send_ack(&out, req.task_id, proto::OutcomeKind::Complete, outcome).await;
+                });
+            }
+            connect_request::Kind::Fail(req) => {
+                tokio::spawn(async move {
+                    let outcome = async {
+                        let lease = lease_ref(&req.task_id, &req.lease_token)?;
+                        let failure = super::worker_service::failure(&req)?;
+                        service.fail(lease, failure).await
+                    }
+                    .await;
+                    send_ack(&out, req.task_id, proto::OutcomeKind::Fail, outcome).await;
+                });
+            }
+            connect_request::Kind::Release(req) => {
+                tokio::spawn(async move {
+                    let outcome = async {
+                        let lease = lease_ref(&req.task_id, &req.lease_token)?;
+                        service.release(lease).await
+                    }
+                    .await;
+                    send_ack(&out, req.task_id, proto::OutcomeKind::Release, outcome).await;
+                });
+            }
+            connect_request::Kind::Progress(req) => {
+                tokio::spawn(async move {
+                    let outcome = async {
+                        let lease = lease_ref(&req.task_id, &req.lease_token)?;
+                        let progress = Progress {
+                            current: validate::range64("progress.current", req.current)?,
+                            total: validate::range64("progress.total", req.total)?,
+                            message: validate::progress_message("progress.message", &req.message)?,
+                            updated_at: None,
+                        };
+                        service.progress(lease, progress).await
+                    }
+                    .await;
+                    // Progress is acknowledged only when refused.
+                    if outcome.is_err() {
+                        send_ack(&out, req.task_id, proto::OutcomeKind::Progress, outcome).await;
+                    }
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+fn lease_ref(task_id: &str, lease_token: &str) -> Result<LeaseRef, Error> {
+    Ok(LeaseRef {
+        task_id: validate::uuid("task_id", task_id)?,
+        lease_token: validate::uuid("lease_token", lease_token)?,
+    })
+}
+
+/// A lease state on the wire.
+pub(crate) fn lease_state(id: uuid::Uuid, state: LeaseState) -> proto::LeaseState {
+    let (status, locked_until) = match state {
+        LeaseState::Held(until) => (proto::LeaseStatus::Held, Some(convert::timestamp(until))),
+        LeaseState::Lost => (proto::LeaseStatus::Lost, None),
+        LeaseState::Cancelled => (proto::LeaseStatus::Cancelled, None),
+    };
+    proto::LeaseState {
+        task_id: id.to_string(),
+        status: status as i32,
+        locked_until,
+    }
+}
+
+async fn send_ack(
+    out: &Out,
+    task_id: String,
+    kind: proto::OutcomeKind,
+    outcome: Result<crate::task::Task, Error>,
+) {
+    let (status, message, task) = match outcome {
+        Ok(task) => (
+            proto::AckStatus::Ok,
+            String::new(),
+            Some(convert::task_to_proto(&task)),
+        ),
+        Err(err) => {
+            let status = match &err {
+                Error::LeaseLost {
+                    status: crate::task::Status::Cancelled,
+                    ..
+                } => proto::AckStatus::Cancelled,
+                Error::LeaseLost { .. } | Error::FailedPrecondition(_) => {
+                    proto::AckStatus::LeaseLost
+                }
+                Error::NotFound(_) => proto::AckStatus::NotFound,
+                Error::InvalidArgument { .. } => proto::AckStatus::Invalid,
+                Error::Unavailable(_) | Error::ResourceExhausted(_) | Error::Internal(_) => {
+                    proto::AckStatus::Unavailable
+                }
+            };
+            // The same mapping as unary calls: internal details stay in the log.
+            let message = tonic::Status::from(err).message().to_owned();
+            (status, message, None)
+        }
+    };
+    let _ = out
+        .send(respond(connect_response::Kind::Ack(proto::OutcomeAck {
+            task_id,
+            kind: kind as i32,
+            status: status as i32,
+            message,
+            task,
+        })))
+        .await;
+}

@@ -1,0 +1,448 @@
+//! Live task events across nodes, for WatchTasks.
+//!
+//! Each node publishes the events of the changes it makes, batched into few
+//! `NOTIFY leasehold_event` payloads, but only while some node has a watcher
+//! (watching nodes announce themselves on `leasehold_watch` every few
+//! seconds), so an unwatched queue pays nothing. Every node fans the events
+//! it hears out to its local watchers through a bounded broadcast buffer: a
+//! watcher that reads too slowly loses the oldest events and is told how many,
+//! and never slows anyone else.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use serde_json::{json, Value};
+use tokio::sync::{broadcast, mpsc};
+use tokio::time::Instant;
+use uuid::Uuid;
+
+use crate::store::Store;
+use crate::task::{Progress, Status, Task};
+
+/// Channel carrying batches of events.
+pub const EVENT_CHANNEL: &str = "leasehold_event";
+/// Channel on which nodes with watchers announce themselves.
+pub const WATCH_CHANNEL: &str = "leasehold_watch";
+
+/// How often a node with watchers announces itself, and how long an
+/// announcement keeps other nodes publishing.
+const WATCH_PING: Duration = Duration::from_secs(5);
+const WATCH_TTL: Duration = Duration::from_secs(15);
+/// Events buffered per watcher before it starts losing the oldest.
+const WATCHER_BUFFER: usize = 4096;
+/// NOTIFY payloads must stay under 8000 bytes.
+const PAYLOAD_LIMIT: usize = 7000;
+/// Error texts in events are cut to this many characters.
+const ERROR_CHARS: usize = 1000;
+
+/// What happened to a task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    Created,
+    Leased,
+    Progress,
+    Completed,
+    Failed,
+    Retried,
+    Cancelled,
+    LeaseExpired,
+    Released,
+}
+
+impl EventKind {
+    const ALL: [EventKind; 9] = [
+        EventKind::Created,
+        EventKind::Leased,
+        EventKind::Progress,
+        EventKind::Completed,
+        EventKind::Failed,
+        EventKind::Retried,
+        EventKind::Cancelled,
+        EventKind::LeaseExpired,
+        EventKind::Released,
+    ];
+
+    fn code(self) -> u8 {
+        Self::ALL.iter().position(|k| *k == self).unwrap_or(0) as u8
+    }
+
+    fn from_code(code: u64) -> Option<Self> {
+        Self::ALL.get(code as usize).copied()
+    }
+}
+
+/// One change of one task.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    pub kind: EventKind,
+    pub task_id: Uuid,
+    pub task_type: String,
+    pub status: Status,
+    pub attempts: i32,
+    pub worker_id: Option<String>,
+    pub progress: Option<Progress>,
+    pub library_id: Option<Uuid>,
+    pub series_id: Option<Uuid>,
+    pub book_id: Option<Uuid>,
+    pub at: SystemTime,
+    pub error: Option<String>,
+}
+
+impl Event {
+    /// The event `kind` of `task` as it is after the change.
+    pub fn of(kind: EventKind, task: &Task) -> Self {
+        let error = match kind {
+            EventKind::Failed | EventKind::Cancelled | EventKind::LeaseExpired => task
+                .last_error
+                .as_ref()
+                .map(|e| e.chars().take(ERROR_CHARS).collect()),
+            _ => None,
+        };
+        Self {
+            kind,
+            task_id: task.id,
+            task_type: task.task_type.clone(),
+            status: task.status,
+            attempts: task.attempts,
+            worker_id: task.locked_by.clone(),
+            progress: if kind == EventKind::Progress {
+                task.progress.clone()
+            } else {
+                None
+            },
+            library_id: task.library_id,
+            series_id: task.series_id,
+            book_id: task.book_id,
+            at: SystemTime::now(),
+            error,
+        }
+    }
+
+    fn to_json(&self) -> Value {
+        let micros = self
+            .at
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_micros() as u64)
+            .unwrap_or(0);
+        let mut v = json!({
+            "k": self.kind.code(),
+            "id": self.task_id.to_string(),
+            "ty": self.task_type,
+            "s": self.status.as_str(),
+            "a": self.attempts,
+            "at": micros,
+        });
+        let map = v.as_object_mut().expect("literal object");
+        if let Some(w) = &self.worker_id {
+            map.insert("w".into(), json!(w));
+        }
+        if let Some(p) = &self.progress {
+            map.insert("pc".into(), json!(p.current));
+            map.insert("pt".into(), json!(p.total));
+            map.insert("pm".into(), json!(p.message));
+        }
+        for (key, id) in [
+            ("l", self.library_id),
+            ("se", self.series_id),
+            ("b", self.book_id),
+        ] {
+            if let Some(id) = id {
+                map.insert(key.into(), json!(id.to_string()));
+            }
+        }
+        if let Some(e) = &self.error {
+            map.insert("e".into(), json!(e));
+        }
+        v
+    }
+
+    fn from_json(v: &Value) -> Option<Self> {
+        let uuid = |key: &str| {
+            v.get(key)
+                .and_then(Value::as_str)
+                .and_then(|s| s.parse().ok())
+        };
+        let text = |key: &str| v.get(key).and_then(Value::as_str).map(str::to_owned);
+        let at = SystemTime::UNIX_EPOCH + Duration::from_micros(v.get("at")?.as_u64()?);
+        Some(Self {
+            kind: EventKind::from_code(v.get("k")?.as_u64()?)?,
+            task_id: uuid("id")?,
+            task_type: text("ty")?,
+            status: Status::parse(v.get("s")?.as_str()?)?,
+            attempts: v.get("a")?.as_i64()? as i32,
+            worker_id: text("w"),
+            progress: v.get("pc").map(|current| Progress {
+                current: current.as_i64().unwrap_or(0),
+                total: v.get("pt").and_then(Value::as_i64).unwrap_or(0),
+                message: text("pm").unwrap_or_default(),
+                updated_at: Some(at),
+            }),
+            library_id: uuid("l"),
+            series_id: uuid("se"),
+            book_id: uuid("b"),
+            at,
+            error: text("e"),
+        })
+    }
+}
+
+/// Which events a watcher wants; empty parts match everything.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    pub task_types: HashSet<String>,
+    pub statuses: HashSet<Status>,
+    pub task_ids: HashSet<Uuid>,
+    pub library_id: Option<Uuid>,
+    pub series_id: Option<Uuid>,
+    pub book_id: Option<Uuid>,
+}
+
+impl Filter {
+    /// Whether `event` passes every part of the filter.
+    pub fn matches(&self, event: &Event) -> bool {
+        (self.task_types.is_empty() || self.task_types.contains(&event.task_type))
+            && (self.statuses.is_empty() || self.statuses.contains(&event.status))
+            && (self.task_ids.is_empty() || self.task_ids.contains(&event.task_id))
+            && (self.library_id.is_none() || self.library_id == event.library_id)
+            && (self.series_id.is_none() || self.series_id == event.series_id)
+            && (self.book_id.is_none() || self.book_id == event.book_id)
+    }
+}
+
+/// What a watcher receives.
+#[derive(Debug, Clone)]
+pub enum Delivery {
+    Event(Arc<Event>),
+    /// This many events were dropped because the watcher fell behind.
+    Missed(u64),
+}
+
+/// The node's event hub.
+#[derive(Debug, Clone)]
+pub struct Hub {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    store: Store,
+    local: broadcast::Sender<Arc<Event>>,
+    outgoing: mpsc::UnboundedSender<Vec<Event>>,
+    watchers: AtomicUsize,
+    remote_until: Mutex<Option<Instant>>,
+    ping: tokio::sync::Notify,
+}
+
+impl Hub {
+    /// Starts the hub's publisher and watch announcer.
+    pub fn start(store: Store, shutdown: tokio::sync::watch::Receiver<bool>) -> Self {
+        let (local, _) = broadcast::channel(WATCHER_BUFFER);
+        let (outgoing, rx) = mpsc::unbounded_channel();
+        let hub = Self {
+            inner: Arc::new(Inner {
+                store,
+                local,
+                outgoing,
+                watchers: AtomicUsize::new(0),
+                remote_until: Mutex::new(None),
+                ping: tokio::sync::Notify::new(),
+            }),
+        };
+        tokio::spawn(hub.clone().publish_loop(rx));
+        tokio::spawn(hub.clone().announce_loop(shutdown));
+        hub
+    }
+
+    fn anyone_watching(&self) -> bool {
+        if self.inner.watchers.load(Ordering::Relaxed) > 0 {
+            return true;
+        }
+        let until = *self.inner.remote_until.lock().expect("lock poisoned");
+        until.is_some_and(|until| Instant::now() < until)
+    }
+
+    /// Publishes events, if anyone anywhere is watching.
+    pub fn publish(&self, events: Vec<Event>) {
+        if !events.is_empty() && self.anyone_watching() {
+            let _ = self.inner.outgoing.send(events);
+        }
+    }
+
+    /// Publishes the events of `kind` for `tasks`.
+    pub fn publish_tasks<'a>(&self, kind: EventKind, tasks: impl IntoIterator<Item = &'a Task>) {
+        if self.anyone_watching() {
+            self.publish(tasks.into_iter().map(|t| Event::of(kind, t)).collect());
+        }
+    }
+
+    /// Handles a payload heard on the event channel.
+    pub fn receive(&self, payload: &str) {
+        if self.inner.watchers.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        for line in payload.lines() {
+            match serde_json::from_str::<Value>(line)
+                .ok()
+                .as_ref()
+                .and_then(Event::from_json)
+            {
+                Some(event) => {
+                    let _ = self.inner.local.send(Arc::new(event));
+                }
+                None => tracing::warn!("malformed event payload ignored"),
+            }
+        }
+    }
+
+    /// Notes that another node has watchers.
+    pub fn remote_watcher_seen(&self) {
+        *self.inner.remote_until.lock().expect("lock poisoned") = Some(Instant::now() + WATCH_TTL);
+    }
+
+    /// Subscribes a watcher; it counts as one until the returned value drops.
+    pub fn subscribe(&self) -> Subscription {
+        let first = self.inner.watchers.fetch_add(1, Ordering::Relaxed) == 0;
+        if first {
+            self.inner.ping.notify_one();
+        }
+        Subscription {
+            rx: self.inner.local.subscribe(),
+            hub: self.clone(),
+        }
+    }
+
+    async fn publish_loop(self, mut rx: mpsc::UnboundedReceiver<Vec<Event>>) {
+        while let Some(first) = rx.recv().await {
+            let mut lines = first;
+            while let Ok(more) = rx.try_recv() {
+                lines.extend(more);
+            }
+            let mut payload = String::new();
+            for event in &lines {
+                let line = event.to_json().to_string();
+                if !payload.is_empty() && payload.len() + line.len() + 1 > PAYLOAD_LIMIT {
+                    self.send(&payload).await;
+                    payload.clear();
+                }
+                if !payload.is_empty() {
+                    payload.push('\n');
+                }
+                payload.push_str(&line);
+            }
+            if !payload.is_empty() {
+                self.send(&payload).await;
+            }
+        }
+    }
+
+    async fn send(&self, payload: &str) {
+        if let Err(err) = self.inner.store.notify(EVENT_CHANNEL, payload).await {
+            tracing::warn!(error = %err, "cannot publish task events");
+        }
+    }
+
+    async fn announce_loop(self, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        loop {
+            if self.inner.watchers.load(Ordering::Relaxed) > 0 {
+                if let Err(err) = self.inner.store.notify(WATCH_CHANNEL, "").await {
+                    tracing::debug!(error = %err, "cannot announce watchers");
+                }
+            }
+            let stop = tokio::select! {
+                _ = tokio::time::sleep(WATCH_PING) => false,
+                _ = self.inner.ping.notified() => false,
+                _ = shutdown.wait_for(|s| *s) => true,
+            };
+            if stop {
+                return;
+            }
+        }
+    }
+}
+
+/// A watcher's subscription to the node's events.
+#[derive(Debug)]
+pub struct Subscription {
+    rx: broadcast::Receiver<Arc<Event>>,
+    hub: Hub,
+}
+
+impl Subscription {
+    /// The next event or gap marker; `None` when the hub is gone.
+    pub async fn next(&mut self) -> Option<Delivery> {
+        match self.rx.recv().await {
+            Ok(event) => Some(Delivery::Event(event)),
+            Err(broadcast::error::RecvError::Lagged(n)) => Some(Delivery::Missed(n)),
+            Err(broadcast::error::RecvError::Closed) => None,
+        }
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.hub.inner.watchers.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_round_trip_through_json() {
+        let event = Event {
+            kind: EventKind::Progress,
+            task_id: Uuid::now_v7(),
+            task_type: "scan_library".into(),
+            status: Status::Processing,
+            attempts: 2,
+            worker_id: Some("w-1".into()),
+            progress: Some(Progress {
+                current: 3,
+                total: 10,
+                message: "reading".into(),
+                updated_at: None,
+            }),
+            library_id: Some(Uuid::new_v4()),
+            series_id: None,
+            book_id: Some(Uuid::new_v4()),
+            at: SystemTime::UNIX_EPOCH + Duration::from_micros(1_700_000_000_123_456),
+            error: None,
+        };
+        let mut back = Event::from_json(&event.to_json()).unwrap();
+        back.progress.as_mut().unwrap().updated_at = None;
+        assert_eq!(back, event);
+    }
+
+    #[test]
+    fn filters_combine_with_and() {
+        let task_id = Uuid::now_v7();
+        let event = Event {
+            kind: EventKind::Created,
+            task_id,
+            task_type: "analyze_book".into(),
+            status: Status::Pending,
+            attempts: 0,
+            worker_id: None,
+            progress: None,
+            library_id: None,
+            series_id: None,
+            book_id: None,
+            at: SystemTime::now(),
+            error: None,
+        };
+        let mut filter = Filter::default();
+        assert!(filter.matches(&event));
+        filter.task_types.insert("analyze_book".into());
+        filter.statuses.insert(Status::Pending);
+        assert!(filter.matches(&event));
+        filter.task_ids.insert(Uuid::now_v7());
+        assert!(!filter.matches(&event));
+        filter.task_ids.insert(task_id);
+        assert!(filter.matches(&event));
+        filter.library_id = Some(Uuid::new_v4());
+        assert!(!filter.matches(&event));
+    }
+}
