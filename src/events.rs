@@ -232,7 +232,6 @@ struct Inner {
     outgoing: mpsc::UnboundedSender<Vec<Event>>,
     watchers: AtomicUsize,
     remote_until: Mutex<Option<Instant>>,
-    ping: tokio::sync::Notify,
 }
 
 impl Hub {
@@ -247,7 +246,6 @@ impl Hub {
                 outgoing,
                 watchers: AtomicUsize::new(0),
                 remote_until: Mutex::new(None),
-                ping: tokio::sync::Notify::new(),
             }),
         };
         tokio::spawn(hub.clone().publish_loop(rx));
@@ -302,15 +300,19 @@ impl Hub {
     }
 
     /// Subscribes a watcher; it counts as one until the returned value drops.
-    pub fn subscribe(&self) -> Subscription {
-        let first = self.inner.watchers.fetch_add(1, Ordering::Relaxed) == 0;
-        if first {
-            self.inner.ping.notify_one();
-        }
-        Subscription {
+    /// Other nodes are told before this returns, so that they publish the
+    /// events of every change that starts after it (notifications reach
+    /// each listener in commit order).
+    pub async fn subscribe(&self) -> Subscription {
+        let subscription = Subscription {
             rx: self.inner.local.subscribe(),
             hub: self.clone(),
+        };
+        self.inner.watchers.fetch_add(1, Ordering::Relaxed);
+        if let Err(err) = self.inner.store.notify(WATCH_CHANNEL, "").await {
+            tracing::warn!(error = %err, "cannot announce a new watcher");
         }
+        subscription
     }
 
     async fn publish_loop(self, mut rx: mpsc::UnboundedReceiver<Vec<Event>>) {
@@ -352,7 +354,6 @@ impl Hub {
             }
             let stop = tokio::select! {
                 _ = tokio::time::sleep(WATCH_PING) => false,
-                _ = self.inner.ping.notified() => false,
                 _ = shutdown.wait_for(|s| *s) => true,
             };
             if stop {

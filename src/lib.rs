@@ -6,6 +6,7 @@
 //! [`maintenance`] uses the store only.
 
 pub mod api;
+pub mod bench;
 pub mod config;
 pub mod dispatch;
 pub mod error;

@@ -25,6 +25,8 @@ enum Command {
     Serve(Box<ServeArgs>),
     /// Create the database if needed, apply migrations, and exit.
     Migrate(Box<ServeArgs>),
+    /// Run a benchmark scenario against a server (or an in-process node).
+    Bench(leasehold::bench::BenchArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -45,6 +47,7 @@ async fn main() -> anyhow::Result<()> {
             tracing::info!("database is up to date");
             Ok(())
         }
+        Some(Command::Bench(args)) => leasehold::bench::run(args).await,
     }
 }
 

@@ -40,6 +40,10 @@ pub enum Error {
     Reflection(#[from] tonic_reflection::server::Error),
 }
 
+/// How long a stopping node waits for in-flight calls once its sessions
+/// are drained.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// How often the health service re-checks the database.
 const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
 
@@ -71,12 +75,19 @@ impl Running {
     /// finish or release their tasks and may do so for the drain grace
     /// period), then stops accepting, lets in-flight calls finish (long polls
     /// and watch streams end), and waits until the node has stopped.
-    pub async fn shutdown(self) -> Result<(), Error> {
+    pub async fn shutdown(mut self) -> Result<(), Error> {
         self.dispatcher.drain(self.drain_grace).await;
         let _ = self.shutdown.send(true);
-        self.handle
-            .await
-            .unwrap_or_else(|err| Err(Error::Io(std::io::Error::other(err))))
+        // A client that stopped reading (a stalled watcher) would hold its
+        // stream, and with it the graceful stop, forever: cut it short.
+        match tokio::time::timeout(STOP_TIMEOUT, &mut self.handle).await {
+            Ok(result) => result.unwrap_or_else(|err| Err(Error::Io(std::io::Error::other(err)))),
+            Err(_) => {
+                tracing::warn!("in-flight calls did not finish in time: closing them");
+                self.handle.abort();
+                Ok(())
+            }
+        }
     }
 
     /// Runs until `signal` completes, then shuts down gracefully; returns
@@ -124,7 +135,9 @@ pub async fn start(config: Config, listener: tokio::net::TcpListener) -> Result<
         },
         events.clone(),
         shutdown_rx.clone(),
-    );
+        config.db_timeout,
+    )
+    .await;
     let service = Service::new(store.clone(), dispatcher.clone(), events);
 
     let (reclaimed_tx, mut reclaimed_rx) = tokio::sync::mpsc::unbounded_channel();

@@ -164,8 +164,8 @@ impl Service {
     }
 
     /// Live events, for a watcher.
-    pub fn watch(&self) -> crate::events::Subscription {
-        self.events.subscribe()
+    pub async fn watch(&self) -> crate::events::Subscription {
+        self.events.subscribe().await
     }
 
     /// Leases due tasks, waiting up to `wait` for some to arrive.

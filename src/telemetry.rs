@@ -1,5 +1,6 @@
-//! Logging set-up: structured `tracing` output filtered by `RUST_LOG`
-//! (default `info`), as text or as one JSON object per line.
+//! Logging set-up: structured `tracing` output on standard error, filtered
+//! by `RUST_LOG` (default `info`), as text or as one JSON object per line.
+//! Standard output stays free for what commands print (bench results).
 
 use tracing_subscriber::EnvFilter;
 
@@ -7,7 +8,9 @@ use tracing_subscriber::EnvFilter;
 /// do nothing), which tests rely on.
 pub fn init(json: bool) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     let _ = if json {
         builder.json().try_init()
     } else {

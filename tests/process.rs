@@ -20,12 +20,13 @@ fn spawn_server(database_url: &str) -> (std::process::Child, String) {
         .env("DATABASE_URL", database_url)
         .env("RUST_LOG", "info")
         .env("NO_COLOR", "1")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let mut lines = BufReader::new(stdout).lines();
+    // Logs go to standard error.
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
     let addr = loop {
         let line = lines
             .next()

@@ -238,7 +238,7 @@ impl TaskService for TaskApi {
             series_id: validate::opt_uuid("series_id", req.series_id.as_deref())?,
             book_id: validate::opt_uuid("book_id", req.book_id.as_deref())?,
         };
-        let subscription = self.service.watch();
+        let subscription = self.service.watch().await;
         let shutdown = self.shutdown.clone();
         // The stream is polled only as fast as the client reads; meanwhile
         // the subscription's bounded buffer absorbs events and reports what

@@ -62,6 +62,9 @@ struct Inner {
     /// Which local session holds which task.
     holders: Mutex<HashMap<Uuid, Uuid>>,
     draining: AtomicBool,
+    /// Held while a dispatch pass claims and delivers, so that a drain
+    /// starts only after the pass in flight has finished.
+    dispatching: tokio::sync::Mutex<()>,
     rotation: AtomicUsize,
     shutdown: watch::Receiver<bool>,
     events: Hub,
@@ -81,14 +84,16 @@ pub struct Settings {
 }
 
 impl Dispatcher {
-    /// Starts the node's listener, dispatch loop and directory loop. They
-    /// reconnect by themselves when the database goes away, and stop when
-    /// `shutdown` turns true.
-    pub fn start(
+    /// Starts the node's listener, dispatch loop and directory loop, and
+    /// returns once the listener hears notifications (or after `ready_within`
+    /// if the database does not answer). They reconnect by themselves when
+    /// the database goes away, and stop when `shutdown` turns true.
+    pub async fn start(
         store: Store,
         settings: Settings,
         events: Hub,
         shutdown: watch::Receiver<bool>,
+        ready_within: Duration,
     ) -> Self {
         let (wake, _) = watch::channel(0u64);
         let completes = {
@@ -136,6 +141,7 @@ impl Dispatcher {
                 sessions: Mutex::new(HashMap::new()),
                 holders: Mutex::new(HashMap::new()),
                 draining: AtomicBool::new(false),
+                dispatching: tokio::sync::Mutex::new(()),
                 rotation: AtomicUsize::new(0),
                 shutdown,
                 events,
@@ -144,7 +150,11 @@ impl Dispatcher {
                 heartbeats,
             }),
         };
-        tokio::spawn(dispatcher.clone().listen());
+        let (listening, ready) = tokio::sync::oneshot::channel();
+        tokio::spawn(dispatcher.clone().listen(listening));
+        if tokio::time::timeout(ready_within, ready).await.is_err() {
+            tracing::warn!("not yet listening for notifications; starting anyway");
+        }
         tokio::spawn(dispatcher.clone().dispatch_loop());
         tokio::spawn(dispatcher.clone().directory_loop());
         dispatcher
@@ -172,7 +182,8 @@ impl Dispatcher {
             .collect()
     }
 
-    async fn listen(self) {
+    async fn listen(self, listening: tokio::sync::oneshot::Sender<()>) {
+        let mut listening = Some(listening);
         let mut shutdown = self.inner.shutdown.clone();
         let mut backoff = Duration::from_millis(100);
         loop {
@@ -201,6 +212,9 @@ impl Dispatcher {
             }
             backoff = Duration::from_millis(100);
             tracing::debug!("listening for notifications");
+            if let Some(listening) = listening.take() {
+                let _ = listening.send(());
+            }
             // Anything may have arrived while we were not listening.
             self.wake();
             loop {
@@ -317,6 +331,7 @@ impl Dispatcher {
     /// One claim per group of free sessions; true if some group got all it
     /// asked for (more may be due).
     async fn dispatch_once(&self) -> store::Result<bool> {
+        let _pass = self.inner.dispatching.lock().await;
         let mut groups: BTreeMap<(Vec<String>, Duration), Vec<Arc<Session>>> = BTreeMap::new();
         for session in self.takers() {
             let key = (session.spec.task_types.clone(), session.spec.lease_duration);
@@ -374,8 +389,10 @@ impl Dispatcher {
             .lock()
             .expect("lock poisoned")
             .insert(task.id, session.id);
-        if !session.push(Push::Task(Box::new(task))) {
-            // The stream ended between the claim and now: give it back.
+        // Claimed just as the node or the session began to drain, or the
+        // stream ended between the claim and now: give it back.
+        let draining = self.inner.draining.load(Ordering::Relaxed) || session.is_draining();
+        if draining || !session.push(Push::Task(Box::new(task))) {
             self.forget(lease.task_id);
             let store = self.inner.store.clone();
             tokio::spawn(async move {
@@ -622,7 +639,8 @@ impl Dispatcher {
     /// hold nothing or `grace` ends, then every session stream is closed.
     pub async fn drain(&self, grace: Duration) {
         self.inner.draining.store(true, Ordering::Relaxed);
-        self.wake();
+        // Let a pass in flight finish: it gives back what it claimed.
+        drop(self.inner.dispatching.lock().await);
         let sessions = self.sessions();
         tracing::info!(sessions = sessions.len(), grace = ?grace, "draining sessions");
         for session in &sessions {

@@ -53,6 +53,9 @@ impl TestServer {
         let (url, db_name) = fresh_database_url();
         let mut config = Config::with_database_url(&url);
         config.db_pool_size = 8;
+        // Sessions still open when a test stops its server hold leases;
+        // their drain need not wait long.
+        config.drain_grace = Duration::from_secs(1);
         tweak(&mut config);
         Self::start_config(config, db_name).await
     }
@@ -198,4 +201,114 @@ where
 /// Shortcut: a task's status as the enum.
 pub fn status_of(task: &proto::Task) -> proto::TaskStatus {
     proto::TaskStatus::try_from(task.status).unwrap()
+}
+
+/// A worker session over a real `Connect` stream, driven by the test.
+pub struct Session {
+    tx: tokio::sync::mpsc::Sender<proto::ConnectRequest>,
+    rx: tonic::Streaming<proto::ConnectResponse>,
+    pub registered: proto::SessionRegistered,
+}
+
+/// A `RegisterWorker` for `worker_id` with `slots`, taking `task_types`.
+pub fn register(worker_id: &str, task_types: &[&str], slots: i32) -> proto::RegisterWorker {
+    proto::RegisterWorker {
+        worker_id: worker_id.to_owned(),
+        task_types: task_types.iter().map(|s| s.to_string()).collect(),
+        slots,
+        ..Default::default()
+    }
+}
+
+impl Session {
+    /// Opens a session on `endpoint` and registers; fails with the server's
+    /// status if it refuses.
+    pub async fn open(
+        endpoint: &str,
+        register: proto::RegisterWorker,
+    ) -> Result<Session, tonic::Status> {
+        Self::open_with_first(endpoint, proto::connect_request::Kind::Register(register)).await
+    }
+
+    /// Opens a stream whose first message is `first` (for protocol tests).
+    pub async fn open_with_first(
+        endpoint: &str,
+        first: proto::connect_request::Kind,
+    ) -> Result<Session, tonic::Status> {
+        use leasehold::proto::worker_service_client::WorkerServiceClient;
+        let (tx, rx) = tokio::sync::mpsc::channel(1024);
+        tx.send(proto::ConnectRequest { kind: Some(first) })
+            .await
+            .unwrap();
+        let outbound = futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|item| (item, rx))
+        });
+        let mut client = WorkerServiceClient::new(channel_to(endpoint).await);
+        let mut rx = client.connect(outbound).await?.into_inner();
+        let registered = match rx.message().await?.and_then(|m| m.kind) {
+            Some(proto::connect_response::Kind::Registered(r)) => r,
+            other => panic!("expected registered, got {other:?}"),
+        };
+        Ok(Session { tx, rx, registered })
+    }
+
+    /// Sends one message.
+    pub async fn send(&self, kind: proto::connect_request::Kind) {
+        self.tx
+            .send(proto::ConnectRequest { kind: Some(kind) })
+            .await
+            .expect("session stream open");
+    }
+
+    /// The next message from the server; fails the test after 10 s.
+    /// `Err` is the status that ended the stream; `Ok(None)` a clean end.
+    pub async fn next(&mut self) -> Result<Option<proto::connect_response::Kind>, tonic::Status> {
+        match tokio::time::timeout(Duration::from_secs(10), self.rx.message()).await {
+            Ok(Ok(Some(message))) => Ok(message.kind),
+            Ok(Ok(None)) => Ok(None),
+            Ok(Err(status)) => Err(status),
+            Err(_) => panic!("no message from the server within 10 s"),
+        }
+    }
+
+    /// The next message, or `None` if none arrives within `wait`.
+    pub async fn next_within(&mut self, wait: Duration) -> Option<proto::connect_response::Kind> {
+        match tokio::time::timeout(wait, self.rx.message()).await {
+            Ok(Ok(Some(message))) => message.kind,
+            Ok(_) => panic!("stream ended"),
+            Err(_) => None,
+        }
+    }
+
+    /// The next message, which must be a pushed task.
+    pub async fn next_task(&mut self) -> proto::LeasedTask {
+        match self.next().await {
+            Ok(Some(proto::connect_response::Kind::Task(task))) => task,
+            other => panic!("expected a task, got {other:?}"),
+        }
+    }
+
+    /// The next message, which must be an outcome acknowledgement.
+    pub async fn next_ack(&mut self) -> proto::OutcomeAck {
+        match self.next().await {
+            Ok(Some(proto::connect_response::Kind::Ack(ack))) => ack,
+            other => panic!("expected an ack, got {other:?}"),
+        }
+    }
+
+    /// Sends `complete` for a leased task.
+    pub async fn complete(&self, leased: &proto::LeasedTask, result: serde_json::Value) {
+        let lease = leased.lease.as_ref().unwrap();
+        self.send(proto::connect_request::Kind::Complete(
+            proto::CompleteTaskRequest {
+                task_id: lease.task_id.clone(),
+                lease_token: lease.lease_token.clone(),
+                result: Some(json(result)),
+            },
+        ))
+        .await;
+    }
+
+    /// Closes the worker's side of the stream and drops it.
+    pub fn close(self) {}
 }
