@@ -60,8 +60,7 @@ pub enum Scenario {
     /// worker's session stream. Creates tasks one at a time at a steady rate
     /// while idle worker sessions complete each pushed task at once, then
     /// prints p50/p90/p99/max in milliseconds, as a table and then one JSON
-    /// line (the last line on stdout; server logs of an in-process node go to
-    /// stdout too, `RUST_LOG=warn` quiets them).
+    /// line (the last line on stdout; logs go to stderr).
     Latency(LatencyArgs),
 }
 
