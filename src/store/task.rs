@@ -136,6 +136,8 @@ const TASK_CLAIM: &str = concat!(
     t_columns!()
 );
 
+const CLAIM_PLAN: &str = "SET LOCAL enable_bitmapscan = off; SET LOCAL enable_sort = off";
+
 const TASK_NEXT_DUE: &str =
     "SELECT EXTRACT(EPOCH FROM (min(scheduled_for) - clock_timestamp()))::float8 \
      FROM task WHERE status = 'pending' \
@@ -478,9 +480,16 @@ impl Store {
     /// Leases due tasks, one per slot at most, in claim order; returns each
     /// task with the index of the slot it went to.
     pub async fn task_claim(&self, claim: &Claim) -> Result<Vec<(usize, Task)>> {
-        let client = self.client().await?;
+        let mut client = self.client().await?;
         let stmt = client.prepare_cached(TASK_CLAIM).await?;
-        let rows = client
+        // A queue's statistics are stale by nature (a batch of 100,000 tasks
+        // arrives long before autovacuum analyzes it); with them the planner
+        // may scan and sort every pending row instead of walking the pending
+        // index in claim order and stopping at the limit. The index walk is
+        // right at any size, so the claim pins it.
+        let tx = client.transaction().await?;
+        tx.batch_execute(CLAIM_PLAN).await?;
+        let rows = tx
             .query(
                 &stmt,
                 &[
@@ -490,6 +499,7 @@ impl Store {
                 ],
             )
             .await?;
+        tx.commit().await?;
         let mut tasks = rows
             .iter()
             .map(|row| {
