@@ -62,7 +62,11 @@ impl Error {
 impl From<store::Error> for Error {
     fn from(err: store::Error) -> Self {
         match err {
-            store::Error::Unavailable(msg) => Error::Unavailable(msg),
+            store::Error::Unavailable(msg) => {
+                // The detail (hosts, SQLSTATEs) is for the log only.
+                tracing::warn!(error = %msg, "database unavailable");
+                Error::Unavailable("database unavailable, try again".into())
+            }
             store::Error::Conflict(msg) => Error::FailedPrecondition(msg),
             store::Error::Other(msg) => Error::Internal(msg),
         }
@@ -78,10 +82,7 @@ impl From<Error> for tonic::Status {
             Error::NotFound(msg) => tonic::Status::not_found(msg),
             Error::FailedPrecondition(msg) => tonic::Status::failed_precondition(msg),
             Error::LeaseLost { message, .. } => tonic::Status::failed_precondition(message),
-            Error::Unavailable(msg) => {
-                tracing::warn!(error = %msg, "unavailable");
-                tonic::Status::unavailable("database unavailable, try again")
-            }
+            Error::Unavailable(msg) => tonic::Status::unavailable(msg),
             Error::ResourceExhausted(msg) => tonic::Status::resource_exhausted(msg),
             Error::Internal(msg) => {
                 tracing::error!(error = %msg, "internal error");

@@ -1,12 +1,17 @@
 //! Live task events across nodes, for WatchTasks.
 //!
-//! Each node publishes the events of the changes it makes, batched into few
+//! Each node publishes the events of the changes it makes as few
 //! `NOTIFY leasehold_event` payloads, but only while some node has a watcher
 //! (watching nodes announce themselves on `leasehold_watch` every few
-//! seconds), so an unwatched queue pays nothing. Every node fans the events
-//! it hears out to its local watchers through a bounded broadcast buffer: a
-//! watcher that reads too slowly loses the oldest events and is told how many,
-//! and never slows anyone else.
+//! seconds), so an unwatched queue pays nothing. Postgres delivers
+//! notifications in commit order, so the events of one task arrive in the
+//! order it lived them: creations and claims notify inside their own
+//! transaction (a claim cannot commit before the creation it claims), and
+//! every later change notifies before its caller is answered (the worker's
+//! next step comes after). Every node fans the events it hears out to its
+//! local watchers through a bounded broadcast buffer: a watcher that reads
+//! too slowly loses the oldest events and is told how many, and never slows
+//! anyone else.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -14,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use serde_json::{json, Value};
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::broadcast;
 use tokio::time::Instant;
 use uuid::Uuid;
 
@@ -22,7 +27,7 @@ use crate::store::Store;
 use crate::task::{Progress, Status, Task};
 
 /// Channel carrying batches of events.
-pub const EVENT_CHANNEL: &str = "leasehold_event";
+pub use crate::store::EVENT_CHANNEL;
 /// Channel on which nodes with watchers announce themselves.
 pub const WATCH_CHANNEL: &str = "leasehold_watch";
 
@@ -188,6 +193,27 @@ impl Event {
     }
 }
 
+/// Events as NOTIFY payloads: one JSON object a line, each payload under
+/// the size Postgres accepts.
+pub fn payloads(events: &[Event]) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut payload = String::new();
+    for event in events {
+        let line = event.to_json().to_string();
+        if !payload.is_empty() && payload.len() + line.len() + 1 > PAYLOAD_LIMIT {
+            out.push(std::mem::take(&mut payload));
+        }
+        if !payload.is_empty() {
+            payload.push('\n');
+        }
+        payload.push_str(&line);
+    }
+    if !payload.is_empty() {
+        out.push(payload);
+    }
+    out
+}
+
 /// Which events a watcher wants; empty parts match everything.
 #[derive(Debug, Clone, Default)]
 pub struct Filter {
@@ -229,26 +255,22 @@ pub struct Hub {
 struct Inner {
     store: Store,
     local: broadcast::Sender<Arc<Event>>,
-    outgoing: mpsc::UnboundedSender<Vec<Event>>,
     watchers: AtomicUsize,
     remote_until: Mutex<Option<Instant>>,
 }
 
 impl Hub {
-    /// Starts the hub's publisher and watch announcer.
+    /// Starts the hub's watch announcer.
     pub fn start(store: Store, shutdown: tokio::sync::watch::Receiver<bool>) -> Self {
         let (local, _) = broadcast::channel(WATCHER_BUFFER);
-        let (outgoing, rx) = mpsc::unbounded_channel();
         let hub = Self {
             inner: Arc::new(Inner {
                 store,
                 local,
-                outgoing,
                 watchers: AtomicUsize::new(0),
                 remote_until: Mutex::new(None),
             }),
         };
-        tokio::spawn(hub.clone().publish_loop(rx));
         tokio::spawn(hub.clone().announce_loop(shutdown));
         hub
     }
@@ -261,18 +283,38 @@ impl Hub {
         until.is_some_and(|until| Instant::now() < until)
     }
 
-    /// Publishes events, if anyone anywhere is watching.
-    pub fn publish(&self, events: Vec<Event>) {
-        if !events.is_empty() && self.anyone_watching() {
-            let _ = self.inner.outgoing.send(events);
+    /// Publishes events, if anyone anywhere is watching, and returns once
+    /// they are sent.
+    pub async fn publish(&self, events: Vec<Event>) {
+        if events.is_empty() || !self.anyone_watching() {
+            return;
+        }
+        for payload in payloads(&events) {
+            if let Err(err) = self.inner.store.notify(EVENT_CHANNEL, &payload).await {
+                tracing::warn!(error = %err, "cannot publish task events");
+            }
         }
     }
 
-    /// Publishes the events of `kind` for `tasks`.
-    pub fn publish_tasks<'a>(&self, kind: EventKind, tasks: impl IntoIterator<Item = &'a Task>) {
+    /// Publishes the events of `kind` for `tasks`, and returns once they are
+    /// sent.
+    pub async fn publish_tasks<'a>(
+        &self,
+        kind: EventKind,
+        tasks: impl IntoIterator<Item = &'a Task>,
+    ) {
         if self.anyone_watching() {
-            self.publish(tasks.into_iter().map(|t| Event::of(kind, t)).collect());
+            self.publish(tasks.into_iter().map(|t| Event::of(kind, t)).collect())
+                .await;
         }
+    }
+
+    /// The payloads announcing `kind` for tasks, for a store write to send
+    /// inside its own transaction; `None` when nobody is watching.
+    pub fn announcer(&self, kind: EventKind) -> Option<impl Fn(&[Task]) -> Vec<String> + Sync> {
+        self.anyone_watching().then_some(move |tasks: &[Task]| {
+            payloads(&tasks.iter().map(|t| Event::of(kind, t)).collect::<Vec<_>>())
+        })
     }
 
     /// Handles a payload heard on the event channel.
@@ -313,36 +355,6 @@ impl Hub {
             tracing::warn!(error = %err, "cannot announce a new watcher");
         }
         subscription
-    }
-
-    async fn publish_loop(self, mut rx: mpsc::UnboundedReceiver<Vec<Event>>) {
-        while let Some(first) = rx.recv().await {
-            let mut lines = first;
-            while let Ok(more) = rx.try_recv() {
-                lines.extend(more);
-            }
-            let mut payload = String::new();
-            for event in &lines {
-                let line = event.to_json().to_string();
-                if !payload.is_empty() && payload.len() + line.len() + 1 > PAYLOAD_LIMIT {
-                    self.send(&payload).await;
-                    payload.clear();
-                }
-                if !payload.is_empty() {
-                    payload.push('\n');
-                }
-                payload.push_str(&line);
-            }
-            if !payload.is_empty() {
-                self.send(&payload).await;
-            }
-        }
-    }
-
-    async fn send(&self, payload: &str) {
-        if let Err(err) = self.inner.store.notify(EVENT_CHANNEL, payload).await {
-            tracing::warn!(error = %err, "cannot publish task events");
-        }
     }
 
     async fn announce_loop(self, mut shutdown: tokio::sync::watch::Receiver<bool>) {

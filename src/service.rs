@@ -11,7 +11,7 @@ use std::sync::Arc;
 use crate::dispatch::{CancelReason, Dispatcher, Session};
 use crate::error::Error;
 use crate::events::{Event, EventKind, Hub};
-use crate::store::{Fenced, SessionRow, Store};
+use crate::store::{Announce, Fenced, SessionRow, Store};
 use crate::task::{
     Claim, Created, Failure, LeaseRef, LeaseState, ListFilter, NewTask, Page, Progress, Stats,
     Status, Task,
@@ -81,24 +81,26 @@ impl Service {
 
     /// Creates one task (or returns the live one holding its dedup key).
     pub async fn create(&self, new: NewTask) -> Result<Created> {
-        let created = self.store.task_insert(&new).await?;
+        let announce = self.events.announcer(EventKind::Created);
+        let created = self
+            .store
+            .task_insert(&new, announce.as_ref().map(|a| a as Announce))
+            .await?;
         if !created.deduplicated {
             // Local waiters need not wait for the notification round trip.
             self.dispatcher.wake();
-            self.events
-                .publish_tasks(EventKind::Created, [&created.task]);
         }
         Ok(created)
     }
 
     /// Creates many tasks in one transaction.
     pub async fn create_many(&self, news: Vec<NewTask>) -> Result<Vec<Created>> {
-        let created = self.store.task_insert_many(&news).await?;
+        let announce = self.events.announcer(EventKind::Created);
+        let created = self
+            .store
+            .task_insert_many(&news, announce.as_ref().map(|a| a as Announce))
+            .await?;
         self.dispatcher.wake();
-        self.events.publish_tasks(
-            EventKind::Created,
-            created.iter().filter(|c| !c.deduplicated).map(|c| &c.task),
-        );
         Ok(created)
     }
 
@@ -118,9 +120,19 @@ impl Service {
         match self.store.task_cancel(id, reason.as_deref()).await? {
             Some(Ok(task)) => {
                 tracing::info!(task_id = %id, "task cancelled");
-                self.events.publish_tasks(EventKind::Cancelled, [&task]);
+                self.events
+                    .publish_tasks(EventKind::Cancelled, [&task])
+                    .await;
                 // Whichever node's session holds the lease must stop it.
-                self.dispatcher.revoke(&[id], CancelReason::Cancelled).await;
+                if let Some(lease_token) = task.lease_token {
+                    let lease = LeaseRef {
+                        task_id: id,
+                        lease_token,
+                    };
+                    self.dispatcher
+                        .revoke(&[lease], CancelReason::Cancelled)
+                        .await;
+                }
                 Ok(task)
             }
             Some(Err(task)) => Err(Error::FailedPrecondition(format!(
@@ -135,7 +147,7 @@ impl Service {
     pub async fn retry(&self, id: Uuid) -> Result<Task> {
         match self.store.task_retry(id).await {
             Ok(Some(Ok(task))) => {
-                self.events.publish_tasks(EventKind::Retried, [&task]);
+                self.events.publish_tasks(EventKind::Retried, [&task]).await;
                 self.dispatcher.wake();
                 Ok(task)
             }
@@ -170,6 +182,11 @@ impl Service {
 
     /// Leases due tasks, waiting up to `wait` for some to arrive.
     pub async fn acquire(&self, claim: Claim, wait: Duration) -> Result<Vec<Task>> {
+        if self.dispatcher.is_draining() {
+            return Err(Error::Unavailable(
+                "this node is shutting down: connect to another node".into(),
+            ));
+        }
         Ok(self.dispatcher.acquire(&claim, wait).await?)
     }
 
@@ -209,21 +226,25 @@ impl Service {
             lease,
             "complete",
         )?;
-        self.events.publish_tasks(EventKind::Completed, [&task]);
+        self.events
+            .publish_tasks(EventKind::Completed, [&task])
+            .await;
         Ok(task)
     }
 
     /// Records a failed attempt.
     pub async fn fail(&self, lease: LeaseRef, failure: Failure) -> Result<Task> {
         let task = fenced(self.dispatcher.fail(lease, failure).await?, lease, "fail")?;
-        self.events.publish_tasks(EventKind::Failed, [&task]);
+        self.events.publish_tasks(EventKind::Failed, [&task]).await;
         Ok(task)
     }
 
     /// Gives a lease back without using up the attempt.
     pub async fn release(&self, lease: LeaseRef) -> Result<Task> {
         let task = fenced(self.dispatcher.release(lease).await?, lease, "release")?;
-        self.events.publish_tasks(EventKind::Released, [&task]);
+        self.events
+            .publish_tasks(EventKind::Released, [&task])
+            .await;
         self.dispatcher.wake();
         Ok(task)
     }
@@ -235,7 +256,9 @@ impl Service {
             lease,
             "report progress of",
         )?;
-        self.events.publish_tasks(EventKind::Progress, [&task]);
+        self.events
+            .publish_tasks(EventKind::Progress, [&task])
+            .await;
         Ok(task)
     }
 
@@ -246,16 +269,18 @@ impl Service {
 
     /// What to do with leases the reclaimer took back: tell watchers, and
     /// tell the sessions that held them to stop.
-    pub async fn on_reclaimed(&self, tasks: &[Task]) {
-        self.events.publish(
-            tasks
-                .iter()
-                .map(|t| Event::of(EventKind::LeaseExpired, t))
-                .collect(),
-        );
-        let ids: Vec<Uuid> = tasks.iter().map(|t| t.id).collect();
+    pub async fn on_reclaimed(&self, reclaimed: &[(Task, LeaseRef)]) {
+        self.events
+            .publish(
+                reclaimed
+                    .iter()
+                    .map(|(t, _)| Event::of(EventKind::LeaseExpired, t))
+                    .collect(),
+            )
+            .await;
+        let leases: Vec<LeaseRef> = reclaimed.iter().map(|(_, l)| *l).collect();
         self.dispatcher
-            .revoke(&ids, CancelReason::LeaseReclaimed)
+            .revoke(&leases, CancelReason::LeaseReclaimed)
             .await;
     }
 }

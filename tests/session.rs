@@ -138,21 +138,24 @@ async fn work_is_spread_across_free_sessions() {
         );
     }
     create_many(&server, "generate_thumbnail", 8).await;
-    let mut per_worker = Vec::new();
+    let mut per_worker = vec![0; workers.len()];
     let mut total = 0;
-    for worker in &mut workers {
-        let mut got = 0;
-        while total < 8 {
-            match worker.next_within(Duration::from_millis(500)).await {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while total < 8 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {total} tasks arrived"
+        );
+        for (i, worker) in workers.iter_mut().enumerate() {
+            match worker.next_within(Duration::from_millis(20)).await {
                 Some(Resp::Task(_)) => {
-                    got += 1;
+                    per_worker[i] += 1;
                     total += 1;
                 }
                 Some(other) => panic!("unexpected {other:?}"),
-                None => break,
+                None => {}
             }
         }
-        per_worker.push(got);
     }
     assert_eq!(total, 8);
     assert_eq!(per_worker, [2, 2, 2, 2], "one claim dealt round-robin");
@@ -636,4 +639,49 @@ async fn shutdown_drains_sessions_and_accepts_their_outcomes() {
     let statuses: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
     assert_eq!(statuses, ["completed", "pending"]);
     common::drop_database(&server.db_name).await;
+}
+
+#[tokio::test]
+async fn a_stale_outcome_from_elsewhere_does_not_free_the_holders_slot() {
+    let server = TestServer::start().await;
+    let mut worker = Session::open(&server.endpoint(), register("w", &["analyze_book"], 1))
+        .await
+        .unwrap();
+    create_many(&server, "analyze_book", 1).await;
+    let held = worker.next_task().await;
+    // A late worker (or anyone) sends an outcome with a token that is not
+    // the current one: refused, and the session still holds its lease.
+    let refused = server
+        .workers()
+        .await
+        .complete_task(proto::CompleteTaskRequest {
+            task_id: task_id(&held),
+            lease_token: uuid::Uuid::new_v4().to_string(),
+            result: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+    create_many(&server, "analyze_book", 1).await;
+    worker
+        .send(Req::Heartbeat(proto::SessionHeartbeat { leases: vec![] }))
+        .await;
+    // The answer to the heartbeat comes before any second task could: the
+    // one slot is still taken.
+    match worker.next().await.unwrap() {
+        Some(Resp::HeartbeatAck(ack)) => {
+            assert_eq!(ack.leases.len(), 1);
+            assert_eq!(ack.leases[0].task_id, task_id(&held));
+            assert_eq!(ack.leases[0].status, proto::LeaseStatus::Held as i32);
+        }
+        other => panic!("expected the heartbeat ack, not {other:?}"),
+    }
+    assert!(
+        worker
+            .next_within(Duration::from_millis(300))
+            .await
+            .is_none(),
+        "no second task on a one-slot session"
+    );
+    server.stop().await;
 }

@@ -27,6 +27,10 @@ type Out = mpsc::Sender<Result<proto::ConnectResponse, Status>>;
 /// read; bounded so a worker that stops reading holds no unbounded memory.
 const OUT_BUFFER: usize = 256;
 
+/// Messages of a session handled at once beyond its slots (heartbeats,
+/// progress reports).
+const IN_HAND_EXTRA: usize = 64;
+
 /// Turns a channel into the response stream.
 pub(crate) fn receiver_stream<T: Send + 'static>(
     rx: mpsc::Receiver<T>,
@@ -95,11 +99,15 @@ pub(crate) async fn open(
             },
         )))
         .await;
+    let permits = Arc::new(tokio::sync::Semaphore::new(
+        session.spec.slots + IN_HAND_EXTRA,
+    ));
     let served = Served {
         service,
         session,
         out,
         max_payload_bytes,
+        permits,
     };
     tokio::spawn(served.run(inbound, pushes));
     Ok(receiver_stream(rx))
@@ -110,6 +118,15 @@ struct Served {
     session: Arc<Session>,
     out: Out,
     max_payload_bytes: usize,
+    permits: Arc<tokio::sync::Semaphore>,
+}
+
+/// The lease a pushed task carries.
+fn lease_of(task: &crate::task::Task) -> Option<LeaseRef> {
+    task.lease_token.map(|lease_token| LeaseRef {
+        task_id: task.id,
+        lease_token,
+    })
 }
 
 impl Served {
@@ -123,7 +140,7 @@ impl Served {
                 message = inbound.message() => match message {
                     Ok(Some(request)) => {
                         self.session.touch();
-                        if let Err(status) = self.handle(request) {
+                        if let Err(status) = self.handle(request).await {
                             let _ = self.out.send(Err(status)).await;
                             break;
                         }
@@ -132,8 +149,12 @@ impl Served {
                     Ok(None) | Err(_) => break,
                 },
                 push = pushes.recv() => {
+                    let mut undelivered = None;
                     let response = match push {
-                        Some(Push::Task(task)) => connect_response::Kind::Task(convert::leased_to_proto(&task)),
+                        Some(Push::Task(task)) => {
+                            undelivered = lease_of(&task);
+                            connect_response::Kind::Task(convert::leased_to_proto(&task))
+                        }
                         Some(Push::Cancel { task_id, reason }) => {
                             connect_response::Kind::Cancel(proto::CancelLease {
                                 task_id: task_id.to_string(),
@@ -149,23 +170,46 @@ impl Served {
                         Some(Push::Close) | None => break,
                     };
                     if self.out.send(respond(response)).await.is_err() {
+                        if let Some(lease) = undelivered {
+                            self.give_back(lease).await;
+                        }
                         break;
                     }
                 }
                 _ = self.out.closed() => break,
             }
         }
+        // Tasks pushed after the stream ended never reached the worker: give
+        // them back now rather than let them wait for their lease to expire.
+        pushes.close();
+        while let Ok(push) = pushes.try_recv() {
+            if let Push::Task(task) = push {
+                if let Some(lease) = lease_of(&task) {
+                    self.give_back(lease).await;
+                }
+            }
+        }
         self.service.dispatcher().unregister(&self.session);
+    }
+
+    async fn give_back(&self, lease: LeaseRef) {
+        if let Err(err) = self.service.release(lease).await {
+            tracing::warn!(task_id = %lease.task_id, error = %err, "cannot give back an undelivered task");
+        }
     }
 
     /// Handles one message. Outcomes run concurrently (they are written in
     /// batches with other sessions'); only protocol violations end the
-    /// stream.
-    fn handle(&self, request: proto::ConnectRequest) -> Result<(), Status> {
+    /// stream. At most `permits` messages are in hand at once: a worker that
+    /// sends faster than it reads its answers is slowed down, not buffered.
+    async fn handle(&self, request: proto::ConnectRequest) -> Result<(), Status> {
         let Some(kind) = request.kind else {
             return Err(Status::invalid_argument(
                 "kind: a message must set one field",
             ));
+        };
+        let Ok(permit) = self.permits.clone().acquire_owned().await else {
+            return Ok(());
         };
         let service = self.service.clone();
         let session = self.session.clone();
@@ -198,6 +242,7 @@ impl Served {
                     })
                     .collect::<Result<Vec<_>, _>>()?;
                 tokio::spawn(async move {
+                    let _permit = permit;
                     let answer = match service.session_heartbeat(&session, leases).await {
                         Ok(states) => respond(connect_response::Kind::HeartbeatAck(
                             proto::HeartbeatResponse {
@@ -214,6 +259,7 @@ impl Served {
             }
             connect_request::Kind::Complete(req) => {
                 tokio::spawn(async move {
+                    let _permit = permit;
                     let outcome = async {
                         let lease = lease_ref(&req.task_id, &req.lease_token)?;
                         let result = validate::payload("result", req.result.as_ref(), max_payload)?;
@@ -225,6 +271,7 @@ impl Served {
             }
             connect_request::Kind::Fail(req) => {
                 tokio::spawn(async move {
+                    let _permit = permit;
                     let outcome = async {
                         let lease = lease_ref(&req.task_id, &req.lease_token)?;
                         let failure = super::worker_service::failure(&req)?;
@@ -236,6 +283,7 @@ impl Served {
             }
             connect_request::Kind::Release(req) => {
                 tokio::spawn(async move {
+                    let _permit = permit;
                     let outcome = async {
                         let lease = lease_ref(&req.task_id, &req.lease_token)?;
                         service.release(lease).await
@@ -246,6 +294,7 @@ impl Served {
             }
             connect_request::Kind::Progress(req) => {
                 tokio::spawn(async move {
+                    let _permit = permit;
                     let outcome = async {
                         let lease = lease_ref(&req.task_id, &req.lease_token)?;
                         let progress = Progress {

@@ -165,6 +165,11 @@ impl Dispatcher {
         self.inner.node_id
     }
 
+    /// Whether the node is draining (shutting down).
+    pub fn is_draining(&self) -> bool {
+        self.inner.draining.load(Ordering::Relaxed)
+    }
+
     /// Wakes every local waiter and the dispatch loop, as a notification
     /// would.
     pub fn wake(&self) {
@@ -207,7 +212,11 @@ impl Dispatcher {
             );
             if let Err(err) = client.batch_execute(&listen).await {
                 tracing::warn!(error = %err, "listen failed, retrying");
-                tokio::time::sleep(backoff).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shutdown.wait_for(|stop| *stop) => return,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
                 continue;
             }
             backoff = Duration::from_millis(100);
@@ -265,16 +274,16 @@ impl Dispatcher {
             let tasks: Vec<Task> = if stopping {
                 Vec::new()
             } else {
+                let announce = self.inner.events.announcer(EventKind::Leased);
                 self.inner
                     .store
-                    .task_claim(claim)
+                    .task_claim(claim, announce.as_ref().map(|a| a as store::Announce))
                     .await?
                     .into_iter()
                     .map(|(_, task)| task)
                     .collect()
             };
             if !tasks.is_empty() || Instant::now() >= deadline || stopping {
-                self.inner.events.publish_tasks(EventKind::Leased, &tasks);
                 return Ok(tasks);
             }
             let mut until = deadline.min(Instant::now() + self.inner.poll_interval);
@@ -363,11 +372,13 @@ impl Dispatcher {
                 slots: workers,
                 lease_duration,
             };
-            let claimed = self.inner.store.task_claim(&claim).await?;
+            let announce = self.inner.events.announcer(EventKind::Leased);
+            let claimed = self
+                .inner
+                .store
+                .task_claim(&claim, announce.as_ref().map(|a| a as store::Announce))
+                .await?;
             more |= claimed.len() == claim.slots.len();
-            self.inner
-                .events
-                .publish_tasks(EventKind::Leased, claimed.iter().map(|(_, t)| t));
             for (slot, task) in claimed {
                 self.deliver(&members[owners[slot]], task);
             }
@@ -393,7 +404,7 @@ impl Dispatcher {
         // stream ended between the claim and now: give it back.
         let draining = self.inner.draining.load(Ordering::Relaxed) || session.is_draining();
         if draining || !session.push(Push::Task(Box::new(task))) {
-            self.forget(lease.task_id);
+            self.forget(lease);
             let store = self.inner.store.clone();
             tokio::spawn(async move {
                 if let Err(err) = store.task_release(lease).await {
@@ -470,80 +481,84 @@ impl Dispatcher {
         self.inner.sync.notify_one();
     }
 
-    /// A lease is no longer out on whichever local session held it; frees
-    /// the slot. True if a session held it.
-    fn forget(&self, task_id: Uuid) -> bool {
-        let holder = self
+    /// The local session that holds `task_id`, if any.
+    fn holder(&self, task_id: Uuid) -> Option<Arc<Session>> {
+        let session_id = *self
             .inner
             .holders
             .lock()
             .expect("lock poisoned")
-            .remove(&task_id);
-        let Some(session_id) = holder else {
-            return false;
-        };
-        let session = self
-            .inner
+            .get(&task_id)?;
+        self.inner
             .sessions
             .lock()
             .expect("lock poisoned")
             .get(&session_id)
-            .cloned();
-        if let Some(session) = session {
-            session.drop_lease(task_id);
-            self.inner.kick.notify_one();
-            return true;
+            .cloned()
+    }
+
+    /// A lease is finished or void: the local session holding it with this
+    /// very token lets it go and its slot is free. A stale token frees
+    /// nothing. True if a session held it.
+    fn forget(&self, lease: LeaseRef) -> bool {
+        let Some(session) = self.holder(lease.task_id) else {
+            return false;
+        };
+        if !session.drop_lease(lease) {
+            return false;
         }
-        false
+        let mut holders = self.inner.holders.lock().expect("lock poisoned");
+        if holders.get(&lease.task_id) == Some(&session.id) {
+            holders.remove(&lease.task_id);
+        }
+        drop(holders);
+        self.inner.kick.notify_one();
+        true
     }
 
     fn on_revoke(&self, payload: &str) {
         for line in payload.lines() {
             let mut parts = line.split(' ');
-            let (Some(Ok(task_id)), Some(Some(reason))) = (
+            let (Some(Ok(task_id)), Some(Ok(lease_token)), Some(Some(reason))) = (
+                parts.next().map(Uuid::parse_str),
                 parts.next().map(Uuid::parse_str),
                 parts.next().map(CancelReason::from_code),
             ) else {
                 tracing::warn!("malformed revoke notification ignored");
                 continue;
             };
-            let holder = self
-                .inner
-                .holders
-                .lock()
-                .expect("lock poisoned")
-                .get(&task_id)
-                .copied();
-            let session = holder.and_then(|id| {
-                self.inner
-                    .sessions
-                    .lock()
-                    .expect("lock poisoned")
-                    .get(&id)
-                    .cloned()
-            });
-            if self.forget(task_id) {
-                if let Some(session) = session {
-                    tracing::info!(task_id = %task_id, session_id = %session.id, ?reason, "pushing cancel");
-                    session.push(Push::Cancel { task_id, reason });
-                }
+            let lease = LeaseRef {
+                task_id,
+                lease_token,
+            };
+            let session = self.holder(task_id);
+            // Only the session holding this very lease is told; a newer
+            // lease on the same task is not touched.
+            if let Some(session) = session.filter(|_| self.forget(lease)) {
+                tracing::info!(task_id = %task_id, session_id = %session.id, ?reason, "pushing cancel");
+                session.push(Push::Cancel { task_id, reason });
             }
         }
     }
 
     /// Tells every node that these leases are void, so the sessions holding
     /// them are told to stop.
-    pub async fn revoke(&self, task_ids: &[Uuid], reason: CancelReason) {
+    pub async fn revoke(&self, leases: &[LeaseRef], reason: CancelReason) {
         let mut payload = String::new();
-        for task_id in task_ids {
-            if payload.len() + 40 > PAYLOAD_LIMIT {
+        for lease in leases {
+            if payload.len() + 80 > PAYLOAD_LIMIT {
                 self.send_revoke(&payload).await;
                 payload.clear();
             }
             if !payload.is_empty() {
                 payload.push('\n');
             }
-            payload.push_str(&format!("{task_id} {}", reason.code()));
+            payload.push_str(&format!(
+                "{} {} {}",
+                lease.task_id,
+                lease.lease_token,
+                reason.code()
+            ));
         }
         if !payload.is_empty() {
             self.send_revoke(&payload).await;
@@ -578,7 +593,7 @@ impl Dispatcher {
                 match state {
                     LeaseState::Held(_) => self.attach(session, lease),
                     LeaseState::Lost | LeaseState::Cancelled => {
-                        self.forget(lease.task_id);
+                        self.forget(lease);
                     }
                 }
             }
@@ -588,7 +603,11 @@ impl Dispatcher {
     }
 
     fn attach(&self, session: &Arc<Session>, lease: LeaseRef) {
-        session.hold(lease);
+        // Refused if the lease finished meanwhile (an outcome that raced
+        // with this heartbeat's answer).
+        if !session.hold(lease) {
+            return;
+        }
         let previous = self
             .inner
             .holders
@@ -604,7 +623,7 @@ impl Dispatcher {
                 .get(&previous)
                 .cloned();
             if let Some(old) = old {
-                old.drop_lease(lease.task_id);
+                old.drop_lease(lease);
             }
         }
     }
@@ -616,21 +635,21 @@ impl Dispatcher {
         result: serde_json::Value,
     ) -> store::Result<Fenced> {
         let outcome = self.inner.completes.submit((lease, result)).await?;
-        self.forget(lease.task_id);
+        self.forget(lease);
         Ok(outcome)
     }
 
     /// Records a failed attempt (batched with concurrent failures).
     pub async fn fail(&self, lease: LeaseRef, failure: Failure) -> store::Result<Fenced> {
         let outcome = self.inner.fails.submit((lease, failure)).await?;
-        self.forget(lease.task_id);
+        self.forget(lease);
         Ok(outcome)
     }
 
     /// Gives a lease back.
     pub async fn release(&self, lease: LeaseRef) -> store::Result<Fenced> {
         let outcome = self.inner.store.task_release(lease).await?;
-        self.forget(lease.task_id);
+        self.forget(lease);
         Ok(outcome)
     }
 
@@ -640,7 +659,12 @@ impl Dispatcher {
     pub async fn drain(&self, grace: Duration) {
         self.inner.draining.store(true, Ordering::Relaxed);
         // Let a pass in flight finish: it gives back what it claimed.
-        drop(self.inner.dispatching.lock().await);
+        if tokio::time::timeout(grace, self.inner.dispatching.lock())
+            .await
+            .is_err()
+        {
+            tracing::warn!("a claim in flight did not finish within the drain grace");
+        }
         let sessions = self.sessions();
         tracing::info!(sessions = sessions.len(), grace = ?grace, "draining sessions");
         for session in &sessions {

@@ -1,7 +1,7 @@
 //! A worker session as the dispatcher sees it: who it is, how many slots it
 //! has, which leases are out on it, and the channel to its stream.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
@@ -62,14 +62,25 @@ pub struct SessionSpec {
     pub labels: serde_json::Value,
 }
 
+/// The leases out on a session, and the ones recently finished there.
+#[derive(Debug, Default)]
+struct Held {
+    /// Task id to lease token.
+    leases: HashMap<Uuid, Uuid>,
+    /// Leases finished (completed, failed, released, lost) lately: a
+    /// heartbeat answer that raced with their outcome must not bring them
+    /// back. Bounded: the oldest are forgotten first.
+    finished: HashSet<(Uuid, Uuid)>,
+    finished_order: VecDeque<(Uuid, Uuid)>,
+}
+
 /// A registered session.
 #[derive(Debug)]
 pub struct Session {
     pub id: Uuid,
     pub spec: SessionSpec,
     pub connected_at: SystemTime,
-    /// Leases out on this session: task id to lease token.
-    held: Mutex<HashMap<Uuid, Uuid>>,
+    held: Mutex<Held>,
     draining: AtomicBool,
     last_seen: Mutex<SystemTime>,
     tx: mpsc::UnboundedSender<Push>,
@@ -84,7 +95,7 @@ impl Session {
                 id: Uuid::now_v7(),
                 spec,
                 connected_at: now,
-                held: Mutex::new(HashMap::new()),
+                held: Mutex::new(Held::default()),
                 draining: AtomicBool::new(false),
                 last_seen: Mutex::new(now),
                 tx,
@@ -93,23 +104,24 @@ impl Session {
         )
     }
 
-    fn held(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Uuid>> {
+    fn held(&self) -> std::sync::MutexGuard<'_, Held> {
         self.held.lock().expect("session lock poisoned")
     }
 
     /// Slots not taken by a lease.
     pub fn free(&self) -> usize {
-        self.spec.slots.saturating_sub(self.held().len())
+        self.spec.slots.saturating_sub(self.held().leases.len())
     }
 
     /// Leases out on this session.
     pub fn in_flight(&self) -> usize {
-        self.held().len()
+        self.held().leases.len()
     }
 
     /// Every lease out on this session.
     pub fn leases(&self) -> Vec<LeaseRef> {
         self.held()
+            .leases
             .iter()
             .map(|(task_id, lease_token)| LeaseRef {
                 task_id: *task_id,
@@ -118,13 +130,36 @@ impl Session {
             .collect()
     }
 
-    pub(crate) fn hold(&self, lease: LeaseRef) {
-        self.held().insert(lease.task_id, lease.lease_token);
+    /// Counts a lease as out on this session, unless it finished already.
+    pub(crate) fn hold(&self, lease: LeaseRef) -> bool {
+        let mut held = self.held();
+        if held.finished.contains(&(lease.task_id, lease.lease_token)) {
+            return false;
+        }
+        held.leases.insert(lease.task_id, lease.lease_token);
+        true
     }
 
-    /// Drops a lease; true if the session held it.
-    pub(crate) fn drop_lease(&self, task_id: Uuid) -> bool {
-        self.held().remove(&task_id).is_some()
+    /// Marks a lease finished and drops it if this session holds it with
+    /// that very token; true if it did (a stale token frees nothing).
+    pub(crate) fn drop_lease(&self, lease: LeaseRef) -> bool {
+        let mut held = self.held();
+        let key = (lease.task_id, lease.lease_token);
+        if held.finished.insert(key) {
+            held.finished_order.push_back(key);
+            let cap = (4 * self.spec.slots).max(1024);
+            while held.finished_order.len() > cap {
+                if let Some(old) = held.finished_order.pop_front() {
+                    held.finished.remove(&old);
+                }
+            }
+        }
+        if held.leases.get(&lease.task_id) == Some(&lease.lease_token) {
+            held.leases.remove(&lease.task_id);
+            true
+        } else {
+            false
+        }
     }
 
     /// Whether the worker asked for nothing new.

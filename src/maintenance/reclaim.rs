@@ -12,7 +12,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 
 use crate::store::Store;
-use crate::task::{Status, Task};
+use crate::task::{LeaseRef, Status, Task};
 
 /// Rows reclaimed per statement.
 const BATCH: i64 = 500;
@@ -22,16 +22,17 @@ const BATCH: i64 = 500;
 pub struct Reclaimer {
     store: Store,
     interval: Duration,
-    reclaimed: mpsc::UnboundedSender<Vec<Task>>,
+    reclaimed: mpsc::UnboundedSender<Vec<(Task, LeaseRef)>>,
 }
 
 impl Reclaimer {
     /// A reclaimer that sweeps at least every `interval` and sends every
-    /// batch of reclaimed tasks (as they are now) to `reclaimed`.
+    /// batch of reclaimed tasks (as they are now, with the lease taken back)
+    /// to `reclaimed`.
     pub fn new(
         store: Store,
         interval: Duration,
-        reclaimed: mpsc::UnboundedSender<Vec<Task>>,
+        reclaimed: mpsc::UnboundedSender<Vec<(Task, LeaseRef)>>,
     ) -> Self {
         Self {
             store,
@@ -64,7 +65,7 @@ impl Reclaimer {
     async fn pass(&self) -> Result<Option<Duration>, crate::store::Error> {
         loop {
             let reclaimed = self.store.lease_reclaim_expired(BATCH).await?;
-            for task in &reclaimed {
+            for (task, _) in &reclaimed {
                 if task.status == Status::Failed {
                     tracing::info!(task_id = %task.id, "lease expired, no attempts left: task failed");
                 } else {

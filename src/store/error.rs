@@ -20,29 +20,37 @@ pub enum Error {
 
 impl From<tokio_postgres::Error> for Error {
     fn from(err: tokio_postgres::Error) -> Self {
+        // "db error" alone says nothing: keep the server's message (for the
+        // log; clients never see it).
+        let detail = match err.as_db_error() {
+            Some(db) => format!("{}: {}", db.code().code(), db),
+            None => err.to_string(),
+        };
         let Some(code) = err.code() else {
             // No SQLSTATE: the connection broke, timed out or never opened.
             return Error::Unavailable(err.to_string());
         };
         if *code == SqlState::UNIQUE_VIOLATION {
-            return Error::Conflict(err.to_string());
+            return Error::Conflict(detail);
         }
         // Class 08 (connection exception), 53 (insufficient resources) and
         // 57P0x (shutdown, restart) all mean: try again later.
         let class = &code.code()[..2];
+        // Deadlocks and serialization failures are worth a retry too.
         if class == "08"
             || class == "53"
+            || class == "40"
             || *code == SqlState::ADMIN_SHUTDOWN
             || *code == SqlState::CRASH_SHUTDOWN
             || *code == SqlState::CANNOT_CONNECT_NOW
             || *code == SqlState::READ_ONLY_SQL_TRANSACTION
         {
-            return Error::Unavailable(err.to_string());
+            return Error::Unavailable(detail);
         }
         if err.is_closed() {
-            return Error::Unavailable(err.to_string());
+            return Error::Unavailable(detail);
         }
-        Error::Other(err.to_string())
+        Error::Other(detail)
     }
 }
 

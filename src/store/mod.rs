@@ -26,6 +26,13 @@ pub type Result<T> = std::result::Result<T, Error>;
 /// became pending.
 pub const WAKE_CHANNEL: &str = "leasehold_task";
 
+/// The Postgres channel carrying live task events.
+pub const EVENT_CHANNEL: &str = "leasehold_event";
+
+/// Turns the tasks a write produced into event payloads to send on
+/// [`EVENT_CHANNEL`] inside the write's own transaction.
+pub type Announce<'a> = &'a (dyn Fn(&[crate::task::Task]) -> Vec<String> + Sync);
+
 mod embedded {
     refinery::embed_migrations!("migrations");
 }

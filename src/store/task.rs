@@ -17,7 +17,7 @@ use std::time::{Duration, SystemTime};
 use tokio_postgres::Row;
 use uuid::Uuid;
 
-use super::{Error, Result, Store};
+use super::{Announce, Error, Result, Store, EVENT_CHANNEL};
 use crate::task::{
     Backoff, Claim, Counts, Created, Failure, LeaseRef, LeaseState, ListFilter, NewTask, Page,
     Progress, Stats, Status, Task, TypeStats,
@@ -120,8 +120,8 @@ const TASK_CLAIM: &str = concat!(
     "WITH slot AS ( \
        SELECT * FROM unnest($2::text[]) WITH ORDINALITY AS s(worker_id, n)), \
      picked AS ( \
-       SELECT id, row_number() OVER () AS n FROM ( \
-         SELECT id FROM task \
+       SELECT id, row_number() OVER (ORDER BY priority DESC, scheduled_for, seq) AS n FROM ( \
+         SELECT id, priority, scheduled_for, seq FROM task \
          WHERE status = 'pending' AND scheduled_for <= now() \
            AND (cardinality($1::text[]) = 0 OR task_type = ANY($1::text[])) \
          ORDER BY priority DESC, scheduled_for, seq \
@@ -143,14 +143,19 @@ const TASK_NEXT_DUE: &str =
      FROM task WHERE status = 'pending' \
        AND (cardinality($1::text[]) = 0 OR task_type = ANY($1::text[]))";
 
-// The CTE sees the table as it was before the update, which is what the
-// lost/cancelled answers need.
+// Batched writes lock their rows in id order first (`locked`), so that two
+// batches touching the same tasks in different orders queue up instead of
+// deadlocking. The final SELECT sees the table as it was before the update,
+// which is what the lost/cancelled answers need.
 const LEASE_EXTEND: &str = "WITH req AS ( \
        SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::float8[]) \
          WITH ORDINALITY AS r(id, token, ms, n)), \
+     locked AS ( \
+       SELECT t.id FROM task t WHERE t.id = ANY($1::uuid[]) ORDER BY t.id FOR UPDATE), \
      renewed AS ( \
        UPDATE task t SET locked_until = now() + req.ms * interval '1 millisecond' \
-       FROM req WHERE t.id = req.id AND t.lease_token = req.token AND t.status = 'processing' \
+       FROM locked JOIN req ON req.id = locked.id \
+       WHERE t.id = locked.id AND t.lease_token = req.token AND t.status = 'processing' \
        RETURNING t.id, t.lease_token, t.locked_until) \
      SELECT req.id, \
        CASE WHEN renewed.id IS NOT NULL THEN 'held' \
@@ -165,10 +170,13 @@ const LEASE_EXTEND: &str = "WITH req AS ( \
 // Completions and failures are written in batches (group commit): one
 // statement for every outcome that arrived together.
 const TASK_COMPLETE_MANY: &str = concat!(
-    "UPDATE task t SET status = 'completed', result = r.result, completed_at = now(), \
+    "WITH locked AS ( \
+       SELECT t.id FROM task t WHERE t.id = ANY($1::uuid[]) ORDER BY t.id FOR UPDATE) \
+     UPDATE task t SET status = 'completed', result = r.result, completed_at = now(), \
        locked_until = NULL \
-     FROM unnest($1::uuid[], $2::uuid[], $3::jsonb[]) AS r(id, token, result) \
-     WHERE t.id = r.id AND t.lease_token = r.token AND t.status = 'processing' \
+     FROM locked JOIN unnest($1::uuid[], $2::uuid[], $3::jsonb[]) AS r(id, token, result) \
+       ON r.id = locked.id \
+     WHERE t.id = locked.id AND t.lease_token = r.token AND t.status = 'processing' \
      RETURNING ",
     t_columns!()
 );
@@ -177,7 +185,9 @@ const TASK_COMPLETE_MANY: &str = concat!(
 // backoff. The delay is base * 2^(attempt-1), capped, then scaled by a random
 // factor in [0.5, 1) so that a burst of failures spreads out.
 const TASK_FAIL_MANY: &str = concat!(
-    "UPDATE task t SET \
+    "WITH locked AS ( \
+       SELECT t.id FROM task t WHERE t.id = ANY($1::uuid[]) ORDER BY t.id FOR UPDATE) \
+     UPDATE task t SET \
        status = CASE WHEN r.permanent OR t.attempts >= t.max_attempts \
          THEN 'failed' ELSE 'pending' END, \
        scheduled_for = CASE WHEN r.permanent OR t.attempts >= t.max_attempts \
@@ -189,9 +199,9 @@ const TASK_FAIL_MANY: &str = concat!(
        locked_by = CASE WHEN r.permanent OR t.attempts >= t.max_attempts THEN t.locked_by END, \
        locked_until = NULL, \
        last_error = r.error \
-     FROM unnest($1::uuid[], $2::uuid[], $3::bool[], $4::float8[], $5::text[]) \
-       AS r(id, token, permanent, retry_ms, error) \
-     WHERE t.id = r.id AND t.lease_token = r.token AND t.status = 'processing' \
+     FROM locked JOIN unnest($1::uuid[], $2::uuid[], $3::bool[], $4::float8[], $5::text[]) \
+       AS r(id, token, permanent, retry_ms, error) ON r.id = locked.id \
+     WHERE t.id = locked.id AND t.lease_token = r.token AND t.status = 'processing' \
      RETURNING ",
     t_columns!()
 );
@@ -255,7 +265,7 @@ const TASK_STATS: &str = "SELECT task_type, status, count(*) AS n, \
 
 const LEASE_RECLAIM_EXPIRED: &str = concat!(
     "WITH expired AS ( \
-       SELECT id FROM task WHERE status = 'processing' AND locked_until <= now() \
+       SELECT id, lease_token FROM task WHERE status = 'processing' AND locked_until <= now() \
        ORDER BY locked_until LIMIT $1 FOR UPDATE SKIP LOCKED) \
      UPDATE task t SET \
        status = CASE WHEN t.attempts >= t.max_attempts THEN 'failed' ELSE 'pending' END, \
@@ -267,7 +277,7 @@ const LEASE_RECLAIM_EXPIRED: &str = concat!(
        locked_until = NULL, lease_token = NULL \
      FROM expired \
      WHERE t.id = expired.id AND t.status = 'processing' AND t.locked_until <= now() \
-     RETURNING ",
+     RETURNING expired.lease_token AS old_token, ",
     t_columns!()
 );
 
@@ -339,7 +349,20 @@ fn tasks_from_rows(rows: &[Row]) -> Result<Vec<Task>> {
 
 impl Store {
     /// Inserts one task, or returns the live task holding its dedup key.
-    pub async fn task_insert(&self, new: &NewTask) -> Result<Created> {
+    /// With `announce`, the creation's events are sent in its transaction.
+    pub async fn task_insert(
+        &self,
+        new: &NewTask,
+        announce: Option<Announce<'_>>,
+    ) -> Result<Created> {
+        if announce.is_some() {
+            let mut created = self
+                .task_insert_many(std::slice::from_ref(new), announce)
+                .await?;
+            return created
+                .pop()
+                .ok_or_else(|| Error::Other("insert returned no task".into()));
+        }
         let client = self.client().await?;
         let insert = client.prepare_cached(TASK_INSERT).await?;
         // The loop only repeats if the task holding the key finished between
@@ -385,7 +408,14 @@ impl Store {
     /// Inserts many tasks in one transaction and one statement. Results come
     /// in input order; entries whose dedup key is already held by a live task
     /// (or by an earlier entry of the same batch) return that task.
-    pub async fn task_insert_many(&self, news: &[NewTask]) -> Result<Vec<Created>> {
+    ///
+    /// With `announce`, the events of the new tasks are sent in the same
+    /// transaction.
+    pub async fn task_insert_many(
+        &self,
+        news: &[NewTask],
+        announce: Option<Announce<'_>>,
+    ) -> Result<Vec<Created>> {
         let mut client = self.client().await?;
         let ids: Vec<Uuid> = news.iter().map(|n| n.id).collect();
         let types: Vec<&str> = news.iter().map(|n| n.task_type.as_str()).collect();
@@ -455,6 +485,16 @@ impl Store {
                 }
             }
             if results.len() == news.len() {
+                if let Some(announce) = announce {
+                    let fresh: Vec<Task> = results
+                        .iter()
+                        .filter(|c| !c.deduplicated)
+                        .map(|c| c.task.clone())
+                        .collect();
+                    for payload in announce(&fresh) {
+                        tx.execute(NOTIFY, &[&EVENT_CHANNEL, &payload]).await?;
+                    }
+                }
                 tx.commit().await?;
                 return Ok(results);
             }
@@ -479,7 +519,14 @@ impl Store {
 
     /// Leases due tasks, one per slot at most, in claim order; returns each
     /// task with the index of the slot it went to.
-    pub async fn task_claim(&self, claim: &Claim) -> Result<Vec<(usize, Task)>> {
+    ///
+    /// With `announce`, the events of the claimed tasks are sent in the
+    /// claim's transaction.
+    pub async fn task_claim(
+        &self,
+        claim: &Claim,
+        announce: Option<Announce<'_>>,
+    ) -> Result<Vec<(usize, Task)>> {
         let mut client = self.client().await?;
         let stmt = client.prepare_cached(TASK_CLAIM).await?;
         // A queue's statistics are stale by nature (a batch of 100,000 tasks
@@ -499,7 +546,6 @@ impl Store {
                 ],
             )
             .await?;
-        tx.commit().await?;
         let mut tasks = rows
             .iter()
             .map(|row| {
@@ -511,6 +557,13 @@ impl Store {
             .collect::<Result<Vec<_>>>()?;
         // UPDATE ... RETURNING does not keep the order of the picked rows.
         tasks.sort_by_key(|(slot, _)| *slot);
+        if let Some(announce) = announce.filter(|_| !tasks.is_empty()) {
+            let claimed: Vec<Task> = tasks.iter().map(|(_, t)| t.clone()).collect();
+            for payload in announce(&claimed) {
+                tx.execute(NOTIFY, &[&EVENT_CHANNEL, &payload]).await?;
+            }
+        }
+        tx.commit().await?;
         Ok(tasks)
     }
 
@@ -812,13 +865,23 @@ impl Store {
         })
     }
 
-    /// Takes back up to `limit` expired leases; returns the tasks as they
-    /// are now (pending, or failed when no attempts are left).
-    pub async fn lease_reclaim_expired(&self, limit: i64) -> Result<Vec<Task>> {
+    /// Takes back up to `limit` expired leases; returns each task as it is
+    /// now (pending, or failed when no attempts are left) with the lease it
+    /// took back.
+    pub async fn lease_reclaim_expired(&self, limit: i64) -> Result<Vec<(Task, LeaseRef)>> {
         let client = self.client().await?;
         let stmt = client.prepare_cached(LEASE_RECLAIM_EXPIRED).await?;
         let rows = client.query(&stmt, &[&limit]).await?;
-        tasks_from_rows(&rows)
+        rows.iter()
+            .map(|row| {
+                let task = Task::from_row(row)?;
+                let lease = LeaseRef {
+                    task_id: task.id,
+                    lease_token: row.try_get("old_token")?,
+                };
+                Ok((task, lease))
+            })
+            .collect()
     }
 
     /// How long until the earliest lease runs out (zero if one has);
