@@ -11,7 +11,7 @@
 //! statement that takes the lease back, so it cannot clobber a completion
 //! that landed a moment earlier.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, SystemTime};
 
 use tokio_postgres::Row;
@@ -65,6 +65,7 @@ pub(crate) const STATEMENTS: &[&str] = &[
     TASK_CLAIM,
     TASK_NEXT_DUE,
     LEASE_EXTEND,
+    LEASE_STATE,
     TASK_COMPLETE_MANY,
     TASK_FAIL_MANY,
     TASK_PROGRESS,
@@ -145,27 +146,18 @@ const TASK_NEXT_DUE: &str =
 
 // Batched writes lock their rows in id order first (`locked`), so that two
 // batches touching the same tasks in different orders queue up instead of
-// deadlocking. The final SELECT sees the table as it was before the update,
-// which is what the lost/cancelled answers need.
-const LEASE_EXTEND: &str = "WITH req AS ( \
-       SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::float8[]) \
-         WITH ORDINALITY AS r(id, token, ms, n)), \
-     locked AS ( \
-       SELECT t.id FROM task t WHERE t.id = ANY($1::uuid[]) ORDER BY t.id FOR UPDATE), \
-     renewed AS ( \
-       UPDATE task t SET locked_until = now() + req.ms * interval '1 millisecond' \
-       FROM locked JOIN req ON req.id = locked.id \
-       WHERE t.id = locked.id AND t.lease_token = req.token AND t.status = 'processing' \
-       RETURNING t.id, t.lease_token, t.locked_until) \
-     SELECT req.id, \
-       CASE WHEN renewed.id IS NOT NULL THEN 'held' \
-            WHEN cur.status = 'cancelled' AND cur.lease_token = req.token THEN 'cancelled' \
-            ELSE 'lost' END AS state, \
-       renewed.locked_until \
-     FROM req \
-     LEFT JOIN renewed ON renewed.id = req.id AND renewed.lease_token = req.token \
-     LEFT JOIN task cur ON cur.id = req.id \
-     ORDER BY req.n";
+// deadlocking. Only renewed leases come back; the store classifies the rest.
+const LEASE_EXTEND: &str = "WITH locked AS ( \
+       SELECT t.id FROM task t WHERE t.id = ANY($1::uuid[]) ORDER BY t.id FOR UPDATE) \
+     UPDATE task t SET locked_until = now() + r.ms * interval '1 millisecond' \
+     FROM locked JOIN unnest($1::uuid[], $2::uuid[], $3::float8[]) AS r(id, token, ms) \
+       ON r.id = locked.id \
+     WHERE t.id = locked.id AND t.lease_token = r.token AND t.status = 'processing' \
+     RETURNING t.id, t.lease_token, t.locked_until";
+
+// Why leases were not renewed: cancelled (the token is still on the
+// cancelled row) or lost.
+const LEASE_STATE: &str = "SELECT id, status, lease_token FROM task WHERE id = ANY($1::uuid[])";
 
 // Completions and failures are written in batches (group commit): one
 // statement for every outcome that arrived together.
@@ -588,17 +580,39 @@ impl Store {
         let tokens: Vec<Uuid> = leases.iter().map(|(l, _)| l.lease_token).collect();
         let ms: Vec<f64> = leases.iter().map(|(_, d)| millis(*d)).collect();
         let rows = client.query(&stmt, &[&ids, &tokens, &ms]).await?;
-        rows.iter()
-            .map(|row| {
-                let id: Uuid = row.try_get(0)?;
-                let state = match row.try_get::<_, &str>(1)? {
-                    "held" => LeaseState::Held(row.try_get(2)?),
-                    "cancelled" => LeaseState::Cancelled,
-                    _ => LeaseState::Lost,
-                };
-                Ok((id, state))
+        let mut renewed: HashMap<(Uuid, Uuid), SystemTime> = HashMap::with_capacity(rows.len());
+        for row in &rows {
+            renewed.insert((row.try_get(0)?, row.try_get(1)?), row.try_get(2)?);
+        }
+        let mut answers: Vec<(Uuid, LeaseState)> = leases
+            .iter()
+            .map(|(l, _)| match renewed.get(&(l.task_id, l.lease_token)) {
+                Some(until) => (l.task_id, LeaseState::Held(*until)),
+                None => (l.task_id, LeaseState::Lost),
             })
-            .collect()
+            .collect();
+        if renewed.len() < leases.len() {
+            let missed: Vec<Uuid> = answers
+                .iter()
+                .filter(|(_, s)| *s == LeaseState::Lost)
+                .map(|(id, _)| *id)
+                .collect();
+            let stmt = client.prepare_cached(LEASE_STATE).await?;
+            let mut cancelled: HashSet<(Uuid, Uuid)> = HashSet::new();
+            for row in client.query(&stmt, &[&missed]).await? {
+                if row.try_get::<_, &str>(1)? == Status::Cancelled.as_str() {
+                    if let Some(token) = row.try_get::<_, Option<Uuid>>(2)? {
+                        cancelled.insert((row.try_get(0)?, token));
+                    }
+                }
+            }
+            for ((id, state), (lease, _)) in answers.iter_mut().zip(leases) {
+                if *state == LeaseState::Lost && cancelled.contains(&(*id, lease.lease_token)) {
+                    *state = LeaseState::Cancelled;
+                }
+            }
+        }
+        Ok(answers)
     }
 
     /// Completes leased tasks in one statement; one outcome per input, in

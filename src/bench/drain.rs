@@ -1,0 +1,328 @@
+//! `drain`: throughput of the push path. N tasks are created up front, then
+//! W worker sessions of S slots each drain them over real session streams,
+//! completing every task the moment it arrives. Measured from the first
+//! task arriving on any stream to the last completion acknowledged, with
+//! the server's CPU time per 1,000 tasks.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use anyhow::bail;
+use tokio::time::Instant;
+
+use super::db;
+use super::producer::{set_up_tasks, unique_task_type};
+use super::report::{or_unknown, per_second, round, JsonLine, Report};
+use super::system::{cpu_between, Usage};
+use super::target::{Node, NodeKind, Target};
+use super::workers::{Event, WorkerStats, Workers};
+
+/// How long a drain may go without any task arriving or being acknowledged
+/// before it is declared stuck.
+const STALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Arguments of `leasehold bench drain`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DrainArgs {
+    /// Which server to drive (by default a spawned node).
+    #[command(flatten)]
+    pub target: Target,
+
+    /// Tasks created up front and drained.
+    #[arg(
+        long,
+        default_value_t = 100_000,
+        value_parser = clap::value_parser!(u32).range(1..=10_000_000)
+    )]
+    pub tasks: u32,
+
+    /// Worker sessions draining them, each on its own connection.
+    #[arg(
+        long,
+        default_value_t = 4,
+        value_parser = clap::value_parser!(u32).range(1..=10_000)
+    )]
+    pub sessions: u32,
+
+    /// Slots of each worker session.
+    #[arg(
+        long,
+        default_value_t = 250,
+        value_parser = clap::value_parser!(i32).range(1..=10_000)
+    )]
+    pub slots: i32,
+
+    /// First insert this many completed tasks (of a type of their own) with
+    /// one SQL statement through `--database-url`, then VACUUM ANALYZE, to
+    /// measure the drain with a large history present. They are kept.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub preexisting_finished: u64,
+}
+
+/// Result of the `drain` scenario.
+#[derive(Debug, Clone)]
+pub struct DrainReport {
+    /// The server driven, in a few words.
+    pub server: String,
+    /// Where the node lives (what its CPU figure covers).
+    pub node_kind: NodeKind,
+    /// The arguments of the run.
+    pub args: DrainArgs,
+    /// Task type used by the run (unique to it).
+    pub task_type: String,
+    /// Finished rows in the table when the drain started (`None` when the
+    /// database could not be read).
+    pub preexisting_finished_rows: Option<u64>,
+    /// From the first task arriving on any stream to the last completion
+    /// acknowledged.
+    pub elapsed: Duration,
+    /// The node's CPU time over the drain (sessions opening included).
+    pub server_cpu: Option<Duration>,
+    /// The node's resident memory at the end of the drain, in bytes.
+    pub server_rss: Option<u64>,
+    /// This process's CPU time over the drain (the bench clients; the node
+    /// too when it runs in-process).
+    pub bench_cpu: Option<Duration>,
+    /// Per session, in order: what it did.
+    pub sessions: Vec<WorkerStats>,
+    /// Tasks pushed more than once (a server bug if ever non-zero).
+    pub duplicates: u64,
+}
+
+impl DrainReport {
+    /// Tasks completed per second.
+    pub fn rate(&self) -> f64 {
+        per_second(u64::from(self.args.tasks), self.elapsed)
+    }
+
+    /// The node's CPU seconds per 1,000 tasks.
+    pub fn server_cpu_per_1k(&self) -> Option<f64> {
+        self.server_cpu
+            .map(|cpu| cpu.as_secs_f64() * 1000.0 / f64::from(self.args.tasks))
+    }
+
+    fn bench_cpu_per_1k(&self) -> Option<f64> {
+        self.bench_cpu
+            .map(|cpu| cpu.as_secs_f64() * 1000.0 / f64::from(self.args.tasks))
+    }
+}
+
+impl Report for DrainReport {
+    fn table(&self) -> String {
+        let args = &self.args;
+        let received: Vec<String> = self
+            .sessions
+            .iter()
+            .map(|s| s.received.to_string())
+            .collect();
+        let refused: u64 = self.sessions.iter().map(|s| s.refused).sum();
+        let mut out = String::new();
+        out.push_str(
+            "drain: tasks created up front, pushed to sessions that complete them at once\n",
+        );
+        out.push_str(&format!("  server      {}\n", self.server));
+        out.push_str(&format!("  task type   {}\n", self.task_type));
+        out.push_str(&format!(
+            "  history     {} finished rows in the table{}\n",
+            self.preexisting_finished_rows
+                .map_or("unknown".to_owned(), |n| n.to_string()),
+            if args.preexisting_finished > 0 {
+                format!(" ({} inserted for this run)", args.preexisting_finished)
+            } else {
+                String::new()
+            }
+        ));
+        let shown = if received.len() > 8 {
+            format!(
+                "{} / ... ({} sessions)",
+                received[..8].join(" / "),
+                received.len()
+            )
+        } else {
+            received.join(" / ")
+        };
+        out.push_str(&format!(
+            "  sessions    {} x {} slots, received {shown}\n",
+            args.sessions, args.slots
+        ));
+        if refused > 0 || self.duplicates > 0 {
+            out.push_str(&format!(
+                "  anomalies   {refused} completions refused, {} tasks pushed twice\n",
+                self.duplicates
+            ));
+        }
+        out.push('\n');
+        out.push_str(&format!(
+            "  drained     {} tasks in {:.3} s: {:.0} tasks/s (first hand-out to last ack)\n",
+            args.tasks,
+            self.elapsed.as_secs_f64(),
+            self.rate()
+        ));
+        let whose = match self.node_kind {
+            NodeKind::InProcess => " (in-process: includes the bench clients)",
+            NodeKind::Remote => " (running server: not measured)",
+            NodeKind::Spawned => "",
+        };
+        out.push_str(&format!(
+            "  server CPU  {} s per 1,000 tasks{whose}\n",
+            or_unknown(self.server_cpu_per_1k(), 4)
+        ));
+        if let Some(rss) = self.server_rss {
+            out.push_str(&format!(
+                "  server RSS  {:.1} MiB at the end\n",
+                super::report::mib(rss)
+            ));
+        }
+        if self.node_kind != NodeKind::InProcess {
+            out.push_str(&format!(
+                "  bench CPU   {} s per 1,000 tasks (the worker sessions)\n",
+                or_unknown(self.bench_cpu_per_1k(), 4)
+            ));
+        }
+        out
+    }
+
+    /// `{"scenario":"drain","tasks":N,"sessions":W,"slots":S,"tasks_per_s":..,
+    /// "server_cpu_s_per_1k":..,"preexisting_finished_rows":M}`.
+    fn json_line(&self) -> String {
+        JsonLine::new("drain")
+            .field("tasks", self.args.tasks)
+            .field("sessions", self.args.sessions)
+            .field("slots", self.args.slots)
+            .field("tasks_per_s", round(self.rate(), 1))
+            .field(
+                "server_cpu_s_per_1k",
+                self.server_cpu_per_1k().map(|v| round(v, 4)),
+            )
+            .field("preexisting_finished_rows", self.preexisting_finished_rows)
+            .finish()
+    }
+}
+
+/// The `drain` scenario against `node`. Should the run fail, the tasks of the run still unfinished are deleted
+/// through `--database-url`.
+pub async fn run(node: &Node, args: &DrainArgs) -> anyhow::Result<DrainReport> {
+    let task_type = unique_task_type("drain");
+    let outcome = measure(node, args, &task_type).await;
+    if outcome.is_err() {
+        db::tidy(&args.target.database_url, &task_type).await;
+    }
+    outcome
+}
+
+async fn measure(node: &Node, args: &DrainArgs, task_type: &str) -> anyhow::Result<DrainReport> {
+    let endpoint = node.endpoint();
+    let task_type = task_type.to_owned();
+    let preexisting_finished_rows =
+        db::history(&args.target.database_url, args.preexisting_finished).await?;
+    set_up_tasks(endpoint, &task_type, args.tasks as usize).await?;
+
+    let server_before = node.usage();
+    let bench_before = Usage::of(None).ok();
+    let (workers, mut events) =
+        Workers::open(endpoint, &task_type, args.sessions as usize, args.slots).await?;
+    let drained = async {
+        let total = args.tasks as usize;
+        let mut arrived: HashSet<String> = HashSet::with_capacity(total);
+        let mut duplicates = 0u64;
+        let mut completed = 0usize;
+        let mut first: Option<Instant> = None;
+        let mut last = None;
+        while completed < total {
+            match tokio::time::timeout(STALL_TIMEOUT, events.recv()).await {
+                Ok(Some(Event::Arrived(arrival))) => {
+                    first.get_or_insert(arrival.at);
+                    if !arrived.insert(arrival.task_id) {
+                        duplicates += 1;
+                    }
+                }
+                Ok(Some(Event::Acked(ack))) => {
+                    if ack.ok {
+                        completed += 1;
+                        last = Some(ack.at);
+                    }
+                }
+                Ok(None) => bail!("every worker session ended; {completed} of {total} completed"),
+                Err(_) => bail!(
+                    "no progress for {STALL_TIMEOUT:?}: {} arrived and {completed} of {total} \
+                     completed",
+                    arrived.len()
+                ),
+            }
+        }
+        let (Some(first), Some(last)) = (first, last) else {
+            bail!("nothing was drained");
+        };
+        anyhow::Ok((last.saturating_duration_since(first), duplicates))
+    }
+    .await;
+    let server_after = node.usage();
+    let bench_after = Usage::of(None).ok();
+    let closed = workers.close().await;
+    let (elapsed, duplicates) = drained?;
+    let sessions = closed?;
+    Ok(DrainReport {
+        server: node.describe(),
+        node_kind: node.kind(),
+        args: args.clone(),
+        task_type,
+        preexisting_finished_rows,
+        elapsed,
+        server_cpu: cpu_between(server_before, server_after),
+        server_rss: server_after.map(|u| u.rss_bytes),
+        bench_cpu: cpu_between(bench_before, bench_after),
+        sessions,
+        duplicates,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::testing::FreshDatabase;
+
+    /// Drains a few tasks over real streams from an in-process node on a
+    /// fresh database with a few finished rows first. Counts only.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn drain_runs_end_to_end_in_process() {
+        let db = FreshDatabase::new();
+        let args = DrainArgs {
+            target: Target {
+                server: None,
+                spawn: false,
+                in_process: true,
+                database_url: db.url(),
+            },
+            tasks: 30,
+            sessions: 2,
+            slots: 4,
+            preexisting_finished: 5,
+        };
+        let node = Node::start(&args.target, NodeKind::Spawned).await.unwrap();
+        assert_eq!(node.kind(), NodeKind::InProcess);
+        let report = run(&node, &args).await;
+        node.stop().await.unwrap();
+        db.drop_it().await;
+
+        let report = report.unwrap();
+        let received: u64 = report.sessions.iter().map(|s| s.received).sum();
+        let completed: u64 = report.sessions.iter().map(|s| s.completed).sum();
+        assert_eq!(received, 30);
+        assert_eq!(completed, 30);
+        assert_eq!(report.duplicates, 0);
+        assert_eq!(report.preexisting_finished_rows, Some(5));
+        assert!(
+            report.server_cpu.is_some(),
+            "an in-process node is measured"
+        );
+        let json: serde_json::Value = serde_json::from_str(&report.json_line()).unwrap();
+        assert_eq!(json["scenario"], "drain");
+        assert_eq!(json["tasks"], 30);
+        assert_eq!(json["sessions"], 2);
+        assert_eq!(json["slots"], 4);
+        assert_eq!(json["preexisting_finished_rows"], 5);
+        assert!(json["tasks_per_s"].is_f64());
+        assert!(json["server_cpu_s_per_1k"].is_f64());
+        assert!(report.table().contains("drained"));
+    }
+}

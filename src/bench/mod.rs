@@ -1,0 +1,292 @@
+//! `leasehold bench`: load scenarios that drive a server over its public gRPC
+//! contract (or, for `sql-only`, its statements directly) and report what
+//! they measured, as a human table followed by one JSON line (the last line
+//! on stdout; logs go to stderr).
+//!
+//! Scenarios, one module and one subcommand each:
+//! - [`enqueue`]: tasks created per second, through CreateTasks in batches
+//!   and through single CreateTask calls from a few concurrent clients.
+//! - [`drain`]: tasks handed out and completed per second by worker
+//!   sessions over real streams, and the server's CPU time per 1,000 tasks.
+//! - [`latency`]: push latency, from the CreateTask call to the task on a
+//!   worker's stream.
+//! - [`reclaim`]: from a silent session's `locked_until` to the task
+//!   reaching another worker.
+//! - [`sessions`]: the server's memory and CPU with many idle sessions
+//!   heartbeating their leases.
+//! - [`sql_only`]: the claim and complete statements driven without gRPC,
+//!   the ceiling the server can approach.
+//!
+//! Shared pieces: [`Target`] and [`Node`] (a running server, a node in this
+//! process, or a node spawned as a child process so its CPU time and memory
+//! are its own), [`Workers`] and [`SessionStream`] (simulated workers),
+//! [`Summary`] and [`Report`] (figures and output), [`Usage`] (`/proc`).
+//! Every run uses task types unique to it, so rows of earlier runs never
+//! take part.
+
+pub mod db;
+pub mod drain;
+pub mod enqueue;
+pub mod latency;
+pub mod producer;
+pub mod reclaim;
+pub mod report;
+pub mod sessions;
+pub mod sql_only;
+pub mod system;
+pub mod target;
+pub mod workers;
+
+pub use drain::{DrainArgs, DrainReport};
+pub use enqueue::{EnqueueArgs, EnqueueReport};
+pub use latency::{LatencyArgs, LatencyReport, WARM_UP};
+pub use reclaim::{ReclaimArgs, ReclaimReport};
+pub use report::{millis, Report, Summary};
+pub use sessions::{SessionsArgs, SessionsReport};
+pub use sql_only::{SqlOnlyArgs, SqlOnlyReport};
+pub use system::Usage;
+pub use target::{channel_to, Node, NodeKind, Target, DEFAULT_DATABASE_URL};
+pub use workers::{Ack, Arrival, Event, SessionStream, WorkerStats, Workers};
+
+/// Arguments of `leasehold bench`.
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// The scenario to run.
+    #[command(subcommand)]
+    pub scenario: Scenario,
+}
+
+/// A benchmark scenario, one subcommand of `leasehold bench` each.
+#[derive(Debug, clap::Subcommand)]
+pub enum Scenario {
+    /// Enqueue rate: N tasks through CreateTasks in batches (one call at a
+    /// time), then N through single CreateTask calls from a few concurrent
+    /// clients; tasks per second of each. The run's tasks are deleted
+    /// afterwards.
+    Enqueue(EnqueueArgs),
+    /// Drain rate: N tasks created up front, drained by W worker sessions of
+    /// S slots that complete each task at once; tasks per second from the
+    /// first hand-out to the last acknowledgement, and the server's CPU
+    /// seconds per 1,000 tasks. Spawns the node as a child process unless
+    /// told otherwise.
+    Drain(DrainArgs),
+    /// Push latency: from the CreateTask call until the task arrives on a
+    /// worker's session stream. Creates tasks one at a time at a steady rate
+    /// while idle worker sessions complete each pushed task at once, then
+    /// prints p50/p90/p99/max in milliseconds.
+    Latency(LatencyArgs),
+    /// Reclaim delay: a session takes N leases and goes silent; p50/max of
+    /// the time from each lease's `locked_until` to the task reaching
+    /// another worker.
+    Reclaim(ReclaimArgs),
+    /// Idle sessions: K sessions held open, each heartbeating L leases at
+    /// the recommended interval; the server's RSS and CPU use over a
+    /// window. Spawns the node as a child process unless told otherwise.
+    Sessions(SessionsArgs),
+    /// The ceiling of our own SQL: the server's claim and complete
+    /// statements driven from this process with no gRPC, batched as the
+    /// server batches them, with the same N and slots as `drain`.
+    SqlOnly(SqlOnlyArgs),
+}
+
+/// Runs the chosen scenario and prints its report: a human table, then one
+/// JSON line.
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let report: Box<dyn Report> = match args.scenario {
+        Scenario::Enqueue(args) => {
+            let node = Node::start(&args.target, NodeKind::InProcess).await?;
+            let outcome = enqueue::run(&node, &args).await;
+            Box::new(finish(node, outcome).await?)
+        }
+        Scenario::Drain(args) => {
+            system::ensure_open_files(u64::from(args.sessions) * 2 + 256)?;
+            let node = Node::start(&args.target, NodeKind::Spawned).await?;
+            let outcome = drain::run(&node, &args).await;
+            Box::new(finish(node, outcome).await?)
+        }
+        Scenario::Latency(args) => {
+            let node = Node::start(&args.target, NodeKind::InProcess).await?;
+            let outcome = latency::run(&node, &args).await;
+            Box::new(finish(node, outcome).await?)
+        }
+        Scenario::Reclaim(args) => {
+            let node = Node::start(&args.target, NodeKind::InProcess).await?;
+            let outcome = reclaim::run(&node, &args).await;
+            Box::new(finish(node, outcome).await?)
+        }
+        Scenario::Sessions(args) => {
+            // Before the node starts, so that a spawned node inherits it.
+            system::ensure_open_files(args.open_files_needed())?;
+            let node = Node::start(&args.target, NodeKind::Spawned).await?;
+            let outcome = sessions::run(&node, &args).await;
+            Box::new(finish(node, outcome).await?)
+        }
+        Scenario::SqlOnly(args) => Box::new(sql_only::run(&args).await?),
+    };
+    print!("{}", report.table());
+    println!("{}", report.json_line());
+    match report.failure() {
+        Some(failure) => anyhow::bail!(failure),
+        None => Ok(()),
+    }
+}
+
+/// Stops the node whatever the outcome; the scenario's error wins over the
+/// node's.
+async fn finish<R>(node: Node, outcome: anyhow::Result<R>) -> anyhow::Result<R> {
+    let stopped = node.stop().await;
+    let report = outcome?;
+    stopped?;
+    Ok(report)
+}
+
+/// Parsing the command line in tests, and a fresh database per test.
+#[cfg(test)]
+pub(crate) mod testing {
+    use clap::Parser;
+
+    use super::BenchArgs;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(subcommand)]
+        bench: Bench,
+    }
+
+    #[derive(Debug, clap::Subcommand)]
+    enum Bench {
+        Bench(BenchArgs),
+    }
+
+    /// Parses `leasehold <args>`, which must start with `bench`.
+    pub fn parse(args: &[&str]) -> Result<BenchArgs, clap::Error> {
+        let Bench::Bench(bench) =
+            Cli::try_parse_from(std::iter::once("leasehold").chain(args.iter().copied()))?.bench;
+        Ok(bench)
+    }
+
+    /// A database of its own for one test, dropped by [`FreshDatabase::drop_it`].
+    pub struct FreshDatabase {
+        admin: String,
+        name: String,
+    }
+
+    impl FreshDatabase {
+        /// A new name under the test server (`LEASEHOLD_TEST_DATABASE_URL`,
+        /// else the local default); created on first use by the node.
+        pub fn new() -> Self {
+            let admin = std::env::var("LEASEHOLD_TEST_DATABASE_URL")
+                .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_owned());
+            let name = format!("leasehold_test_{}", uuid::Uuid::new_v4().simple());
+            Self { admin, name }
+        }
+
+        /// Its URL.
+        pub fn url(&self) -> String {
+            format!("{}/{}", self.admin, self.name)
+        }
+
+        /// Drops it.
+        pub async fn drop_it(self) {
+            let (client, connection) =
+                tokio_postgres::connect(&format!("{}/postgres", self.admin), tokio_postgres::NoTls)
+                    .await
+                    .unwrap();
+            tokio::spawn(connection);
+            client
+                .batch_execute(&format!(
+                    "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
+                    self.name
+                ))
+                .await
+                .unwrap();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::parse;
+    use super::*;
+
+    #[test]
+    fn every_scenario_has_its_documented_defaults() {
+        let Scenario::Enqueue(enqueue) = parse(&["bench", "enqueue"]).unwrap().scenario else {
+            panic!("enqueue")
+        };
+        assert_eq!(
+            (enqueue.tasks, enqueue.batch, enqueue.clients),
+            (20_000, 1000, 4)
+        );
+        assert_eq!(
+            enqueue.target.kind(NodeKind::InProcess),
+            NodeKind::InProcess
+        );
+
+        let Scenario::Drain(drain) = parse(&["bench", "drain"]).unwrap().scenario else {
+            panic!("drain")
+        };
+        assert_eq!(
+            (
+                drain.tasks,
+                drain.sessions,
+                drain.slots,
+                drain.preexisting_finished
+            ),
+            (100_000, 4, 250, 0)
+        );
+        assert!(!drain.target.spawn && !drain.target.in_process && drain.target.server.is_none());
+
+        let Scenario::Reclaim(reclaim) = parse(&["bench", "reclaim"]).unwrap().scenario else {
+            panic!("reclaim")
+        };
+        assert_eq!(
+            (reclaim.tasks, reclaim.lease),
+            (50, std::time::Duration::from_secs(1))
+        );
+
+        let Scenario::Sessions(sessions) = parse(&["bench", "sessions"]).unwrap().scenario else {
+            panic!("sessions")
+        };
+        assert_eq!((sessions.sessions, sessions.leases), (1000, 2));
+        assert_eq!(sessions.lease, std::time::Duration::from_secs(30));
+        assert_eq!(sessions.open_files_needed(), 1000 + 256);
+
+        let Scenario::SqlOnly(sql) = parse(&["bench", "sql-only"]).unwrap().scenario else {
+            panic!("sql-only")
+        };
+        assert_eq!(
+            (sql.tasks, sql.sessions, sql.slots),
+            (drain.tasks, drain.sessions, drain.slots),
+            "sql-only uses the sizes of drain"
+        );
+    }
+
+    #[test]
+    fn node_flags_are_parsed_and_checked() {
+        let Scenario::Drain(drain) = parse(&["bench", "drain", "--in-process", "--tasks", "7"])
+            .unwrap()
+            .scenario
+        else {
+            panic!("drain")
+        };
+        assert_eq!(drain.target.kind(NodeKind::Spawned), NodeKind::InProcess);
+        let Scenario::Enqueue(enqueue) = parse(&["bench", "enqueue", "--spawn"]).unwrap().scenario
+        else {
+            panic!("enqueue")
+        };
+        assert_eq!(enqueue.target.kind(NodeKind::InProcess), NodeKind::Spawned);
+        for bad in [
+            &["bench", "drain", "--spawn", "--in-process"][..],
+            &["bench", "drain", "--spawn", "--server", "http://x:1"],
+            &["bench", "drain", "--slots", "0"],
+            &["bench", "enqueue", "--batch", "10001"],
+            &["bench", "reclaim", "--lease", "500ms"],
+            &["bench", "sessions", "--lease", "2h"],
+            &["bench", "sessions", "--sessions", "0"],
+            &["bench", "sql-only", "--tasks", "0"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?} is refused");
+        }
+    }
+}

@@ -1,0 +1,211 @@
+//! What every scenario's report shares: the [`Report`] trait (a human table,
+//! then one JSON line), latency [`Summary`] figures, and number formatting.
+
+use std::time::Duration;
+
+/// The result of a scenario, printed as a human table followed by one JSON
+/// line (the last line on stdout; logs go to stderr).
+pub trait Report {
+    /// The report as a human table (several lines, each ending in `\n`).
+    fn table(&self) -> String;
+    /// The report as one line of JSON with the scenario's stable keys.
+    fn json_line(&self) -> String;
+    /// Why the run must end with an error although its figures stand (they
+    /// are printed first); `None` when it went well.
+    fn failure(&self) -> Option<String> {
+        None
+    }
+}
+
+/// Latency figures of a set of samples, by nearest rank.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Summary {
+    /// Number of samples.
+    pub count: usize,
+    /// Median.
+    pub p50: Duration,
+    /// 90th percentile.
+    pub p90: Duration,
+    /// 99th percentile.
+    pub p99: Duration,
+    /// Largest sample.
+    pub max: Duration,
+    /// Smallest sample.
+    pub min: Duration,
+    /// Arithmetic mean.
+    pub mean: Duration,
+}
+
+impl Summary {
+    /// Summarises `samples`; `None` when there are none.
+    pub fn of(mut samples: Vec<Duration>) -> Option<Self> {
+        if samples.is_empty() {
+            return None;
+        }
+        samples.sort_unstable();
+        let count = samples.len();
+        // Nearest rank: the smallest sample with at least p of all samples
+        // at or below it.
+        let rank = |p: f64| samples[((p * count as f64).ceil() as usize).clamp(1, count) - 1];
+        let total: Duration = samples.iter().sum();
+        Some(Self {
+            count,
+            p50: rank(0.50),
+            p90: rank(0.90),
+            p99: rank(0.99),
+            max: samples[count - 1],
+            min: samples[0],
+            mean: total / count as u32,
+        })
+    }
+
+    /// One table row: `name` then p50, p90, p99, max, min and mean in
+    /// milliseconds, under [`Summary::HEADER`].
+    pub fn row(&self, name: &str) -> String {
+        format!(
+            "  {name:<15} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3}\n",
+            millis(self.p50),
+            millis(self.p90),
+            millis(self.p99),
+            millis(self.max),
+            millis(self.min),
+            millis(self.mean),
+        )
+    }
+
+    /// The header line of [`Summary::row`]s.
+    pub const HEADER: &'static str =
+        "\n                     p50       p90       p99       max       min      mean\n";
+}
+
+/// Milliseconds rounded to the microsecond, for reports.
+pub fn millis(duration: Duration) -> f64 {
+    (duration.as_secs_f64() * 1_000_000.0).round() / 1000.0
+}
+
+/// `value` rounded to `decimals` decimal places.
+pub fn round(value: f64, decimals: i32) -> f64 {
+    let scale = 10f64.powi(decimals);
+    (value * scale).round() / scale
+}
+
+/// Items per second over `elapsed`; zero when nothing was timed.
+pub fn per_second(items: u64, elapsed: Duration) -> f64 {
+    if elapsed.is_zero() {
+        0.0
+    } else {
+        items as f64 / elapsed.as_secs_f64()
+    }
+}
+
+/// Bytes as mebibytes.
+pub fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+/// An optional figure for a table: the number, or `unknown`.
+pub fn or_unknown(value: Option<f64>, decimals: usize) -> String {
+    match value {
+        Some(value) => format!("{value:.decimals$}"),
+        None => "unknown".to_owned(),
+    }
+}
+
+/// Builds one JSON object with its keys in insertion order (serde_json's
+/// own map sorts them), starting with `"scenario"`.
+#[derive(Debug, Clone)]
+pub struct JsonLine {
+    out: String,
+}
+
+impl JsonLine {
+    /// `{"scenario":"<scenario>"`.
+    pub fn new(scenario: &str) -> Self {
+        let mut line = Self {
+            out: String::from("{"),
+        };
+        line.push("scenario", scenario.into());
+        line
+    }
+
+    /// Appends `"key":value`; `None`, NaN and infinities become `null`.
+    pub fn field(mut self, key: &str, value: impl Into<serde_json::Value>) -> Self {
+        self.push(key, value.into());
+        self
+    }
+
+    fn push(&mut self, key: &str, value: serde_json::Value) {
+        if self.out.len() > 1 {
+            self.out.push(',');
+        }
+        self.out.push_str(&serde_json::Value::from(key).to_string());
+        self.out.push(':');
+        self.out.push_str(&value.to_string());
+    }
+
+    /// The finished line (no newline).
+    pub fn finish(mut self) -> String {
+        self.out.push('}');
+        self.out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summary_uses_nearest_rank() {
+        let samples: Vec<Duration> = (1..=100).rev().map(Duration::from_millis).collect();
+        let s = Summary::of(samples).unwrap();
+        assert_eq!(s.count, 100);
+        assert_eq!(s.p50, Duration::from_millis(50));
+        assert_eq!(s.p90, Duration::from_millis(90));
+        assert_eq!(s.p99, Duration::from_millis(99));
+        assert_eq!(s.max, Duration::from_millis(100));
+        assert_eq!(s.min, Duration::from_millis(1));
+        assert_eq!(s.mean, Duration::from_micros(50_500));
+
+        let one = Summary::of(vec![Duration::from_millis(7)]).unwrap();
+        assert_eq!(
+            (one.p50, one.p99, one.max),
+            (
+                Duration::from_millis(7),
+                Duration::from_millis(7),
+                Duration::from_millis(7)
+            )
+        );
+        assert!(Summary::of(Vec::new()).is_none());
+    }
+
+    #[test]
+    fn millis_rounds_to_microseconds() {
+        assert_eq!(millis(Duration::from_nanos(2_345_678)), 2.346);
+        assert_eq!(millis(Duration::ZERO), 0.0);
+    }
+
+    #[test]
+    fn json_lines_keep_key_order_and_write_null() {
+        let line = JsonLine::new("drain")
+            .field("tasks", 10u64)
+            .field("rate", round(1234.5678, 1))
+            .field("cpu", None::<f64>)
+            .field("nan", f64::NAN)
+            .finish();
+        assert_eq!(
+            line,
+            r#"{"scenario":"drain","tasks":10,"rate":1234.6,"cpu":null,"nan":null}"#
+        );
+        let parsed: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(parsed["tasks"], 10);
+    }
+
+    #[test]
+    fn rates_and_sizes() {
+        assert_eq!(per_second(500, Duration::from_millis(250)), 2000.0);
+        assert_eq!(per_second(500, Duration::ZERO), 0.0);
+        assert_eq!(mib(3 * 1024 * 1024), 3.0);
+        assert_eq!(or_unknown(Some(1.23456), 2), "1.23");
+        assert_eq!(or_unknown(None, 2), "unknown");
+    }
+}

@@ -1,0 +1,391 @@
+//! Which server a scenario drives ([`Target`] on the command line) and the
+//! running [`Node`]: a server given by address, a node started in this
+//! process, or a node spawned as a child process (`leasehold serve`) so its
+//! CPU time and memory can be measured apart from the bench clients.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use tokio::time::Instant;
+use tonic::transport::Channel;
+
+use super::system::Usage;
+use crate::config::Config;
+use crate::server::Running;
+
+/// Database of a node started for the run when neither `--database-url` nor
+/// `DATABASE_URL` names one.
+pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/leasehold_bench";
+
+/// Drain grace of a node started for the run: the workers have closed their
+/// sessions by the time it stops, so it never needs long.
+const NODE_DRAIN_GRACE: Duration = Duration::from_secs(5);
+
+/// How long a spawned node may take to print its address (it creates and
+/// migrates the database first).
+const SPAWN_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long a spawned node may take to exit after SIGTERM before it is
+/// killed.
+const EXIT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Log filter of a spawned node: warnings, and the lines of `server` that
+/// say where it listens and that it stopped.
+const SPAWNED_LOG_FILTER: &str = "warn,leasehold::server=info";
+
+/// Which server a scenario drives.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Target {
+    /// Drive the server running at this address (`http://host:port`)
+    /// instead of starting a node for the run. Its CPU time and memory are
+    /// then unknown.
+    #[arg(long, value_name = "URL", conflicts_with_all = ["spawn", "in_process"])]
+    pub server: Option<String>,
+
+    /// Start the node as a child process (`leasehold serve` on a free port
+    /// of 127.0.0.1), so that its CPU time and memory are its own. The
+    /// default of `drain` and `sessions`.
+    #[arg(long, conflicts_with = "in_process")]
+    pub spawn: bool,
+
+    /// Start the node inside the bench process (its CPU time and memory
+    /// then include the bench clients). The default of the other scenarios.
+    #[arg(long)]
+    pub in_process: bool,
+
+    /// Postgres URL of the node started for the run. With `--server`, the
+    /// scenarios that read or tidy the database directly (`drain
+    /// --preexisting-finished`, the count of finished rows, the clean-up of
+    /// `enqueue`) use it too, so it must name that server's database. A
+    /// missing database is created and migrated.
+    #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
+    pub database_url: String,
+}
+
+/// Where the node of a run lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeKind {
+    /// A server that was already running (`--server`).
+    Remote,
+    /// Started inside the bench process (`--in-process`).
+    InProcess,
+    /// Started as a child process (`--spawn`).
+    Spawned,
+}
+
+impl Target {
+    /// The kind of node the flags ask for, `default` when they name none.
+    pub fn kind(&self, default: NodeKind) -> NodeKind {
+        if self.server.is_some() {
+            NodeKind::Remote
+        } else if self.spawn {
+            NodeKind::Spawned
+        } else if self.in_process {
+            NodeKind::InProcess
+        } else {
+            default
+        }
+    }
+}
+
+/// The server a run talks to; [`Node::stop`] shuts down a node started for
+/// the run.
+#[derive(Debug)]
+pub struct Node {
+    endpoint: String,
+    kind: NodeKind,
+    running: Option<Running>,
+    child: Option<ChildNode>,
+}
+
+impl Node {
+    /// Connects to `--server`, or starts a node on a free port of 127.0.0.1
+    /// over `--database-url`: in this process or as a child process, as the
+    /// flags say or else as `default` says.
+    pub async fn start(target: &Target, default: NodeKind) -> anyhow::Result<Self> {
+        match target.kind(default) {
+            NodeKind::Remote => Ok(Self {
+                endpoint: target.server.clone().expect("remote means --server"),
+                kind: NodeKind::Remote,
+                running: None,
+                child: None,
+            }),
+            NodeKind::InProcess => {
+                let mut config = Config::with_database_url(&target.database_url);
+                config.drain_grace = NODE_DRAIN_GRACE;
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+                config.listen = listener.local_addr()?;
+                let running = crate::server::start(config, listener)
+                    .await
+                    .context("cannot start the in-process node")?;
+                Ok(Self {
+                    endpoint: format!("http://{}", running.addr()),
+                    kind: NodeKind::InProcess,
+                    running: Some(running),
+                    child: None,
+                })
+            }
+            NodeKind::Spawned => {
+                let child = ChildNode::spawn(&target.database_url).await?;
+                Ok(Self {
+                    endpoint: format!("http://{}", child.addr),
+                    kind: NodeKind::Spawned,
+                    running: None,
+                    child: Some(child),
+                })
+            }
+        }
+    }
+
+    /// The address of the server, `http://host:port`.
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    /// Where the node lives.
+    pub fn kind(&self) -> NodeKind {
+        self.kind
+    }
+
+    /// The node in a few words, for report tables.
+    pub fn describe(&self) -> String {
+        match (&self.kind, &self.child) {
+            (NodeKind::Remote, _) => format!("{} (running server)", self.endpoint),
+            (NodeKind::InProcess, _) => format!("{} (in-process node)", self.endpoint),
+            (NodeKind::Spawned, Some(child)) => {
+                format!("{} (spawned node, pid {})", self.endpoint, child.pid)
+            }
+            (NodeKind::Spawned, None) => format!("{} (spawned node)", self.endpoint),
+        }
+    }
+
+    /// The node's CPU time and memory now: the child's for a spawned node,
+    /// this process's (bench clients included) for an in-process node, and
+    /// `None` for a server given by `--server` or when `/proc` cannot be
+    /// read.
+    pub fn usage(&self) -> Option<Usage> {
+        let pid = match (&self.kind, &self.child) {
+            (NodeKind::Remote, _) => return None,
+            (NodeKind::InProcess, _) => None,
+            (NodeKind::Spawned, Some(child)) => Some(child.pid),
+            (NodeKind::Spawned, None) => return None,
+        };
+        match Usage::of(pid) {
+            Ok(usage) => Some(usage),
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot read the node's CPU time and memory");
+                None
+            }
+        }
+    }
+
+    /// Shuts a node started for the run down gracefully (SIGTERM for a
+    /// spawned one); does nothing to a server given by `--server`.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(running) = self.running.take() {
+            running
+                .shutdown()
+                .await
+                .context("the in-process node failed")?;
+        }
+        if let Some(child) = self.child.take() {
+            child.stop().await?;
+        }
+        Ok(())
+    }
+}
+
+/// A connected channel to `endpoint` (`http://host:port`).
+pub async fn channel_to(endpoint: &str) -> anyhow::Result<Channel> {
+    Channel::from_shared(endpoint.to_owned())
+        .with_context(|| format!("`{endpoint}` is not a valid server address"))?
+        .connect()
+        .await
+        .with_context(|| format!("cannot connect to {endpoint}"))
+}
+
+/// `leasehold serve` running as a child of the bench. Its log goes to the
+/// bench's standard error, each line prefixed with `node| `. Killed if
+/// dropped without [`ChildNode::stop`] (and, on Linux, when the bench dies).
+#[derive(Debug)]
+struct ChildNode {
+    child: Option<Child>,
+    pid: u32,
+    addr: String,
+}
+
+impl ChildNode {
+    /// Runs this same executable as `serve --listen 127.0.0.1:0` and waits
+    /// for the `listening ... addr=` line on its standard error.
+    async fn spawn(database_url: &str) -> anyhow::Result<Self> {
+        let exe = std::env::current_exe().context("cannot find the leasehold executable")?;
+        let mut command = Command::new(&exe);
+        command
+            .args(["serve", "--listen", "127.0.0.1:0", "--database-url"])
+            .arg(database_url)
+            .arg("--drain-grace")
+            .arg(humantime::format_duration(NODE_DRAIN_GRACE).to_string())
+            .env("RUST_LOG", SPAWNED_LOG_FILTER)
+            .env("NO_COLOR", "1")
+            .env_remove("LEASEHOLD_LOG_JSON")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: only prctl, which is async-signal-safe, runs between
+            // fork and exec. The signal goes to the child when the thread
+            // that forked it exits; tokio's worker threads live as long as
+            // the runtime, so in practice when the bench exits.
+            unsafe {
+                command.pre_exec(|| {
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                    Ok(())
+                });
+            }
+        }
+        let mut child = command
+            .spawn()
+            .with_context(|| format!("cannot start {}", exe.display()))?;
+        let pid = child.id();
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let (addr_tx, addr_rx) = tokio::sync::oneshot::channel::<Result<String, String>>();
+        std::thread::Builder::new()
+            .name("node-log".into())
+            .spawn(move || forward_log(stderr, addr_tx))
+            .context("cannot start the log reader of the spawned node")?;
+        let mut node = Self {
+            child: Some(child),
+            pid,
+            addr: String::new(),
+        };
+        match tokio::time::timeout(SPAWN_TIMEOUT, addr_rx).await {
+            Ok(Ok(Ok(addr))) => {
+                tracing::info!(pid, %addr, "spawned node listening");
+                node.addr = addr;
+                Ok(node)
+            }
+            Ok(Ok(Err(log))) => {
+                let status = node.child.as_mut().and_then(|c| c.wait().ok());
+                bail!("the spawned node exited ({status:?}) before listening; its log:\n{log}")
+            }
+            Ok(Err(_)) => bail!("the log reader of the spawned node stopped"),
+            Err(_) => bail!("the spawned node did not listen within {SPAWN_TIMEOUT:?}"),
+        }
+    }
+
+    /// SIGTERM, then waits for a graceful exit (SIGKILL after
+    /// [`EXIT_TIMEOUT`]). Fails if the node exited with an error.
+    async fn stop(mut self) -> anyhow::Result<()> {
+        let mut child = self.child.take().expect("a child node is stopped once");
+        if let Some(status) = child.try_wait()? {
+            bail!("the spawned node had already exited with {status}");
+        }
+        // SAFETY: kill sends a signal to the child we started and reap only
+        // below, so the pid cannot have been reused.
+        unsafe {
+            libc::kill(self.pid as libc::pid_t, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + EXIT_TIMEOUT;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                if status.success() {
+                    return Ok(());
+                }
+                bail!("the spawned node exited with {status}");
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("the spawned node did not stop within {EXIT_TIMEOUT:?} of SIGTERM: killed");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for ChildNode {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Reads the spawned node's log: sends its address once the `listening`
+/// line shows it (or, at end of file, the lines read so far), then copies
+/// every line to this process's standard error.
+fn forward_log(
+    stderr: std::process::ChildStderr,
+    addr_tx: tokio::sync::oneshot::Sender<Result<String, String>>,
+) {
+    let mut addr_tx = Some(addr_tx);
+    let mut early = Vec::new();
+    for line in BufReader::new(stderr).lines() {
+        let Ok(line) = line else { break };
+        if let Some(tx) = addr_tx.take() {
+            match listening_addr(&line) {
+                Some(addr) => {
+                    let _ = tx.send(Ok(addr));
+                }
+                None => {
+                    addr_tx = Some(tx);
+                    early.push(line.clone());
+                }
+            }
+        }
+        eprintln!("node| {line}");
+    }
+    if let Some(tx) = addr_tx {
+        let _ = tx.send(Err(early.join("\n")));
+    }
+}
+
+/// The address of a `listening ... addr=host:port ...` log line.
+pub fn listening_addr(line: &str) -> Option<String> {
+    if !line.contains("listening") {
+        return None;
+    }
+    let addr = line.split("addr=").nth(1)?.split_whitespace().next()?;
+    Some(addr.trim_matches('"').to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_listening_line_gives_the_address() {
+        let line = "2026-05-01T10:00:00.000000Z  INFO leasehold::server: listening \
+                    addr=127.0.0.1:40123 node_id=0196-abc";
+        assert_eq!(listening_addr(line).as_deref(), Some("127.0.0.1:40123"));
+        assert_eq!(
+            listening_addr("INFO leasehold::server: database reachable: serving"),
+            None
+        );
+    }
+
+    #[test]
+    fn the_flags_choose_the_node() {
+        let target = |server: Option<&str>, spawn, in_process| Target {
+            server: server.map(str::to_owned),
+            spawn,
+            in_process,
+            database_url: DEFAULT_DATABASE_URL.into(),
+        };
+        let spawned = NodeKind::Spawned;
+        let in_process = NodeKind::InProcess;
+        assert_eq!(target(None, false, false).kind(spawned), spawned);
+        assert_eq!(target(None, false, false).kind(in_process), in_process);
+        assert_eq!(target(None, true, false).kind(in_process), spawned);
+        assert_eq!(target(None, false, true).kind(spawned), in_process);
+        assert_eq!(
+            target(Some("http://x:1"), false, false).kind(spawned),
+            NodeKind::Remote
+        );
+    }
+}

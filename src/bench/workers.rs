@@ -1,0 +1,319 @@
+//! Simulated workers over real session streams: [`SessionStream`] opens and
+//! registers one `Connect` stream; [`Workers`] runs a fleet of them that
+//! complete every pushed task at once and report each hand-out and each
+//! acknowledgement as an [`Event`].
+
+use std::time::{Duration, SystemTime};
+
+use anyhow::{bail, Context};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tonic::transport::Channel;
+
+use super::target::channel_to;
+use crate::proto::worker_service_client::WorkerServiceClient;
+use crate::proto::{self, connect_request, connect_response};
+
+/// How long closing the worker sessions may take at the end of a run.
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A pushed task as a worker saw it.
+#[derive(Debug, Clone)]
+pub struct Arrival {
+    /// Id of the task.
+    pub task_id: String,
+    /// When the worker read it off its stream.
+    pub at: Instant,
+    /// The same moment by the wall clock, to compare with server times.
+    pub wall: SystemTime,
+    /// Which session (index) received it.
+    pub session: usize,
+}
+
+/// The server's answer to a completion, as a worker saw it.
+#[derive(Debug, Clone)]
+pub struct Ack {
+    /// Id of the task.
+    pub task_id: String,
+    /// When the worker read it off its stream.
+    pub at: Instant,
+    /// Which session (index) received it.
+    pub session: usize,
+    /// True when the completion was recorded.
+    pub ok: bool,
+}
+
+/// What a worker of a [`Workers`] fleet reports.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// A task was pushed to it.
+    Arrived(Arrival),
+    /// Its completion of a task was answered.
+    Acked(Ack),
+}
+
+/// What one worker session did during a run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WorkerStats {
+    /// Tasks pushed to it.
+    pub received: u64,
+    /// Completions the server acknowledged as recorded.
+    pub completed: u64,
+    /// Completions the server refused (any acknowledgement other than OK).
+    pub refused: u64,
+}
+
+/// Worker sessions that take one task type and complete every pushed task
+/// at once over the stream, so their slots never fill. Every hand-out and
+/// every acknowledgement is reported, timestamped when read off the stream.
+#[derive(Debug)]
+pub struct Workers {
+    stop: watch::Sender<bool>,
+    handles: Vec<JoinHandle<anyhow::Result<WorkerStats>>>,
+}
+
+impl Workers {
+    /// Opens `sessions` sessions of `slots` slots on `endpoint`, each on its
+    /// own connection, taking only `task_type`; returns once every one is
+    /// registered, with the receiver of their events.
+    pub async fn open(
+        endpoint: &str,
+        task_type: &str,
+        sessions: usize,
+        slots: i32,
+    ) -> anyhow::Result<(Self, mpsc::UnboundedReceiver<Event>)> {
+        let (events, events_rx) = mpsc::unbounded_channel();
+        let (stop, stop_rx) = watch::channel(false);
+        let mut handles = Vec::with_capacity(sessions);
+        let run = uuid::Uuid::new_v4().simple().to_string();
+        for index in 0..sessions {
+            let register = proto::RegisterWorker {
+                worker_id: format!("bench-{}-{index}", &run[..8]),
+                task_types: vec![task_type.to_owned()],
+                slots,
+                ..Default::default()
+            };
+            let session = SessionStream::open(endpoint, register, index)
+                .await
+                .with_context(|| format!("cannot open worker session {index}"))?;
+            handles.push(tokio::spawn(complete_at_once(
+                session,
+                events.clone(),
+                stop_rx.clone(),
+            )));
+        }
+        Ok((Self { stop, handles }, events_rx))
+    }
+
+    /// Waits for the acknowledgements of the completions sent so far, closes
+    /// every session and returns what each did, in session order.
+    pub async fn close(self) -> anyhow::Result<Vec<WorkerStats>> {
+        let _ = self.stop.send(true);
+        let mut stats = Vec::with_capacity(self.handles.len());
+        for (index, mut handle) in self.handles.into_iter().enumerate() {
+            match tokio::time::timeout(CLOSE_TIMEOUT, &mut handle).await {
+                Ok(joined) => stats.push(
+                    joined
+                        .context("worker task panicked")?
+                        .with_context(|| format!("worker session {index} failed"))?,
+                ),
+                Err(_) => {
+                    handle.abort();
+                    bail!("worker session {index} did not close within {CLOSE_TIMEOUT:?}");
+                }
+            }
+        }
+        Ok(stats)
+    }
+}
+
+/// One registered session stream: the sender of the worker's messages and
+/// the stream of the server's.
+pub struct SessionStream {
+    /// Index of the session within its run, for logs and reports.
+    pub index: usize,
+    /// The worker's side; dropping it closes the stream, and the server
+    /// then ends its side.
+    pub tx: mpsc::Sender<proto::ConnectRequest>,
+    /// The server's side.
+    pub rx: tonic::Streaming<proto::ConnectResponse>,
+    /// The server's answer to `register`.
+    pub registered: proto::SessionRegistered,
+}
+
+impl SessionStream {
+    /// Connects to `endpoint` on a connection of its own, sends `register`
+    /// and waits for `registered`.
+    pub async fn open(
+        endpoint: &str,
+        register: proto::RegisterWorker,
+        index: usize,
+    ) -> anyhow::Result<Self> {
+        Self::open_on(channel_to(endpoint).await?, register, index).await
+    }
+
+    /// As [`SessionStream::open`], on a given channel.
+    pub async fn open_on(
+        channel: Channel,
+        register: proto::RegisterWorker,
+        index: usize,
+    ) -> anyhow::Result<Self> {
+        let (tx, rx) = mpsc::channel(1024);
+        tx.send(proto::ConnectRequest {
+            kind: Some(connect_request::Kind::Register(register)),
+        })
+        .await
+        .context("session channel closed")?;
+        let outbound = futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|item| (item, rx))
+        });
+        let mut client = WorkerServiceClient::new(channel);
+        let mut rx = client
+            .connect(outbound)
+            .await
+            .context("Connect refused")?
+            .into_inner();
+        match rx.message().await.context("session stream failed")? {
+            Some(proto::ConnectResponse {
+                kind: Some(connect_response::Kind::Registered(registered)),
+            }) => Ok(Self {
+                index,
+                tx,
+                rx,
+                registered,
+            }),
+            other => bail!("expected `registered` first, got {other:?}"),
+        }
+    }
+
+    /// The heartbeat interval the server recommends (a third of the lease).
+    pub fn heartbeat_interval(&self) -> Duration {
+        self.registered
+            .heartbeat_interval
+            .as_ref()
+            .map(std_duration)
+            .unwrap_or(Duration::from_secs(10))
+    }
+}
+
+/// A protobuf duration as a std one (negative counts as zero).
+pub fn std_duration(d: &prost_types::Duration) -> Duration {
+    Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32)
+}
+
+/// A protobuf timestamp as a system time (before the epoch counts as the
+/// epoch).
+pub fn system_time(t: &prost_types::Timestamp) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::new(t.seconds.max(0) as u64, t.nanos.max(0) as u32)
+}
+
+/// A complete message for a pushed lease, with an empty result.
+pub fn complete(lease: &proto::Lease) -> proto::ConnectRequest {
+    proto::ConnectRequest {
+        kind: Some(connect_request::Kind::Complete(
+            proto::CompleteTaskRequest {
+                task_id: lease.task_id.clone(),
+                lease_token: lease.lease_token.clone(),
+                result: None,
+            },
+        )),
+    }
+}
+
+/// Completes every pushed task at once until told to stop; then waits for
+/// the outstanding acknowledgements, closes its side and reads the stream
+/// to its end.
+async fn complete_at_once(
+    session: SessionStream,
+    events: mpsc::UnboundedSender<Event>,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<WorkerStats> {
+    let SessionStream {
+        index, tx, mut rx, ..
+    } = session;
+    let mut tx = Some(tx);
+    let mut stats = WorkerStats::default();
+    let mut outstanding = 0u64;
+    let mut stopping = false;
+    loop {
+        if stopping && outstanding == 0 {
+            // Closing our side makes the server end the stream.
+            tx = None;
+        }
+        let message = tokio::select! {
+            message = rx.message() => message,
+            _ = stop.changed(), if !stopping => {
+                stopping = true;
+                continue;
+            }
+        };
+        let at = Instant::now();
+        let kind = match message {
+            Ok(Some(message)) => message.kind,
+            Ok(None) => break,
+            Err(status) if tx.is_none() => {
+                tracing::debug!(session = index, %status, "session ended while closing");
+                break;
+            }
+            Err(status) => bail!("the server ended the session: {status}"),
+        };
+        match kind {
+            Some(connect_response::Kind::Task(leased)) => {
+                let lease = leased
+                    .lease
+                    .context("a task was pushed without its lease")?;
+                stats.received += 1;
+                let _ = events.send(Event::Arrived(Arrival {
+                    task_id: lease.task_id.clone(),
+                    at,
+                    wall: SystemTime::now(),
+                    session: index,
+                }));
+                if let Some(tx) = &tx {
+                    tx.send(complete(&lease))
+                        .await
+                        .context("session stream closed")?;
+                    outstanding += 1;
+                }
+            }
+            Some(connect_response::Kind::Ack(ack)) => {
+                outstanding = outstanding.saturating_sub(1);
+                let ok = ack.status == proto::AckStatus::Ok as i32;
+                if ok {
+                    stats.completed += 1;
+                } else {
+                    stats.refused += 1;
+                    tracing::warn!(
+                        session = index,
+                        task_id = %ack.task_id,
+                        status = ack.status,
+                        message = %ack.message,
+                        "completion refused"
+                    );
+                }
+                let _ = events.send(Event::Acked(Ack {
+                    task_id: ack.task_id,
+                    at,
+                    session: index,
+                    ok,
+                }));
+            }
+            Some(connect_response::Kind::Drain(_)) => {
+                tracing::warn!(session = index, "the server is draining this session");
+            }
+            Some(connect_response::Kind::Cancel(cancel)) => {
+                tracing::warn!(
+                    session = index,
+                    task_id = %cancel.task_id,
+                    reason = cancel.reason,
+                    "lease taken back"
+                );
+            }
+            Some(connect_response::Kind::Registered(_))
+            | Some(connect_response::Kind::HeartbeatAck(_))
+            | None => {}
+        }
+    }
+    Ok(stats)
+}
