@@ -10,6 +10,7 @@ use futures_util::Stream;
 use tokio::sync::mpsc;
 use tonic::{Status, Streaming};
 
+use super::validate::lease_ref;
 use super::{convert, validate};
 use crate::config::{MAX_LEASE, MIN_LEASE};
 use crate::dispatch::{CancelReason, Push, Session, SessionSpec};
@@ -315,13 +316,6 @@ impl Served {
         }
         Ok(())
     }
-}
-
-fn lease_ref(task_id: &str, lease_token: &str) -> Result<LeaseRef, Error> {
-    Ok(LeaseRef {
-        task_id: validate::uuid("task_id", task_id)?,
-        lease_token: validate::uuid("lease_token", lease_token)?,
-    })
 }
 
 /// A lease state on the wire.

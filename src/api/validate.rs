@@ -41,6 +41,14 @@ pub fn uuid(field: &str, value: &str) -> Result<Uuid> {
     Uuid::parse_str(value).map_err(|_| Error::invalid(field, format!("{value:?} is not a UUID")))
 }
 
+/// A lease reference: `task_id` and `lease_token`, both UUIDs.
+pub fn lease_ref(task_id: &str, lease_token: &str) -> Result<crate::task::LeaseRef> {
+    Ok(crate::task::LeaseRef {
+        task_id: uuid("task_id", task_id)?,
+        lease_token: uuid("lease_token", lease_token)?,
+    })
+}
+
 /// An optional UUID.
 pub fn opt_uuid(field: &str, value: Option<&str>) -> Result<Option<Uuid>> {
     value.map(|v| uuid(field, v)).transpose()

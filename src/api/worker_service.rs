@@ -5,12 +5,13 @@ use std::time::Duration;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::session::{self, ConnectStream};
+use super::validate::lease_ref;
 use super::{convert, validate};
 use crate::config::{MAX_LEASE, MIN_LEASE};
 use crate::error::Error;
 use crate::proto::{self, worker_service_server::WorkerService};
 use crate::service::Service;
-use crate::task::{Claim, Failure, LeaseRef};
+use crate::task::{Claim, Failure};
 
 /// Implements `WorkerService` over the domain.
 #[derive(Debug, Clone)]
@@ -60,13 +61,6 @@ pub(crate) fn failure(req: &proto::FailTaskRequest) -> Result<Failure, Error> {
                 )
             })
             .transpose()?,
-    })
-}
-
-fn lease_ref(task_id: &str, lease_token: &str) -> Result<LeaseRef, Error> {
-    Ok(LeaseRef {
-        task_id: validate::uuid("task_id", task_id)?,
-        lease_token: validate::uuid("lease_token", lease_token)?,
     })
 }
 
