@@ -22,7 +22,10 @@ use crate::task::{LeaseRef, LeaseState, Progress};
 /// The server side of a session stream.
 pub type ConnectStream = Pin<Box<dyn Stream<Item = Result<proto::ConnectResponse, Status>> + Send>>;
 
-type Out = mpsc::Sender<Result<proto::ConnectResponse, Status>>;
+/// Answers travel boxed: a channel allocates its slots in blocks, and an
+/// unboxed answer (a whole task) would make each idle session's block tens
+/// of kilobytes.
+type Out = mpsc::Sender<Box<Result<proto::ConnectResponse, Status>>>;
 
 /// Answers buffered per session before the server waits for the worker to
 /// read; bounded so a worker that stops reading holds no unbounded memory.
@@ -91,14 +94,14 @@ pub(crate) async fn open(
     let (out, rx) = mpsc::channel(OUT_BUFFER);
     let lease = session.spec.lease_duration;
     let _ = out
-        .send(respond(connect_response::Kind::Registered(
+        .send(Box::new(respond(connect_response::Kind::Registered(
             proto::SessionRegistered {
                 session_id: session.id.to_string(),
                 node_id: service.dispatcher().node_id().to_string(),
                 lease_duration: Some(convert::duration(lease)),
                 heartbeat_interval: Some(convert::duration(lease / 3)),
             },
-        )))
+        ))))
         .await;
     let permits = Arc::new(tokio::sync::Semaphore::new(
         session.spec.slots + IN_HAND_EXTRA,
@@ -111,7 +114,10 @@ pub(crate) async fn open(
         permits,
     };
     tokio::spawn(served.run(inbound, pushes));
-    Ok(receiver_stream(rx))
+    Ok(Box::pin(futures_util::StreamExt::map(
+        receiver_stream(rx),
+        |answer| *answer,
+    )))
 }
 
 struct Served {
@@ -142,7 +148,7 @@ impl Served {
                     Ok(Some(request)) => {
                         self.session.touch();
                         if let Err(status) = self.handle(request).await {
-                            let _ = self.out.send(Err(status)).await;
+                            let _ = self.out.send(Box::new(Err(status))).await;
                             break;
                         }
                     }
@@ -170,7 +176,7 @@ impl Served {
                         }),
                         Some(Push::Close) | None => break,
                     };
-                    if self.out.send(respond(response)).await.is_err() {
+                    if self.out.send(Box::new(respond(response))).await.is_err() {
                         if let Some(lease) = undelivered {
                             self.give_back(lease).await;
                         }
@@ -255,7 +261,7 @@ impl Served {
                         )),
                         Err(err) => Err(err.into()),
                     };
-                    let _ = out.send(answer).await;
+                    let _ = out.send(Box::new(answer)).await;
                 });
             }
             connect_request::Kind::Complete(req) => {
@@ -365,12 +371,14 @@ async fn send_ack(
         }
     };
     let _ = out
-        .send(respond(connect_response::Kind::Ack(proto::OutcomeAck {
-            task_id,
-            kind: kind as i32,
-            status: status as i32,
-            message,
-            task,
-        })))
+        .send(Box::new(respond(connect_response::Kind::Ack(
+            proto::OutcomeAck {
+                task_id,
+                kind: kind as i32,
+                status: status as i32,
+                message,
+                task,
+            },
+        ))))
         .await;
 }
