@@ -162,13 +162,10 @@ const LEASE_STATE: &str = "SELECT id, status, lease_token FROM task WHERE id = A
 // Completions and failures are written in batches (group commit): one
 // statement for every outcome that arrived together.
 const TASK_COMPLETE_MANY: &str = concat!(
-    "WITH locked AS ( \
-       SELECT t.id FROM task t WHERE t.id = ANY($1::uuid[]) ORDER BY t.id FOR UPDATE) \
-     UPDATE task t SET status = 'completed', result = r.result, completed_at = now(), \
+    "UPDATE task t SET status = 'completed', result = r.result, completed_at = now(), \
        locked_until = NULL \
-     FROM locked JOIN unnest($1::uuid[], $2::uuid[], $3::jsonb[]) AS r(id, token, result) \
-       ON r.id = locked.id \
-     WHERE t.id = locked.id AND t.lease_token = r.token AND t.status = 'processing' \
+     FROM unnest($1::uuid[], $2::uuid[], $3::jsonb[]) AS r(id, token, result) \
+     WHERE t.id = r.id AND t.lease_token = r.token AND t.status = 'processing' \
      RETURNING ",
     t_columns!()
 );
@@ -623,9 +620,13 @@ impl Store {
     ) -> Result<Vec<Fenced>> {
         let client = self.client().await?;
         let stmt = client.prepare_cached(TASK_COMPLETE_MANY).await?;
-        let ids: Vec<Uuid> = completions.iter().map(|(l, _)| l.task_id).collect();
-        let tokens: Vec<Uuid> = completions.iter().map(|(l, _)| l.lease_token).collect();
-        let results: Vec<&serde_json::Value> = completions.iter().map(|(_, r)| r).collect();
+        // Rows are locked in input order: sorted by id, as every batch is,
+        // two batches over the same tasks queue up instead of deadlocking.
+        let mut order: Vec<&(LeaseRef, serde_json::Value)> = completions.iter().collect();
+        order.sort_by_key(|(l, _)| l.task_id);
+        let ids: Vec<Uuid> = order.iter().map(|(l, _)| l.task_id).collect();
+        let tokens: Vec<Uuid> = order.iter().map(|(l, _)| l.lease_token).collect();
+        let results: Vec<&serde_json::Value> = order.iter().map(|(_, r)| r).collect();
         let rows = client.query(&stmt, &[&ids, &tokens, &results]).await?;
         let leases: Vec<LeaseRef> = completions.iter().map(|(l, _)| *l).collect();
         self.fenced_many(&client, rows, &leases, |t| t.status == Status::Completed)
