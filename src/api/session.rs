@@ -265,44 +265,50 @@ impl Served {
                 });
             }
             connect_request::Kind::Complete(req) => {
-                tokio::spawn(async move {
-                    let _permit = permit;
-                    let outcome = async {
+                spawn_outcome(
+                    permit,
+                    out,
+                    req.task_id.clone(),
+                    proto::OutcomeKind::Complete,
+                    async move {
                         let lease = lease_ref(&req.task_id, &req.lease_token)?;
                         let result = validate::payload("result", req.result.as_ref(), max_payload)?;
                         service.complete(lease, result).await
-                    }
-                    .await;
-                    send_ack(&out, req.task_id, proto::OutcomeKind::Complete, outcome).await;
-                });
+                    },
+                );
             }
             connect_request::Kind::Fail(req) => {
-                tokio::spawn(async move {
-                    let _permit = permit;
-                    let outcome = async {
+                spawn_outcome(
+                    permit,
+                    out,
+                    req.task_id.clone(),
+                    proto::OutcomeKind::Fail,
+                    async move {
                         let lease = lease_ref(&req.task_id, &req.lease_token)?;
                         let failure = super::worker_service::failure(&req)?;
                         service.fail(lease, failure).await
-                    }
-                    .await;
-                    send_ack(&out, req.task_id, proto::OutcomeKind::Fail, outcome).await;
-                });
+                    },
+                );
             }
             connect_request::Kind::Release(req) => {
-                tokio::spawn(async move {
-                    let _permit = permit;
-                    let outcome = async {
+                spawn_outcome(
+                    permit,
+                    out,
+                    req.task_id.clone(),
+                    proto::OutcomeKind::Release,
+                    async move {
                         let lease = lease_ref(&req.task_id, &req.lease_token)?;
                         service.release(lease).await
-                    }
-                    .await;
-                    send_ack(&out, req.task_id, proto::OutcomeKind::Release, outcome).await;
-                });
+                    },
+                );
             }
             connect_request::Kind::Progress(req) => {
-                tokio::spawn(async move {
-                    let _permit = permit;
-                    let outcome = async {
+                spawn_outcome(
+                    permit,
+                    out,
+                    req.task_id.clone(),
+                    proto::OutcomeKind::Progress,
+                    async move {
                         let lease = lease_ref(&req.task_id, &req.lease_token)?;
                         let progress = Progress {
                             current: validate::range64("progress.current", req.current)?,
@@ -311,13 +317,8 @@ impl Served {
                             updated_at: None,
                         };
                         service.progress(lease, progress).await
-                    }
-                    .await;
-                    // Progress is acknowledged only when refused.
-                    if outcome.is_err() {
-                        send_ack(&out, req.task_id, proto::OutcomeKind::Progress, outcome).await;
-                    }
-                });
+                    },
+                );
             }
         }
         Ok(())
@@ -336,6 +337,24 @@ pub(crate) fn lease_state(id: uuid::Uuid, state: LeaseState) -> proto::LeaseStat
         status: status as i32,
         locked_until,
     }
+}
+
+/// Runs one outcome in its own task, holding its `permit` until answered,
+/// and acknowledges it (a progress report only when refused).
+fn spawn_outcome(
+    permit: tokio::sync::OwnedSemaphorePermit,
+    out: Out,
+    task_id: String,
+    kind: proto::OutcomeKind,
+    outcome: impl std::future::Future<Output = Result<crate::task::Task, Error>> + Send + 'static,
+) {
+    tokio::spawn(async move {
+        let _permit = permit;
+        let outcome = outcome.await;
+        if kind != proto::OutcomeKind::Progress || outcome.is_err() {
+            send_ack(&out, task_id, kind, outcome).await;
+        }
+    });
 }
 
 async fn send_ack(
