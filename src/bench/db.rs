@@ -68,6 +68,24 @@ pub async fn delete_type(client: &tokio_postgres::Client, task_type: &str) -> an
         .with_context(|| format!("cannot delete the tasks of {task_type}"))
 }
 
+/// Runs `measure` with a task type unique to this run of `scenario`; if it
+/// fails, the run's unfinished tasks are deleted ([`tidy`]).
+pub async fn with_own_task_type<T, Fut>(
+    scenario: &str,
+    database_url: &str,
+    measure: impl FnOnce(String) -> Fut,
+) -> anyhow::Result<T>
+where
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
+{
+    let task_type = super::producer::unique_task_type(scenario);
+    let outcome = measure(task_type.clone()).await;
+    if outcome.is_err() {
+        tidy(database_url, &task_type).await;
+    }
+    outcome
+}
+
 /// After a failed run: deletes the tasks of `task_type` that are not
 /// finished, so that no later claim has to step over them. Best effort: a
 /// failure is only logged.

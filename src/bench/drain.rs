@@ -11,7 +11,7 @@ use anyhow::bail;
 use tokio::time::Instant;
 
 use super::db;
-use super::producer::{set_up_tasks, unique_task_type};
+use super::producer::set_up_tasks;
 use super::report::{or_unknown, per_second, round, JsonLine, Report};
 use super::system::{cpu_between, Usage};
 use super::target::{Node, NodeKind, Target};
@@ -28,6 +28,15 @@ pub struct DrainArgs {
     #[command(flatten)]
     pub target: Target,
 
+    /// How many tasks, sessions and slots.
+    #[command(flatten)]
+    pub workload: Workload,
+}
+
+/// The size of a drain, shared by `drain` and `sql-only` so that their
+/// figures compare.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Workload {
     /// Tasks created up front and drained.
     #[arg(
         long,
@@ -36,7 +45,8 @@ pub struct DrainArgs {
     )]
     pub tasks: u32,
 
-    /// Worker sessions draining them, each on its own connection.
+    /// Worker sessions draining them, each on its own connection (in
+    /// `sql-only`, simulated: one worker id of the claims each).
     #[arg(
         long,
         default_value_t = 4,
@@ -92,18 +102,18 @@ pub struct DrainReport {
 impl DrainReport {
     /// Tasks completed per second.
     pub fn rate(&self) -> f64 {
-        per_second(u64::from(self.args.tasks), self.elapsed)
+        per_second(u64::from(self.args.workload.tasks), self.elapsed)
     }
 
     /// The node's CPU seconds per 1,000 tasks.
     pub fn server_cpu_per_1k(&self) -> Option<f64> {
         self.server_cpu
-            .map(|cpu| cpu.as_secs_f64() * 1000.0 / f64::from(self.args.tasks))
+            .map(|cpu| cpu.as_secs_f64() * 1000.0 / f64::from(self.args.workload.tasks))
     }
 
     fn bench_cpu_per_1k(&self) -> Option<f64> {
         self.bench_cpu
-            .map(|cpu| cpu.as_secs_f64() * 1000.0 / f64::from(self.args.tasks))
+            .map(|cpu| cpu.as_secs_f64() * 1000.0 / f64::from(self.args.workload.tasks))
     }
 }
 
@@ -126,8 +136,11 @@ impl Report for DrainReport {
             "  history     {} finished rows in the table{}\n",
             self.preexisting_finished_rows
                 .map_or("unknown".to_owned(), |n| n.to_string()),
-            if args.preexisting_finished > 0 {
-                format!(" ({} inserted for this run)", args.preexisting_finished)
+            if args.workload.preexisting_finished > 0 {
+                format!(
+                    " ({} inserted for this run)",
+                    args.workload.preexisting_finished
+                )
             } else {
                 String::new()
             }
@@ -143,7 +156,7 @@ impl Report for DrainReport {
         };
         out.push_str(&format!(
             "  sessions    {} x {} slots, received {shown}\n",
-            args.sessions, args.slots
+            args.workload.sessions, args.workload.slots
         ));
         if refused > 0 || self.duplicates > 0 {
             out.push_str(&format!(
@@ -154,7 +167,7 @@ impl Report for DrainReport {
         out.push('\n');
         out.push_str(&format!(
             "  drained     {} tasks in {:.3} s: {:.0} tasks/s (first hand-out to last ack)\n",
-            args.tasks,
+            args.workload.tasks,
             self.elapsed.as_secs_f64(),
             self.rate()
         ));
@@ -186,9 +199,9 @@ impl Report for DrainReport {
     /// "server_cpu_s_per_1k":..,"preexisting_finished_rows":M}`.
     fn json_line(&self) -> String {
         JsonLine::new("drain")
-            .field("tasks", self.args.tasks)
-            .field("sessions", self.args.sessions)
-            .field("slots", self.args.slots)
+            .field("tasks", self.args.workload.tasks)
+            .field("sessions", self.args.workload.sessions)
+            .field("slots", self.args.workload.slots)
             .field("tasks_per_s", round(self.rate(), 1))
             .field(
                 "server_cpu_s_per_1k",
@@ -202,27 +215,33 @@ impl Report for DrainReport {
 /// The `drain` scenario against `node`. Should the run fail, the tasks of the run still unfinished are deleted
 /// through `--database-url`.
 pub async fn run(node: &Node, args: &DrainArgs) -> anyhow::Result<DrainReport> {
-    let task_type = unique_task_type("drain");
-    let outcome = measure(node, args, &task_type).await;
-    if outcome.is_err() {
-        db::tidy(&args.target.database_url, &task_type).await;
-    }
-    outcome
+    db::with_own_task_type("drain", &args.target.database_url, |task_type| async move {
+        measure(node, args, &task_type).await
+    })
+    .await
 }
 
 async fn measure(node: &Node, args: &DrainArgs, task_type: &str) -> anyhow::Result<DrainReport> {
     let endpoint = node.endpoint();
     let task_type = task_type.to_owned();
-    let preexisting_finished_rows =
-        db::history(&args.target.database_url, args.preexisting_finished).await?;
-    set_up_tasks(endpoint, &task_type, args.tasks as usize).await?;
+    let preexisting_finished_rows = db::history(
+        &args.target.database_url,
+        args.workload.preexisting_finished,
+    )
+    .await?;
+    set_up_tasks(endpoint, &task_type, args.workload.tasks as usize).await?;
 
     let server_before = node.usage();
     let bench_before = Usage::of(None).ok();
-    let (workers, mut events) =
-        Workers::open(endpoint, &task_type, args.sessions as usize, args.slots).await?;
+    let (workers, mut events) = Workers::open(
+        endpoint,
+        &task_type,
+        args.workload.sessions as usize,
+        args.workload.slots,
+    )
+    .await?;
     let drained = async {
-        let total = args.tasks as usize;
+        let total = args.workload.tasks as usize;
         let mut arrived: HashSet<String> = HashSet::with_capacity(total);
         let mut duplicates = 0u64;
         let mut completed = 0usize;
@@ -287,16 +306,13 @@ mod tests {
     async fn drain_runs_end_to_end_in_process() {
         let db = FreshDatabase::new();
         let args = DrainArgs {
-            target: Target {
-                server: None,
-                spawn: false,
-                in_process: true,
-                database_url: db.url(),
+            target: Target::in_process_at(db.url()),
+            workload: Workload {
+                tasks: 30,
+                sessions: 2,
+                slots: 4,
+                preexisting_finished: 5,
             },
-            tasks: 30,
-            sessions: 2,
-            slots: 4,
-            preexisting_finished: 5,
         };
         let node = Node::start(&args.target, NodeKind::Spawned).await.unwrap();
         assert_eq!(node.kind(), NodeKind::InProcess);

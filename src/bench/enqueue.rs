@@ -230,12 +230,7 @@ mod tests {
     async fn enqueue_runs_end_to_end_in_process() {
         let db = FreshDatabase::new();
         let args = EnqueueArgs {
-            target: Target {
-                server: None,
-                spawn: false,
-                in_process: true,
-                database_url: db.url(),
-            },
+            target: Target::in_process_at(db.url()),
             tasks: 12,
             batch: 5,
             clients: 3,

@@ -11,7 +11,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tonic::transport::Channel;
 
 use super::db;
-use super::producer::{task_client, unique_task_type};
+use super::producer::task_client;
 use super::report::{millis, JsonLine, Report, Summary};
 use super::target::{Node, Target};
 use super::workers::{Arrival, Event, WorkerStats, Workers};
@@ -140,12 +140,12 @@ pub const WARM_UP: u32 = 10;
 /// Should the run fail, the tasks of the run still unfinished are deleted
 /// through `--database-url`.
 pub async fn run(node: &Node, args: &LatencyArgs) -> anyhow::Result<LatencyReport> {
-    let task_type = unique_task_type("latency");
-    let outcome = measure(node, args, &task_type).await;
-    if outcome.is_err() {
-        db::tidy(&args.target.database_url, &task_type).await;
-    }
-    outcome
+    db::with_own_task_type(
+        "latency",
+        &args.target.database_url,
+        |task_type| async move { measure(node, args, &task_type).await },
+    )
+    .await
 }
 
 async fn measure(
@@ -384,12 +384,7 @@ mod tests {
     async fn latency_runs_end_to_end_in_process() {
         let db = FreshDatabase::new();
         let args = LatencyArgs {
-            target: Target {
-                server: None,
-                spawn: false,
-                in_process: true,
-                database_url: db.url(),
-            },
+            target: Target::in_process_at(db.url()),
             tasks: 12,
             rate: 200.0,
             sessions: 2,

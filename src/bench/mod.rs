@@ -99,7 +99,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             Box::new(finish(node, outcome).await?)
         }
         Scenario::Drain(args) => {
-            system::ensure_open_files(u64::from(args.sessions) * 2 + 256)?;
+            system::ensure_open_files(u64::from(args.workload.sessions) * 2 + 256)?;
             let node = Node::start(&args.target, NodeKind::Spawned).await?;
             let outcome = drain::run(&node, &args).await;
             Box::new(finish(node, outcome).await?)
@@ -228,10 +228,10 @@ mod tests {
         };
         assert_eq!(
             (
-                drain.tasks,
-                drain.sessions,
-                drain.slots,
-                drain.preexisting_finished
+                drain.workload.tasks,
+                drain.workload.sessions,
+                drain.workload.slots,
+                drain.workload.preexisting_finished
             ),
             (100_000, 4, 250, 0)
         );
@@ -256,8 +256,16 @@ mod tests {
             panic!("sql-only")
         };
         assert_eq!(
-            (sql.tasks, sql.sessions, sql.slots),
-            (drain.tasks, drain.sessions, drain.slots),
+            (
+                sql.workload.tasks,
+                sql.workload.sessions,
+                sql.workload.slots
+            ),
+            (
+                drain.workload.tasks,
+                drain.workload.sessions,
+                drain.workload.slots
+            ),
             "sql-only uses the sizes of drain"
         );
     }

@@ -11,7 +11,7 @@ use anyhow::{bail, Context};
 use tokio::task::JoinHandle;
 
 use super::db;
-use super::producer::{set_up_tasks, unique_task_type};
+use super::producer::set_up_tasks;
 use super::report::{millis, JsonLine, Report, Summary};
 use super::target::{Node, Target};
 use super::workers::{system_time, Event, SessionStream, Workers};
@@ -121,12 +121,12 @@ impl Report for ReclaimReport {
 /// The `reclaim` scenario against `node`. Should the run fail, the tasks
 /// of the run still unfinished are deleted through `--database-url`.
 pub async fn run(node: &Node, args: &ReclaimArgs) -> anyhow::Result<ReclaimReport> {
-    let task_type = unique_task_type("reclaim");
-    let outcome = measure(node, args, &task_type).await;
-    if outcome.is_err() {
-        db::tidy(&args.target.database_url, &task_type).await;
-    }
-    outcome
+    db::with_own_task_type(
+        "reclaim",
+        &args.target.database_url,
+        |task_type| async move { measure(node, args, &task_type).await },
+    )
+    .await
 }
 
 async fn measure(
@@ -284,12 +284,7 @@ mod tests {
     async fn reclaim_runs_end_to_end_in_process() {
         let db = FreshDatabase::new();
         let args = ReclaimArgs {
-            target: Target {
-                server: None,
-                spawn: false,
-                in_process: true,
-                database_url: db.url(),
-            },
+            target: Target::in_process_at(db.url()),
             tasks: 3,
             lease: Duration::from_secs(1),
         };

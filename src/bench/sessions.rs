@@ -608,12 +608,7 @@ mod tests {
     async fn sessions_runs_end_to_end_in_process() {
         let db = FreshDatabase::new();
         let args = SessionsArgs {
-            target: Target {
-                server: None,
-                spawn: false,
-                in_process: true,
-                database_url: db.url(),
-            },
+            target: Target::in_process_at(db.url()),
             sessions: 3,
             leases: 2,
             lease: Duration::from_secs(3),

@@ -22,6 +22,7 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio::time::Instant;
 
 use super::db;
+use super::drain::Workload;
 use super::producer::{unique_task_type, SETUP_BATCH};
 use super::report::{or_unknown, per_second, round, JsonLine, Report};
 use super::system::{cpu_between, Usage};
@@ -54,33 +55,10 @@ pub struct SqlOnlyArgs {
     #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
     pub database_url: String,
 
-    /// Tasks inserted up front and then claimed and completed.
-    #[arg(
-        long,
-        default_value_t = 100_000,
-        value_parser = clap::value_parser!(u32).range(1..=10_000_000)
-    )]
-    pub tasks: u32,
-
-    /// Simulated sessions (each a worker id of the claims), as in `drain`.
-    #[arg(
-        long,
-        default_value_t = 4,
-        value_parser = clap::value_parser!(u32).range(1..=10_000)
-    )]
-    pub sessions: u32,
-
-    /// Slots of each simulated session, as in `drain`.
-    #[arg(
-        long,
-        default_value_t = 250,
-        value_parser = clap::value_parser!(i32).range(1..=10_000)
-    )]
-    pub slots: i32,
-
-    /// First insert this many completed tasks, as in `drain`.
-    #[arg(long, default_value_t = 0, value_name = "N")]
-    pub preexisting_finished: u64,
+    /// How many tasks, simulated sessions (each a worker id of the claims)
+    /// and slots: the same flags and defaults as `drain`.
+    #[command(flatten)]
+    pub workload: Workload,
 }
 
 /// Result of the `sql-only` scenario.
@@ -108,7 +86,7 @@ pub struct SqlOnlyReport {
 impl SqlOnlyReport {
     /// Tasks completed per second.
     pub fn rate(&self) -> f64 {
-        per_second(u64::from(self.args.tasks), self.elapsed)
+        per_second(u64::from(self.args.workload.tasks), self.elapsed)
     }
 }
 
@@ -137,7 +115,7 @@ impl Report for SqlOnlyReport {
         out.push_str(&format!(
             "  slots       {} sessions x {} slots; claims of up to {MAX_CLAIM}, \
              completions of up to {MAX_COMPLETE}, {COMPLETE_PARALLEL} in flight\n",
-            args.sessions, args.slots
+            args.workload.sessions, args.workload.slots
         ));
         out.push_str(&format!(
             "  statements  {} claims of {:.1} tasks on average, {} completes of {:.1}\n",
@@ -155,7 +133,7 @@ impl Report for SqlOnlyReport {
         out.push('\n');
         out.push_str(&format!(
             "  drained     {} tasks in {:.3} s: {:.0} tasks/s (first claim to last complete)\n",
-            args.tasks,
+            args.workload.tasks,
             self.elapsed.as_secs_f64(),
             self.rate()
         ));
@@ -163,7 +141,7 @@ impl Report for SqlOnlyReport {
             "  bench CPU   {} s per 1,000 tasks (this process, Postgres excluded)\n",
             or_unknown(
                 self.cpu
-                    .map(|cpu| cpu.as_secs_f64() * 1000.0 / f64::from(args.tasks)),
+                    .map(|cpu| cpu.as_secs_f64() * 1000.0 / f64::from(args.workload.tasks)),
                 4
             )
         ));
@@ -173,7 +151,7 @@ impl Report for SqlOnlyReport {
     /// `{"scenario":"sql-only","tasks":N,"tasks_per_s":..}`.
     fn json_line(&self) -> String {
         JsonLine::new("sql-only")
-            .field("tasks", self.args.tasks)
+            .field("tasks", self.args.workload.tasks)
             .field("tasks_per_s", round(self.rate(), 1))
             .finish()
     }
@@ -207,10 +185,10 @@ pub async fn run(args: &SqlOnlyArgs) -> anyhow::Result<SqlOnlyReport> {
         .await
         .context("cannot prepare the database")?;
     let preexisting_finished_rows =
-        db::history(&args.database_url, args.preexisting_finished).await?;
+        db::history(&args.database_url, args.workload.preexisting_finished).await?;
 
     let task_type = unique_task_type("sql-only");
-    let total = args.tasks as usize;
+    let total = args.workload.tasks as usize;
     let started = Instant::now();
     let mut left = total;
     while left > 0 {
@@ -263,13 +241,13 @@ async fn claim_and_complete(
     task_type: &str,
     args: &SqlOnlyArgs,
 ) -> anyhow::Result<Outcome> {
-    let total = args.tasks as usize;
-    let sessions = args.sessions as usize;
+    let total = args.workload.tasks as usize;
+    let sessions = args.workload.sessions as usize;
     let run = uuid::Uuid::new_v4().simple().to_string();
     let worker_ids: Vec<String> = (0..sessions)
         .map(|i| format!("bench-sql-{}-{i}", &run[..8]))
         .collect();
-    let mut free: Vec<usize> = vec![args.slots as usize; sessions];
+    let mut free: Vec<usize> = vec![args.workload.slots as usize; sessions];
 
     let (complete_tx, complete_rx) = mpsc::unbounded_channel::<(LeaseRef, usize)>();
     let (written_tx, mut written_rx) = mpsc::unbounded_channel::<anyhow::Result<Written>>();
@@ -440,10 +418,12 @@ mod tests {
         let db = FreshDatabase::new();
         let args = SqlOnlyArgs {
             database_url: db.url(),
-            tasks: 25,
-            sessions: 2,
-            slots: 3,
-            preexisting_finished: 0,
+            workload: Workload {
+                tasks: 25,
+                sessions: 2,
+                slots: 3,
+                preexisting_finished: 0,
+            },
         };
         let report = run(&args).await;
         db.drop_it().await;

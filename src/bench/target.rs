@@ -76,6 +76,17 @@ pub enum NodeKind {
 }
 
 impl Target {
+    /// An in-process node over `database_url` (for the scenarios' tests).
+    #[cfg(test)]
+    pub(crate) fn in_process_at(database_url: String) -> Self {
+        Self {
+            server: None,
+            spawn: false,
+            in_process: true,
+            database_url,
+        }
+    }
+
     /// The kind of node the flags ask for, `default` when they name none.
     pub fn kind(&self, default: NodeKind) -> NodeKind {
         if self.server.is_some() {
