@@ -137,7 +137,22 @@ async fn work_is_spread_across_free_sessions() {
             .unwrap(),
         );
     }
-    create_many(&server, "generate_thumbnail", 8).await;
+    // Due a moment from now: a dispatch pass that began while the sessions
+    // were still registering finds nothing, and the pass that wakes when
+    // the tasks fall due sees all four sessions free.
+    let due = std::time::SystemTime::now() + Duration::from_millis(500);
+    let batch = (0..8)
+        .map(|_| proto::CreateTaskRequest {
+            scheduled_for: Some(due.into()),
+            ..new_task("generate_thumbnail")
+        })
+        .collect();
+    server
+        .tasks()
+        .await
+        .create_tasks(proto::CreateTasksRequest { tasks: batch })
+        .await
+        .unwrap();
     let mut per_worker = vec![0; workers.len()];
     let mut total = 0;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
