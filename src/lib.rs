@@ -7,13 +7,17 @@
 
 pub mod api;
 pub mod bench;
+pub mod cli;
+pub mod client;
 pub mod config;
 pub mod dispatch;
 pub mod error;
 pub mod events;
 pub mod maintenance;
+pub mod runner;
 pub mod server;
 pub mod service;
+pub mod signal;
 pub mod store;
 pub mod task;
 pub mod telemetry;

@@ -1,5 +1,7 @@
 //! The `leasehold` binary: parses the command line and calls the library.
 
+use std::process::ExitCode;
+
 use clap::{Parser, Subcommand};
 use leasehold::config::Config;
 
@@ -27,6 +29,18 @@ enum Command {
     Migrate(Box<ServeArgs>),
     /// Run a benchmark scenario against a server (or an in-process node).
     Bench(leasehold::bench::BenchArgs),
+    /// Create, inspect, cancel, retry and purge tasks on a server.
+    #[command(subcommand)]
+    Task(leasehold::cli::TaskCommand),
+    /// Show task counts per status and task type.
+    Stats(leasehold::cli::StatsArgs),
+    /// List the worker sessions connected to any node.
+    Workers(leasehold::cli::WorkersArgs),
+    /// Print live task events until Ctrl-C or SIGTERM.
+    Watch(leasehold::cli::WatchArgs),
+    /// Run a command once per task: the task as JSON on stdin, its result as
+    /// JSON on stdout (`leasehold worker --task-type TYPE -- COMMAND ARGS...`).
+    Worker(leasehold::runner::WorkerArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -35,20 +49,43 @@ struct ServeArgs {
     config: Config,
 }
 
+/// Exit codes: 0 success, 1 failure (the server said no, or a server
+/// command failed), 2 usage (clap's own code for a bad command line).
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> ExitCode {
     let cli = Cli::parse();
     leasehold::telemetry::init(cli.log_json);
     match cli.command {
-        None => serve(cli.config).await,
-        Some(Command::Serve(args)) => serve(args.config).await,
-        Some(Command::Migrate(args)) => {
-            leasehold::server::prepare_database(&args.config).await?;
-            tracing::info!("database is up to date");
-            Ok(())
+        None => report(serve(cli.config).await),
+        Some(Command::Serve(args)) => report(serve(args.config).await),
+        Some(Command::Migrate(args)) => report(migrate(args.config).await),
+        Some(Command::Bench(args)) => report(leasehold::bench::run(args).await),
+        Some(Command::Task(command)) => leasehold::cli::task(command).await,
+        Some(Command::Stats(args)) => leasehold::cli::stats(args).await,
+        Some(Command::Workers(args)) => leasehold::cli::workers(args).await,
+        Some(Command::Watch(args)) => leasehold::cli::watch(args).await,
+        Some(Command::Worker(args)) => {
+            report(leasehold::runner::run(args).await.map_err(Into::into))
         }
-        Some(Command::Bench(args)) => leasehold::bench::run(args).await,
     }
+}
+
+/// Exit 1 with the error and its causes, as `main` returning an
+/// `anyhow::Result` would print them.
+fn report(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("Error: {err:?}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn migrate(config: Config) -> anyhow::Result<()> {
+    leasehold::server::prepare_database(&config).await?;
+    tracing::info!("database is up to date");
+    Ok(())
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
@@ -56,26 +93,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let running = leasehold::server::start(config, listener).await?;
     running
         .run_until(async {
-            shutdown_signal().await;
+            leasehold::signal::shutdown().await;
             tracing::info!("shutdown signal received: draining sessions, finishing calls");
         })
         .await?;
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("installing a SIGTERM handler cannot fail on unix");
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
-    }
 }

@@ -2,6 +2,8 @@
 //! database, generated clients, and direct SQL access for asserting rows.
 #![allow(dead_code)]
 
+pub mod cluster;
+
 use std::time::Duration;
 
 use leasehold::config::Config;

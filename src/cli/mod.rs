@@ -1,0 +1,210 @@
+//! The operator commands of the `leasehold` binary: `task create|get|list|
+//! cancel|retry|purge`, `stats`, `workers` and `watch`.
+//!
+//! Every command talks to a server through [`crate::client::Client`] only,
+//! never to the database, so it works against any node of any deployment.
+//! Output goes to standard output: aligned tables for people by default,
+//! or with `--json` one JSON object per line (see [`json`] for the mapping).
+//! Errors go to standard error as `error: <what>`.
+//!
+//! Exit codes, one rule each:
+//! - 0: the command did what it was asked.
+//! - 1: the server said no (`error: NOT_FOUND: ...`, the gRPC code and the
+//!   server's message), the server could not be reached, or it ended a
+//!   stream.
+//! - 2: usage — anything the command can tell is wrong before it calls the
+//!   server: unknown flags or values, missing arguments, `--params` that is
+//!   not a JSON object, a malformed duration or time, a bad `--from-file`
+//!   line, an unparsable `--server`. What only the server checks (e.g. that
+//!   an id is a UUID, the task type's characters) is its INVALID_ARGUMENT,
+//!   so exit 1.
+
+mod human;
+pub mod json;
+mod parse;
+mod stats;
+mod task;
+mod watch;
+mod workers;
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use crate::client::{self, Client};
+
+pub use stats::StatsArgs;
+pub use task::{CancelArgs, CreateArgs, GetArgs, ListArgs, PurgeArgs, RetryArgs, TaskCommand};
+pub use watch::WatchArgs;
+pub use workers::WorkersArgs;
+
+/// Options every operator command takes: where the server is, and how to
+/// print.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Options {
+    /// Server address: `host:port` or an `http://` URI.
+    #[arg(long, env = "LEASEHOLD_SERVER", default_value = client::DEFAULT_SERVER)]
+    pub server: String,
+
+    /// Print JSON, one object per line, instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl Options {
+    async fn connect(&self) -> Result<Client, Failure> {
+        Ok(Client::connect(&self.server).await?)
+    }
+}
+
+/// Runs `leasehold task ...` and returns the process exit code.
+pub async fn task(command: TaskCommand) -> ExitCode {
+    exit(task::run(command).await)
+}
+
+/// Runs `leasehold stats` and returns the process exit code.
+pub async fn stats(args: StatsArgs) -> ExitCode {
+    exit(stats::run(args).await)
+}
+
+/// Runs `leasehold workers` and returns the process exit code.
+pub async fn workers(args: WorkersArgs) -> ExitCode {
+    exit(workers::run(args).await)
+}
+
+/// Runs `leasehold watch` until Ctrl-C or SIGTERM (exit 0) or until the
+/// server ends the stream (exit 1), and returns the process exit code.
+pub async fn watch(args: WatchArgs) -> ExitCode {
+    exit(watch::run(args).await)
+}
+
+/// Why a command stopped early.
+#[derive(Debug)]
+enum Failure {
+    /// The command line (or a file it names) is wrong; exit 2.
+    Usage(String),
+    /// The call failed or the server refused it; exit 1.
+    Client(client::Error),
+    /// Standard output or a file could not be read or written.
+    Io(std::io::Error),
+}
+
+impl From<client::Error> for Failure {
+    fn from(err: client::Error) -> Self {
+        match err {
+            // Checked before any call, so it is the command line's fault.
+            client::Error::InvalidAddress { .. } => Failure::Usage(chain(&err)),
+            err => Failure::Client(err),
+        }
+    }
+}
+
+impl From<std::io::Error> for Failure {
+    fn from(err: std::io::Error) -> Self {
+        Failure::Io(err)
+    }
+}
+
+/// Prints what went wrong and picks the exit code.
+fn exit(result: Result<(), Failure>) -> ExitCode {
+    let (message, code) = match result {
+        Ok(()) => return ExitCode::SUCCESS,
+        // A reader that went away (`leasehold task list | head`) is not a
+        // failure of the command.
+        Err(Failure::Io(err)) if err.kind() == std::io::ErrorKind::BrokenPipe => {
+            return ExitCode::SUCCESS
+        }
+        Err(Failure::Usage(message)) => (message, 2),
+        Err(Failure::Client(err)) => (describe(&err), 1),
+        Err(Failure::Io(err)) => (err.to_string(), 1),
+    };
+    // Nothing more can be done if standard error is gone too.
+    let _ = writeln!(std::io::stderr(), "error: {message}");
+    ExitCode::from(code)
+}
+
+/// `CODE: message` for a status, the full cause chain otherwise (a
+/// connection failure names the address and what the OS said).
+fn describe(err: &client::Error) -> String {
+    match err.status() {
+        Some(status) => format!("{}: {}", code_name(status.code()), status.message()),
+        None => chain(err),
+    }
+}
+
+/// An error and its sources, skipping sources whose text the message
+/// already contains (thiserror messages often embed their source).
+fn chain(err: &dyn std::error::Error) -> String {
+    let mut message = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+        source = cause.source();
+    }
+    message
+}
+
+/// The canonical name of a gRPC code, as grpcurl and the contract spell it.
+fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code;
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// Writes one line to standard output. Standard output is line-buffered,
+/// so each line reaches a pipe reader (e.g. of `watch --json`) at once.
+fn print_line(line: impl std::fmt::Display) -> Result<(), Failure> {
+    writeln!(std::io::stdout().lock(), "{line}")?;
+    Ok(())
+}
+
+/// Writes a note for people to standard error, which scripts do not parse.
+fn note(text: impl std::fmt::Display) {
+    // A closed standard error is no reason to fail the command.
+    let _ = writeln!(std::io::stderr(), "{text}");
+}
+
+/// Writes a JSON value as one line.
+fn print_json(value: &serde_json::Value) -> Result<(), Failure> {
+    print_line(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_print_their_canonical_code() {
+        let err = client::Error::from(tonic::Status::not_found("task 1 does not exist"));
+        assert_eq!(describe(&err), "NOT_FOUND: task 1 does not exist");
+    }
+
+    #[test]
+    fn chains_skip_repeated_causes() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("outer: {0}")]
+        struct Outer(#[source] std::io::Error);
+        let err = Outer(std::io::Error::other("refused"));
+        assert_eq!(chain(&err), "outer: refused");
+    }
+}

@@ -1,0 +1,472 @@
+//! `leasehold task create|get|list|cancel|retry|purge`.
+
+use std::io::BufRead;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+
+use futures_util::TryStreamExt;
+
+use super::parse::{self, Finished, Status};
+use super::{human, json, note, print_json, print_line, Failure, Options};
+use crate::client::{NewTask, TaskFilter};
+use crate::proto;
+
+/// Tasks `task list` prints unless told otherwise.
+const DEFAULT_LIMIT: u64 = 100;
+
+/// `leasehold task`: create, inspect and administer tasks.
+#[derive(Debug, clap::Subcommand)]
+pub enum TaskCommand {
+    /// Create a task, or many from JSON lines (`--from-file`).
+    Create(CreateArgs),
+    /// Show one task with its params, result and progress.
+    Get(GetArgs),
+    /// List tasks newest first, with filters.
+    List(ListArgs),
+    /// Cancel a pending or processing task; its lease becomes void.
+    Cancel(CancelArgs),
+    /// Put a failed or cancelled task back to pending, due now.
+    Retry(RetryArgs),
+    /// Delete finished tasks (completed, failed, cancelled).
+    Purge(PurgeArgs),
+}
+
+/// Arguments of `task create`.
+#[derive(Debug, clap::Args)]
+pub struct CreateArgs {
+    /// Task type, e.g. `scan_library`.
+    #[arg(value_name = "TYPE", required_unless_present = "from_file")]
+    pub task_type: Option<String>,
+
+    /// Task input, a JSON object.
+    #[arg(long, value_name = "JSON", value_parser = parse::json_object)]
+    pub params: Option<serde_json::Value>,
+
+    /// Higher runs first.
+    #[arg(long, allow_negative_numbers = true)]
+    pub priority: Option<i32>,
+
+    /// Executions allowed (1 to 1000); the server's default is 3.
+    #[arg(long)]
+    pub max_attempts: Option<i32>,
+
+    /// Not handed out before this delay from now, e.g. `10s`, `2h`.
+    #[arg(long, value_name = "DURATION", value_parser = parse::duration, conflicts_with = "scheduled_for")]
+    pub scheduled_in: Option<Duration>,
+
+    /// Not handed out before this time (UTC, RFC 3339).
+    #[arg(long, value_name = "TIME", value_parser = parse::time)]
+    pub scheduled_for: Option<SystemTime>,
+
+    /// Library the task is about (UUID).
+    #[arg(long)]
+    pub library_id: Option<String>,
+
+    /// Series the task is about (UUID).
+    #[arg(long)]
+    pub series_id: Option<String>,
+
+    /// Book the task is about (UUID).
+    #[arg(long)]
+    pub book_id: Option<String>,
+
+    /// Deduplication key: while a pending or processing task holds it, the
+    /// existing task is returned instead.
+    #[arg(long)]
+    pub dedup_key: Option<String>,
+
+    /// Create one task per line of this file (`-` for standard input), in
+    /// one call per 10,000: JSON objects with the fields of
+    /// CreateTaskRequest (`task_type`, `params`, `priority`, `max_attempts`,
+    /// `scheduled_for`, `library_id`, `series_id`, `book_id`,
+    /// `dedup_key`). Blank lines are skipped.
+    #[arg(
+        long,
+        value_name = "PATH",
+        conflicts_with_all = [
+            "task_type", "params", "priority", "max_attempts", "scheduled_in",
+            "scheduled_for", "library_id", "series_id", "book_id", "dedup_key",
+        ]
+    )]
+    pub from_file: Option<PathBuf>,
+
+    /// Where the server is, and how to print.
+    #[command(flatten)]
+    pub options: Options,
+}
+
+/// Arguments of `task get`.
+#[derive(Debug, clap::Args)]
+pub struct GetArgs {
+    /// Task id (UUID).
+    pub id: String,
+
+    /// Where the server is, and how to print.
+    #[command(flatten)]
+    pub options: Options,
+}
+
+/// Arguments of `task list`.
+#[derive(Debug, clap::Args)]
+pub struct ListArgs {
+    /// Only tasks in these statuses (repeat or separate with commas).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub status: Vec<Status>,
+
+    /// Only tasks of these types (repeat or separate with commas).
+    #[arg(long = "type", value_name = "TYPE", value_delimiter = ',')]
+    pub task_type: Vec<String>,
+
+    /// Only tasks about this library (UUID).
+    #[arg(long)]
+    pub library_id: Option<String>,
+
+    /// Only tasks about this series (UUID).
+    #[arg(long)]
+    pub series_id: Option<String>,
+
+    /// Only tasks about this book (UUID).
+    #[arg(long)]
+    pub book_id: Option<String>,
+
+    /// Print at most this many tasks (a note on standard error tells when
+    /// there are more).
+    #[arg(
+        long,
+        default_value_t = DEFAULT_LIMIT,
+        value_parser = clap::value_parser!(u64).range(1..),
+        conflicts_with = "all"
+    )]
+    pub limit: u64,
+
+    /// Print every matching task, page after page.
+    #[arg(long)]
+    pub all: bool,
+
+    /// Where the server is, and how to print.
+    #[command(flatten)]
+    pub options: Options,
+}
+
+/// Arguments of `task cancel`.
+#[derive(Debug, clap::Args)]
+pub struct CancelArgs {
+    /// Task id (UUID).
+    pub id: String,
+
+    /// Why, kept as the task's last error.
+    #[arg(long)]
+    pub reason: Option<String>,
+
+    /// Where the server is, and how to print.
+    #[command(flatten)]
+    pub options: Options,
+}
+
+/// Arguments of `task retry`.
+#[derive(Debug, clap::Args)]
+pub struct RetryArgs {
+    /// Task id (UUID).
+    pub id: String,
+
+    /// Where the server is, and how to print.
+    #[command(flatten)]
+    pub options: Options,
+}
+
+/// Arguments of `task purge`.
+#[derive(Debug, clap::Args)]
+pub struct PurgeArgs {
+    /// Only tasks in these statuses (repeat or separate with commas);
+    /// default all three.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub status: Vec<Finished>,
+
+    /// Only tasks that finished before this time (UTC, RFC 3339); default
+    /// now.
+    #[arg(long, value_name = "TIME", value_parser = parse::time, conflicts_with = "older_than")]
+    pub completed_before: Option<SystemTime>,
+
+    /// Only tasks that finished longer ago than this, e.g. `7d`.
+    #[arg(long, value_name = "DURATION", value_parser = parse::duration)]
+    pub older_than: Option<Duration>,
+
+    /// Where the server is, and how to print.
+    #[command(flatten)]
+    pub options: Options,
+}
+
+pub(super) async fn run(command: TaskCommand) -> Result<(), Failure> {
+    match command {
+        TaskCommand::Create(args) => create(args).await,
+        TaskCommand::Get(args) => get(args).await,
+        TaskCommand::List(args) => list(args).await,
+        TaskCommand::Cancel(args) => cancel(args).await,
+        TaskCommand::Retry(args) => retry(args).await,
+        TaskCommand::Purge(args) => purge(args).await,
+    }
+}
+
+async fn create(args: CreateArgs) -> Result<(), Failure> {
+    let results = match &args.from_file {
+        Some(path) => {
+            // Read and checked in full before connecting: a bad line
+            // creates nothing.
+            let tasks = read_task_lines(path)?;
+            let client = args.options.connect().await?;
+            client.create_many(tasks).await?
+        }
+        None => {
+            let client = args.options.connect().await?;
+            vec![client.create(new_task(&args)).await?]
+        }
+    };
+    for result in &results {
+        if args.options.json {
+            print_json(&json::created(result)?)?;
+        } else {
+            let (id, task_type) = result
+                .task
+                .as_ref()
+                .map(|t| (t.id.as_str(), t.task_type.as_str()))
+                .unwrap_or_default();
+            let verb = if result.deduplicated {
+                "deduplicated"
+            } else {
+                "created"
+            };
+            print_line(format_args!("{verb} {id} {task_type}"))?;
+        }
+    }
+    Ok(())
+}
+
+fn new_task(args: &CreateArgs) -> NewTask {
+    // clap guarantees TYPE unless --from-file is given.
+    let mut task = NewTask::new(args.task_type.clone().unwrap_or_default());
+    if let Some(params) = &args.params {
+        task = task.params(params.clone());
+    }
+    if let Some(priority) = args.priority {
+        task = task.priority(priority);
+    }
+    if let Some(max_attempts) = args.max_attempts {
+        task = task.max_attempts(max_attempts);
+    }
+    if let Some(delay) = args.scheduled_in {
+        task = task.scheduled_in(delay);
+    }
+    if let Some(at) = args.scheduled_for {
+        task = task.scheduled_for(at);
+    }
+    if let Some(id) = &args.library_id {
+        task = task.library_id(id);
+    }
+    if let Some(id) = &args.series_id {
+        task = task.series_id(id);
+    }
+    if let Some(id) = &args.book_id {
+        task = task.book_id(id);
+    }
+    if let Some(key) = &args.dedup_key {
+        task = task.dedup_key(key);
+    }
+    task
+}
+
+/// The tasks of a `--from-file` input; a line that does not parse is a
+/// usage error naming its line number.
+fn read_task_lines(path: &std::path::Path) -> Result<Vec<NewTask>, Failure> {
+    let stdin = path.as_os_str() == "-";
+    let name = if stdin {
+        "standard input".to_owned()
+    } else {
+        path.display().to_string()
+    };
+    let reader: Box<dyn BufRead> = if stdin {
+        Box::new(std::io::stdin().lock())
+    } else {
+        let file = std::fs::File::open(path)
+            .map_err(|err| Failure::Usage(format!("cannot read {name}: {err}")))?;
+        Box::new(std::io::BufReader::new(file))
+    };
+    let mut tasks = Vec::new();
+    for (index, line) in reader.lines().enumerate() {
+        let line = line.map_err(|err| Failure::Usage(format!("cannot read {name}: {err}")))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let task = parse::task_line(&line)
+            .map_err(|err| Failure::Usage(format!("{name} line {}: {err}", index + 1)))?;
+        tasks.push(task);
+    }
+    if tasks.is_empty() {
+        return Err(Failure::Usage(format!("{name} holds no tasks")));
+    }
+    Ok(tasks)
+}
+
+async fn get(args: GetArgs) -> Result<(), Failure> {
+    let client = args.options.connect().await?;
+    let task = client.get(&args.id).await?;
+    if args.options.json {
+        return print_json(&json::task(&task)?);
+    }
+    // Field names down the left; a header would add nothing.
+    let mut table = human::table(&[], &[]);
+    let compact = |s: &Option<prost_types::Struct>| -> Result<String, Failure> {
+        Ok(match s {
+            Some(s) => crate::client::from_struct(s)?.to_string(),
+            None => human::NONE.to_owned(),
+        })
+    };
+    let progress = match &task.progress {
+        Some(p) if !p.message.is_empty() => {
+            format!("{} {}", human::progress(Some(p)), p.message)
+        }
+        other => human::progress(other.as_ref()),
+    };
+    let rows = [
+        ("id", task.id.clone()),
+        ("type", task.task_type.clone()),
+        ("status", human::status(task.status)),
+        ("priority", task.priority.to_string()),
+        (
+            "attempts",
+            format!("{} of {}", task.attempts, task.max_attempts),
+        ),
+        ("scheduled for", human::time(task.scheduled_for.as_ref())),
+        ("created", human::time(task.created_at.as_ref())),
+        ("started", human::time(task.started_at.as_ref())),
+        ("completed", human::time(task.completed_at.as_ref())),
+        ("locked by", human::or_none(task.locked_by.as_deref())),
+        ("locked until", human::time(task.locked_until.as_ref())),
+        ("last error", human::or_none(task.last_error.as_deref())),
+        ("library", human::or_none(task.library_id.as_deref())),
+        ("series", human::or_none(task.series_id.as_deref())),
+        ("book", human::or_none(task.book_id.as_deref())),
+        ("dedup key", human::or_none(task.dedup_key.as_deref())),
+        ("progress", progress),
+        ("params", compact(&task.params)?),
+        ("result", compact(&task.result)?),
+    ];
+    for (field, value) in rows {
+        table.add_row(vec![field.to_owned(), value]);
+    }
+    print_line(human::render(&table))
+}
+
+async fn list(args: ListArgs) -> Result<(), Failure> {
+    let limit = if args.all { u64::MAX } else { args.limit };
+    let mut filter = TaskFilter::new()
+        .statuses(args.status.iter().map(|s| proto::TaskStatus::from(*s)))
+        .task_types(args.task_type.iter().cloned())
+        // One more than printed, to tell whether there are more; big pages
+        // for --all.
+        .page_size(limit.saturating_add(1).clamp(1, 1000) as i32);
+    if let Some(id) = &args.library_id {
+        filter = filter.library_id(id);
+    }
+    if let Some(id) = &args.series_id {
+        filter = filter.series_id(id);
+    }
+    if let Some(id) = &args.book_id {
+        filter = filter.book_id(id);
+    }
+    let client = args.options.connect().await?;
+    let mut tasks = client.list(filter);
+    let mut table = human::table(
+        &[
+            "ID",
+            "TYPE",
+            "STATUS",
+            "PRIORITY",
+            "ATTEMPTS",
+            "CREATED",
+            "WORKER",
+            "PROGRESS",
+            "LAST ERROR",
+        ],
+        &[3, 4],
+    );
+    let mut printed = 0;
+    let mut more = false;
+    while let Some(task) = tasks.try_next().await? {
+        if printed == limit {
+            more = true;
+            break;
+        }
+        printed += 1;
+        if args.options.json {
+            // Streamed: a script sees the first page before the last
+            // arrives.
+            print_json(&json::task(&task)?)?;
+            continue;
+        }
+        table.add_row(vec![
+            task.id.clone(),
+            task.task_type.clone(),
+            human::status(task.status),
+            task.priority.to_string(),
+            format!("{}/{}", task.attempts, task.max_attempts),
+            human::time(task.created_at.as_ref()),
+            human::or_none(task.locked_by.as_deref()),
+            human::progress(task.progress.as_ref()),
+            human::clip(&human::or_none(task.last_error.as_deref()), 60),
+        ]);
+    }
+    if !args.options.json {
+        if printed == 0 {
+            print_line("no tasks")?;
+        } else {
+            print_line(human::render(&table))?;
+        }
+    }
+    if more {
+        note(format_args!(
+            "showing the first {limit} tasks; use --limit N or --all for more"
+        ));
+    }
+    Ok(())
+}
+
+async fn cancel(args: CancelArgs) -> Result<(), Failure> {
+    let client = args.options.connect().await?;
+    let task = client
+        .cancel(&args.id, args.reason.clone().unwrap_or_default())
+        .await?;
+    if args.options.json {
+        return print_json(&json::task(&task)?);
+    }
+    print_line(format_args!("cancelled {}", task.id))
+}
+
+async fn retry(args: RetryArgs) -> Result<(), Failure> {
+    let client = args.options.connect().await?;
+    let task = client.retry(&args.id).await?;
+    if args.options.json {
+        return print_json(&json::task(&task)?);
+    }
+    print_line(format_args!("retried {}: pending again", task.id))
+}
+
+async fn purge(args: PurgeArgs) -> Result<(), Failure> {
+    let completed_before = match (args.completed_before, args.older_than) {
+        (Some(at), _) => Some(at),
+        (None, Some(age)) => Some(SystemTime::now().checked_sub(age).ok_or_else(|| {
+            Failure::Usage(format!(
+                "--older-than {} reaches before 1970",
+                humantime::format_duration(age)
+            ))
+        })?),
+        (None, None) => None,
+    };
+    let statuses: Vec<proto::TaskStatus> = args.status.iter().map(|s| (*s).into()).collect();
+    let client = args.options.connect().await?;
+    let deleted = client.purge(completed_before, &statuses).await?;
+    if args.options.json {
+        return print_json(&serde_json::json!({ "deleted_count": deleted }));
+    }
+    let noun = if deleted == 1 { "task" } else { "tasks" };
+    print_line(format_args!("purged {deleted} {noun}"))
+}

@@ -1,0 +1,597 @@
+//! [`Client`]: what producers and operators call — create, inspect, cancel,
+//! retry and purge tasks, read statistics, list workers, watch live events.
+//!
+//! A thin layer over the generated stubs: it builds requests from
+//! [`NewTask`], [`TaskFilter`] and [`WatchFilter`], walks pages, and turns
+//! statuses into [`Error`]. It never retries a call by itself: whether a
+//! create may be repeated is the caller's decision (a `dedup_key` makes it
+//! safe).
+
+use std::collections::VecDeque;
+use std::time::{Duration, SystemTime};
+
+use futures_util::{Stream, StreamExt, TryStreamExt};
+use tonic::transport::Channel;
+
+use super::{connect, to_struct, Error, Result};
+use crate::proto::{
+    self, task_service_client::TaskServiceClient, worker_service_client::WorkerServiceClient,
+};
+
+/// Most tasks one CreateTasks call accepts; [`Client::create_many`] splits
+/// larger inputs into calls of this size.
+pub const MAX_CREATE_BATCH: usize = 10_000;
+
+/// A client of the task and worker services of one server.
+///
+/// Cheap to clone: clones share one HTTP/2 connection, and calls on clones
+/// run concurrently.
+///
+/// ```no_run
+/// use futures_util::TryStreamExt;
+/// use leasehold::client::{Client, NewTask, TaskFilter};
+/// use leasehold::proto::TaskStatus;
+///
+/// # async fn demo() -> Result<(), leasehold::client::Error> {
+/// let client = Client::connect("127.0.0.1:50051").await?;
+///
+/// // One task, at most one pending or processing per library.
+/// let created = client
+///     .create(
+///         NewTask::new("scan_library")
+///             .params(serde_json::json!({"mode": "deep"}))
+///             .priority(600)
+///             .library_id("3f2b8c1e-7a4d-4e6f-9b0a-5c1d2e3f4a5b")
+///             .dedup_key("scan:3f2b8c1e"),
+///     )
+///     .await?;
+/// println!("deduplicated: {}", created.deduplicated);
+///
+/// // Every failed task, all pages.
+/// let mut failed = client.list(TaskFilter::new().status(TaskStatus::Failed));
+/// while let Some(task) = failed.try_next().await? {
+///     client.retry(&task.id).await?;
+/// }
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Client {
+    tasks: TaskServiceClient<Channel>,
+    workers: WorkerServiceClient<Channel>,
+}
+
+impl Client {
+    /// Connects to `address` (`host:port` or an `http://` URI).
+    ///
+    /// Fails with [`Error::InvalidAddress`] or [`Error::Connect`]; once
+    /// connected, the channel reconnects by itself when the connection
+    /// drops.
+    pub async fn connect(address: &str) -> Result<Client> {
+        Ok(Self::from_channel(connect(address).await?))
+    }
+
+    /// A client over an existing channel (e.g. one built from
+    /// [`super::endpoint`] with TLS or other settings).
+    pub fn from_channel(channel: Channel) -> Client {
+        Client {
+            tasks: TaskServiceClient::new(channel.clone()),
+            workers: WorkerServiceClient::new(channel),
+        }
+    }
+
+    /// Creates one task (CreateTask). With a `dedup_key` that a pending or
+    /// processing task already holds, that task comes back with
+    /// `deduplicated = true` and nothing is added.
+    pub async fn create(&self, task: NewTask) -> Result<proto::CreateTaskResponse> {
+        let request = task.into_request(None)?;
+        Ok(self.tasks.clone().create_task(request).await?.into_inner())
+    }
+
+    /// Creates many tasks (CreateTasks), results in input order.
+    ///
+    /// Each call holds at most [`MAX_CREATE_BATCH`] tasks and is one
+    /// transaction: an invalid entry rejects its whole call with
+    /// INVALID_ARGUMENT naming its index within that call (`params` that
+    /// are not an object are rejected before any call, naming their index
+    /// in the input). Larger inputs take several calls; when one fails, the
+    /// calls before it stay committed. An empty input makes no call.
+    pub async fn create_many(
+        &self,
+        tasks: impl IntoIterator<Item = NewTask>,
+    ) -> Result<Vec<proto::CreateTaskResponse>> {
+        let requests = tasks
+            .into_iter()
+            .enumerate()
+            .map(|(i, task)| task.into_request(Some(i)))
+            .collect::<Result<Vec<_>>>()?;
+        let mut results = Vec::with_capacity(requests.len());
+        let mut requests = requests.into_iter().peekable();
+        while requests.peek().is_some() {
+            let batch: Vec<_> = requests.by_ref().take(MAX_CREATE_BATCH).collect();
+            let response = self
+                .tasks
+                .clone()
+                .create_tasks(proto::CreateTasksRequest { tasks: batch })
+                .await?
+                .into_inner();
+            results.extend(response.results);
+        }
+        Ok(results)
+    }
+
+    /// One task (GetTask); NOT_FOUND if it does not exist.
+    pub async fn get(&self, id: &str) -> Result<proto::Task> {
+        let response = self
+            .tasks
+            .clone()
+            .get_task(proto::GetTaskRequest { id: id.to_owned() })
+            .await?
+            .into_inner();
+        response.task.ok_or_else(|| missing("task"))
+    }
+
+    /// Every task matching `filter`, newest first, fetching page after page
+    /// (ListTasks) as the stream is read.
+    ///
+    /// Nothing is requested until the stream is polled. The first error ends
+    /// the stream. Paging while tasks change never yields a task twice.
+    pub fn list(
+        &self,
+        filter: TaskFilter,
+    ) -> impl Stream<Item = Result<proto::Task>> + Send + Unpin + 'static {
+        struct Pages {
+            tasks: TaskServiceClient<Channel>,
+            request: proto::ListTasksRequest,
+            buffered: VecDeque<proto::Task>,
+            last_page: bool,
+        }
+        let pages = Pages {
+            tasks: self.tasks.clone(),
+            request: filter.request,
+            buffered: VecDeque::new(),
+            last_page: false,
+        };
+        let stream = futures_util::stream::try_unfold(pages, |mut pages| async move {
+            loop {
+                if let Some(task) = pages.buffered.pop_front() {
+                    return Ok(Some((task, pages)));
+                }
+                if pages.last_page {
+                    return Ok(None);
+                }
+                let page = pages
+                    .tasks
+                    .list_tasks(pages.request.clone())
+                    .await?
+                    .into_inner();
+                pages.last_page = page.next_page_token.is_empty();
+                pages.request.page_token = page.next_page_token;
+                pages.buffered.extend(page.tasks);
+            }
+        });
+        // Boxed so that callers can use `try_next` without pinning.
+        Box::pin(stream)
+    }
+
+    /// Cancels a pending or processing task (CancelTask) and returns it.
+    /// `reason` is kept as its `last_error`; empty means none.
+    /// FAILED_PRECONDITION if it already finished, NOT_FOUND if it does not
+    /// exist.
+    pub async fn cancel(&self, id: &str, reason: impl Into<String>) -> Result<proto::Task> {
+        let response = self
+            .tasks
+            .clone()
+            .cancel_task(proto::CancelTaskRequest {
+                id: id.to_owned(),
+                reason: reason.into(),
+            })
+            .await?
+            .into_inner();
+        response.task.ok_or_else(|| missing("task"))
+    }
+
+    /// Puts a failed or cancelled task back to pending, due now, with its
+    /// attempts reset (RetryTask), and returns it. FAILED_PRECONDITION in
+    /// any other state.
+    pub async fn retry(&self, id: &str) -> Result<proto::Task> {
+        let response = self
+            .tasks
+            .clone()
+            .retry_task(proto::RetryTaskRequest { id: id.to_owned() })
+            .await?
+            .into_inner();
+        response.task.ok_or_else(|| missing("task"))
+    }
+
+    /// Deletes finished tasks (PurgeTasks) and returns how many.
+    ///
+    /// Only tasks that finished before `completed_before` (`None`: now) in
+    /// one of `statuses` (COMPLETED, FAILED or CANCELLED; empty means all
+    /// three) are deleted.
+    pub async fn purge(
+        &self,
+        completed_before: Option<SystemTime>,
+        statuses: &[proto::TaskStatus],
+    ) -> Result<i64> {
+        let response = self
+            .tasks
+            .clone()
+            .purge_tasks(proto::PurgeTasksRequest {
+                completed_before: completed_before.map(Into::into),
+                statuses: statuses.iter().map(|s| *s as i32).collect(),
+            })
+            .await?
+            .into_inner();
+        Ok(response.deleted_count)
+    }
+
+    /// Task counts per status, overall and per task type, and the age of
+    /// the oldest due pending task (GetStats).
+    pub async fn stats(&self) -> Result<proto::GetStatsResponse> {
+        Ok(self
+            .tasks
+            .clone()
+            .get_stats(proto::GetStatsRequest {})
+            .await?
+            .into_inner())
+    }
+
+    /// Every connected worker session across all nodes (ListWorkers), by
+    /// worker id then connection time.
+    pub async fn workers(&self) -> Result<Vec<proto::WorkerSession>> {
+        Ok(self
+            .workers
+            .clone()
+            .list_workers(proto::ListWorkersRequest {})
+            .await?
+            .into_inner()
+            .sessions)
+    }
+
+    /// Live task events matching `filter` (WatchTasks).
+    ///
+    /// Returns once the server has subscribed, so every change made after
+    /// this returns is seen. The stream never ends by itself while the
+    /// server runs; a watcher that reads too slowly gets a `missed` item
+    /// with the number of events it lost.
+    pub async fn watch(
+        &self,
+        filter: WatchFilter,
+    ) -> Result<impl Stream<Item = Result<proto::WatchTasksResponse>> + Send + Unpin + 'static>
+    {
+        let stream = self
+            .tasks
+            .clone()
+            .watch_tasks(filter.request)
+            .await?
+            .into_inner();
+        Ok(stream.map_err(Error::from).boxed())
+    }
+}
+
+/// A response field the contract says is always set was missing.
+fn missing(field: &str) -> Error {
+    Error::InvalidAnswer(format!("the response has no {field}"))
+}
+
+/// A task to create: its type and optional settings, as a builder.
+///
+/// ```
+/// use std::time::Duration;
+/// use leasehold::client::NewTask;
+///
+/// let task = NewTask::new("generate_thumbnail")
+///     .params(serde_json::json!({"book": 7, "size": 512}))
+///     .priority(10)
+///     .max_attempts(5)
+///     .scheduled_in(Duration::from_secs(60))
+///     .dedup_key("thumb:7:512");
+/// assert_eq!(task.task_type(), "generate_thumbnail");
+/// ```
+#[derive(Debug, Clone)]
+pub struct NewTask {
+    request: proto::CreateTaskRequest,
+    params: Option<serde_json::Value>,
+}
+
+impl NewTask {
+    /// A task of `task_type` (1 to 64 characters of letters, digits and
+    /// `_ . : / -`), with empty params, priority 0, the server's default
+    /// attempts (3), due now.
+    pub fn new(task_type: impl Into<String>) -> Self {
+        NewTask {
+            request: proto::CreateTaskRequest {
+                task_type: task_type.into(),
+                ..Default::default()
+            },
+            params: None,
+        }
+    }
+
+    /// The task type.
+    pub fn task_type(&self) -> &str {
+        &self.request.task_type
+    }
+
+    /// The task's input, which must be a JSON object (anything else fails
+    /// the create with INVALID_ARGUMENT on `params`, before any call).
+    pub fn params(mut self, params: serde_json::Value) -> Self {
+        self.params = Some(params);
+        self
+    }
+
+    /// Higher runs first; default 0.
+    pub fn priority(mut self, priority: i32) -> Self {
+        self.request.priority = priority;
+        self
+    }
+
+    /// Executions allowed, 1 to 1000; 0 (the default) means the server's
+    /// default, 3.
+    pub fn max_attempts(mut self, max_attempts: i32) -> Self {
+        self.request.max_attempts = max_attempts;
+        self
+    }
+
+    /// Not handed out before `at`; default now.
+    pub fn scheduled_for(mut self, at: SystemTime) -> Self {
+        self.request.scheduled_for = Some(at.into());
+        self
+    }
+
+    /// Not handed out before `delay` from now (this machine's clock).
+    pub fn scheduled_in(self, delay: Duration) -> Self {
+        self.scheduled_for(SystemTime::now() + delay)
+    }
+
+    /// The library the task is about (a UUID).
+    pub fn library_id(mut self, id: impl Into<String>) -> Self {
+        self.request.library_id = Some(id.into());
+        self
+    }
+
+    /// The series the task is about (a UUID).
+    pub fn series_id(mut self, id: impl Into<String>) -> Self {
+        self.request.series_id = Some(id.into());
+        self
+    }
+
+    /// The book the task is about (a UUID).
+    pub fn book_id(mut self, id: impl Into<String>) -> Self {
+        self.request.book_id = Some(id.into());
+        self
+    }
+
+    /// Deduplication key (1 to 255 characters): while a pending or
+    /// processing task holds it, creating another returns that task.
+    pub fn dedup_key(mut self, key: impl Into<String>) -> Self {
+        self.request.dedup_key = Some(key.into());
+        self
+    }
+
+    /// The wire request. `index` is the position within a CreateTasks call,
+    /// so that a local rejection names the field as the server would.
+    fn into_request(self, index: Option<usize>) -> Result<proto::CreateTaskRequest> {
+        let mut request = self.request;
+        match self.params {
+            None => {}
+            Some(params @ serde_json::Value::Object(_)) => {
+                request.params = Some(to_struct(&params))
+            }
+            // Checked here because `to_struct` would turn it into `{}`
+            // silently and the server would never see the mistake.
+            Some(_) => {
+                let field = match index {
+                    Some(i) => format!("tasks[{i}].params"),
+                    None => "params".to_owned(),
+                };
+                return Err(tonic::Status::invalid_argument(format!(
+                    "{field}: must be a JSON object"
+                ))
+                .into());
+            }
+        }
+        Ok(request)
+    }
+}
+
+/// Which tasks [`Client::list`] yields: filters combine with AND, and an
+/// unset filter does not filter. A builder.
+///
+/// ```
+/// use leasehold::client::TaskFilter;
+/// use leasehold::proto::TaskStatus;
+///
+/// let filter = TaskFilter::new()
+///     .statuses([TaskStatus::Failed, TaskStatus::Cancelled])
+///     .task_type("scan_library")
+///     .page_size(200);
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct TaskFilter {
+    request: proto::ListTasksRequest,
+}
+
+impl TaskFilter {
+    /// Every task.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Also tasks in `status`.
+    pub fn status(mut self, status: proto::TaskStatus) -> Self {
+        self.request.statuses.push(status as i32);
+        self
+    }
+
+    /// Also tasks in any of `statuses`.
+    pub fn statuses(mut self, statuses: impl IntoIterator<Item = proto::TaskStatus>) -> Self {
+        self.request
+            .statuses
+            .extend(statuses.into_iter().map(|s| s as i32));
+        self
+    }
+
+    /// Also tasks of `task_type`.
+    pub fn task_type(mut self, task_type: impl Into<String>) -> Self {
+        self.request.task_types.push(task_type.into());
+        self
+    }
+
+    /// Also tasks of any of `task_types`.
+    pub fn task_types<S: Into<String>>(mut self, task_types: impl IntoIterator<Item = S>) -> Self {
+        self.request
+            .task_types
+            .extend(task_types.into_iter().map(Into::into));
+        self
+    }
+
+    /// Only tasks about this library (UUID).
+    pub fn library_id(mut self, id: impl Into<String>) -> Self {
+        self.request.library_id = Some(id.into());
+        self
+    }
+
+    /// Only tasks about this series (UUID).
+    pub fn series_id(mut self, id: impl Into<String>) -> Self {
+        self.request.series_id = Some(id.into());
+        self
+    }
+
+    /// Only tasks about this book (UUID).
+    pub fn book_id(mut self, id: impl Into<String>) -> Self {
+        self.request.book_id = Some(id.into());
+        self
+    }
+
+    /// Tasks fetched per call, 1 to 1000; 0 (the default) means 50.
+    pub fn page_size(mut self, page_size: i32) -> Self {
+        self.request.page_size = page_size;
+        self
+    }
+}
+
+/// Which events [`Client::watch`] yields: filters combine with AND, and an
+/// unset filter does not filter. A builder.
+///
+/// ```
+/// use leasehold::client::WatchFilter;
+/// use leasehold::proto::TaskStatus;
+///
+/// // Every task of this type that ends up failed.
+/// let filter = WatchFilter::new()
+///     .task_type("scan_library")
+///     .status(TaskStatus::Failed);
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct WatchFilter {
+    request: proto::WatchTasksRequest,
+}
+
+impl WatchFilter {
+    /// Every event.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Also events after which the task is in `status`.
+    pub fn status(mut self, status: proto::TaskStatus) -> Self {
+        self.request.statuses.push(status as i32);
+        self
+    }
+
+    /// Also events after which the task is in any of `statuses`.
+    pub fn statuses(mut self, statuses: impl IntoIterator<Item = proto::TaskStatus>) -> Self {
+        self.request
+            .statuses
+            .extend(statuses.into_iter().map(|s| s as i32));
+        self
+    }
+
+    /// Also events of tasks of `task_type`.
+    pub fn task_type(mut self, task_type: impl Into<String>) -> Self {
+        self.request.task_types.push(task_type.into());
+        self
+    }
+
+    /// Also events of tasks of any of `task_types`.
+    pub fn task_types<S: Into<String>>(mut self, task_types: impl IntoIterator<Item = S>) -> Self {
+        self.request
+            .task_types
+            .extend(task_types.into_iter().map(Into::into));
+        self
+    }
+
+    /// Also events of the task `id` (UUID).
+    pub fn task_id(mut self, id: impl Into<String>) -> Self {
+        self.request.task_ids.push(id.into());
+        self
+    }
+
+    /// Also events of any of the tasks `ids` (UUIDs, at most 1,000 in all).
+    pub fn task_ids<S: Into<String>>(mut self, ids: impl IntoIterator<Item = S>) -> Self {
+        self.request
+            .task_ids
+            .extend(ids.into_iter().map(Into::into));
+        self
+    }
+
+    /// Only events of tasks about this library (UUID).
+    pub fn library_id(mut self, id: impl Into<String>) -> Self {
+        self.request.library_id = Some(id.into());
+        self
+    }
+
+    /// Only events of tasks about this series (UUID).
+    pub fn series_id(mut self, id: impl Into<String>) -> Self {
+        self.request.series_id = Some(id.into());
+        self
+    }
+
+    /// Only events of tasks about this book (UUID).
+    pub fn book_id(mut self, id: impl Into<String>) -> Self {
+        self.request.book_id = Some(id.into());
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn params_must_be_an_object_and_name_their_index() {
+        let ok = NewTask::new("t")
+            .params(serde_json::json!({"a": 1}))
+            .into_request(None)
+            .unwrap();
+        assert_eq!(ok.params.unwrap().fields.len(), 1);
+
+        let err = NewTask::new("t")
+            .params(serde_json::json!([1]))
+            .into_request(Some(3))
+            .unwrap_err();
+        let status = err.status().unwrap();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert_eq!(status.message(), "tasks[3].params: must be a JSON object");
+    }
+
+    #[test]
+    fn filters_accumulate() {
+        let filter = TaskFilter::new()
+            .status(proto::TaskStatus::Failed)
+            .statuses([proto::TaskStatus::Cancelled])
+            .task_types(["a", "b"])
+            .page_size(7);
+        assert_eq!(
+            filter.request.statuses,
+            [
+                proto::TaskStatus::Failed as i32,
+                proto::TaskStatus::Cancelled as i32
+            ]
+        );
+        assert_eq!(filter.request.task_types, ["a", "b"]);
+        assert_eq!(filter.request.page_size, 7);
+    }
+}

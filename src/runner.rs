@@ -1,0 +1,287 @@
+//! `leasehold worker -- COMMAND ARGS...`: a worker in any language with no
+//! stubs at all. Each task runs the command once:
+//!
+//! - stdin: the task as one JSON object (`id`, `task_type`, `params`,
+//!   `attempt`, `max_attempts`, `priority`, and the library, series and book
+//!   ids when set); environment: `LEASEHOLD_TASK_ID`, `LEASEHOLD_TASK_TYPE`,
+//!   `LEASEHOLD_ATTEMPT`.
+//! - exit 0: the task completes with the JSON printed on stdout (empty
+//!   stdout means `{}`; a value that is not an object is stored as
+//!   `{"value": ...}`; anything that is not JSON fails the attempt).
+//! - any other exit: the attempt fails with the exit code and the tail of
+//!   stderr, and is retried while attempts are left.
+//! - cancelled task or lost lease: the command's process group gets SIGTERM,
+//!   then SIGKILL after `--kill-grace`.
+//!
+//! The command's stderr is copied to ours line by line, prefixed with the
+//! task id, so its logs are not lost.
+
+use std::collections::VecDeque;
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, Command};
+
+use crate::client::{TaskContext, TaskError, Worker, DEFAULT_SERVER};
+
+/// How much of stderr a failure keeps.
+const STDERR_TAIL_BYTES: usize = 4096;
+
+/// Largest stdout read as the result; more fails the attempt (the server
+/// refuses results over its payload limit anyway).
+const STDOUT_LIMIT_BYTES: u64 = 16 * 1024 * 1024;
+
+/// Flags of `leasehold worker`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct WorkerArgs {
+    /// Server address(es), comma-separated; a broken session reconnects to
+    /// the next one.
+    #[arg(
+        long,
+        env = "LEASEHOLD_SERVER",
+        default_value = DEFAULT_SERVER,
+        value_delimiter = ','
+    )]
+    pub server: Vec<String>,
+
+    /// Task type to run the command for (repeat for several).
+    #[arg(long = "task-type", required = true)]
+    pub task_types: Vec<String>,
+
+    /// How many tasks (command processes) may run at once.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub slots: u32,
+
+    /// Worker id, stored as `locked_by` (default: host name and process id).
+    #[arg(long, env = "LEASEHOLD_WORKER_ID")]
+    pub worker_id: Option<String>,
+
+    /// Lease length (default: the server's); heartbeats go out at a third
+    /// of it while the command runs.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub lease_duration: Option<Duration>,
+
+    /// On SIGINT/SIGTERM, how long running commands may still finish before
+    /// they are killed and their tasks released.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub drain_timeout: Duration,
+
+    /// After SIGTERM to a cancelled command, how long until SIGKILL.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub kill_grace: Duration,
+
+    /// The command and its arguments, after `--`.
+    #[arg(last = true, required = true, num_args = 1..)]
+    pub command: Vec<String>,
+}
+
+/// Runs the worker until SIGINT/SIGTERM, then drains.
+pub async fn run(args: WorkerArgs) -> crate::client::Result<()> {
+    let worker_id = args.worker_id.clone().unwrap_or_else(default_worker_id);
+    let mut builder = Worker::builder(worker_id)
+        .servers(args.server.iter().cloned())
+        .slots(args.slots)
+        .drain_timeout(args.drain_timeout)
+        .label("command", args.command.join(" "));
+    if let Some(lease) = args.lease_duration {
+        builder = builder.lease_duration(lease);
+    }
+    let spec = std::sync::Arc::new(CommandSpec {
+        program: args.command[0].clone(),
+        args: args.command[1..].to_vec(),
+        kill_grace: args.kill_grace,
+    });
+    for task_type in &args.task_types {
+        let spec = spec.clone();
+        builder = builder.handler(task_type.clone(), move |ctx| {
+            let spec = spec.clone();
+            async move { spec.run(ctx).await }
+        });
+    }
+    builder.build()?.run_until_signal().await
+}
+
+fn default_worker_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "worker".to_owned());
+    format!("{host}-{}", std::process::id())
+}
+
+/// The command to run per task.
+struct CommandSpec {
+    program: String,
+    args: Vec<String>,
+    kill_grace: Duration,
+}
+
+impl CommandSpec {
+    async fn run(&self, ctx: TaskContext) -> Result<serde_json::Value, TaskError> {
+        let input = task_json(&ctx);
+        let mut command = Command::new(&self.program);
+        command
+            .args(&self.args)
+            .env("LEASEHOLD_TASK_ID", ctx.id())
+            .env("LEASEHOLD_TASK_TYPE", ctx.task_type())
+            .env("LEASEHOLD_ATTEMPT", ctx.attempt().to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            // Its own process group, so a cancel reaches what the command
+            // started too (a shell script's children).
+            .process_group(0)
+            .kill_on_drop(true);
+        let mut child = command
+            .spawn()
+            .map_err(|e| TaskError::retry(format!("cannot start {:?}: {e}", self.program)))?;
+
+        let mut stdin = child.stdin.take().expect("stdin is piped");
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let stderr = child.stderr.take().expect("stderr is piped");
+        // A command that never reads its input must not block us.
+        tokio::spawn(async move {
+            let _ = stdin.write_all(&input).await;
+            let _ = stdin.shutdown().await;
+        });
+        let out = tokio::spawn(async move {
+            let mut buf = Vec::new();
+            let read = stdout
+                .take(STDOUT_LIMIT_BYTES + 1)
+                .read_to_end(&mut buf)
+                .await;
+            read.map(|_| buf)
+        });
+        let task_id = ctx.id().to_owned();
+        let err = tokio::spawn(copy_stderr(stderr, task_id));
+
+        let status = tokio::select! {
+            status = child.wait() => status,
+            () = ctx.cancelled() => {
+                self.stop(&mut child).await;
+                return Err(TaskError::retry("cancelled: the command was stopped"));
+            }
+        }
+        .map_err(|e| TaskError::retry(format!("waiting for the command: {e}")))?;
+        let tail = err.await.unwrap_or_default();
+        let stdout = out
+            .await
+            .map_err(|e| TaskError::retry(format!("reading stdout: {e}")))?
+            .map_err(|e| TaskError::retry(format!("reading stdout: {e}")))?;
+
+        if !status.success() {
+            let how = match (status.code(), exit_signal(&status)) {
+                (Some(code), _) => format!("exit code {code}"),
+                (None, Some(signal)) => format!("killed by signal {signal}"),
+                (None, None) => "abnormal exit".to_owned(),
+            };
+            let tail = tail.trim_end();
+            return Err(TaskError::retry(if tail.is_empty() {
+                format!("command failed with {how}")
+            } else {
+                format!("command failed with {how}: {tail}")
+            }));
+        }
+        if stdout.len() as u64 > STDOUT_LIMIT_BYTES {
+            return Err(TaskError::retry(format!(
+                "stdout is larger than {STDOUT_LIMIT_BYTES} bytes"
+            )));
+        }
+        if stdout.iter().all(u8::is_ascii_whitespace) {
+            return Ok(serde_json::json!({}));
+        }
+        serde_json::from_slice(&stdout)
+            .map_err(|e| TaskError::retry(format!("stdout is not JSON: {e}")))
+    }
+
+    /// SIGTERM to the command's process group, SIGKILL after the grace.
+    async fn stop(&self, child: &mut Child) {
+        if let Some(pid) = child.id().and_then(|pid| i32::try_from(pid).ok()) {
+            // SAFETY: kill(2) with a negative pid signals a process group we
+            // created for this child; it touches no memory.
+            unsafe {
+                libc::kill(-pid, libc::SIGTERM);
+            }
+            if tokio::time::timeout(self.kill_grace, child.wait())
+                .await
+                .is_ok()
+            {
+                return;
+            }
+            // SAFETY: as above.
+            unsafe {
+                libc::kill(-pid, libc::SIGKILL);
+            }
+        }
+        let _ = child.kill().await;
+    }
+}
+
+#[cfg(unix)]
+fn exit_signal(status: &std::process::ExitStatus) -> Option<i32> {
+    use std::os::unix::process::ExitStatusExt;
+    status.signal()
+}
+
+#[cfg(not(unix))]
+fn exit_signal(_: &std::process::ExitStatus) -> Option<i32> {
+    None
+}
+
+/// Copies the command's stderr to ours, each line prefixed with the task
+/// id, and returns its last few kilobytes.
+async fn copy_stderr(stderr: tokio::process::ChildStderr, task_id: String) -> String {
+    // Split on bytes, not lines: output that is not UTF-8 must still be
+    // read to the end, or the command would block on a full pipe.
+    let mut lines = BufReader::new(stderr).split(b'\n');
+    let mut tail: VecDeque<String> = VecDeque::new();
+    let mut tail_len = 0;
+    while let Ok(Some(bytes)) = lines.next_segment().await {
+        let line = String::from_utf8_lossy(&bytes).into_owned();
+        eprintln!("[{task_id}] {line}");
+        tail_len += line.len() + 1;
+        tail.push_back(line);
+        while tail_len > STDERR_TAIL_BYTES && tail.len() > 1 {
+            if let Some(old) = tail.pop_front() {
+                tail_len -= old.len() + 1;
+            }
+        }
+    }
+    let mut text = tail.into_iter().collect::<Vec<_>>().join("\n");
+    if text.len() > STDERR_TAIL_BYTES {
+        let mut cut = text.len() - STDERR_TAIL_BYTES;
+        while !text.is_char_boundary(cut) {
+            cut += 1;
+        }
+        text = text.split_off(cut);
+    }
+    text
+}
+
+/// The task as the command reads it on stdin.
+fn task_json(ctx: &TaskContext) -> Vec<u8> {
+    let task = ctx.task();
+    let mut json = serde_json::json!({
+        "id": task.id,
+        "task_type": task.task_type,
+        "params": ctx.params(),
+        "attempt": ctx.attempt(),
+        "max_attempts": task.max_attempts,
+        "priority": task.priority,
+    });
+    for (key, value) in [
+        ("library_id", &task.library_id),
+        ("series_id", &task.series_id),
+        ("book_id", &task.book_id),
+    ] {
+        if let Some(value) = value {
+            json[key] = serde_json::Value::String(value.clone());
+        }
+    }
+    let mut bytes = serde_json::to_vec(&json).unwrap_or_default();
+    bytes.push(b'\n');
+    bytes
+}

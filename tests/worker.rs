@@ -1,0 +1,415 @@
+//! The Rust `Worker` (`leasehold::client::Worker`) against real servers:
+//! completing tasks, cancellation tokens, panicking handlers, drain on
+//! shutdown, and reconnecting to another node after a SIGKILL without
+//! running any task twice.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::cluster::{Cluster, PATIENCE};
+use common::{eventually, TestServer};
+use leasehold::client::{Client, NewTask, TaskError, Worker};
+use leasehold::proto::TaskStatus;
+use serde_json::json;
+use tokio::sync::{mpsc, watch};
+
+/// Longest wait for a message from a handler.
+const WAIT: Duration = Duration::from_secs(15);
+
+fn status(task: &leasehold::proto::Task) -> TaskStatus {
+    TaskStatus::try_from(task.status).unwrap_or(TaskStatus::Unspecified)
+}
+
+/// Waits until the task `id` reaches `want`, and returns it.
+async fn reaches(client: &Client, id: &str, want: TaskStatus) -> leasehold::proto::Task {
+    eventually(PATIENCE, || async {
+        let task = client.get(id).await.unwrap();
+        (status(&task) == want).then_some(task)
+    })
+    .await
+}
+
+async fn create(client: &Client, task: NewTask) -> String {
+    client.create(task).await.unwrap().task.unwrap().id
+}
+
+async fn recv<T>(rx: &mut mpsc::UnboundedReceiver<T>, what: &str) -> T {
+    tokio::time::timeout(WAIT, rx.recv())
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+        .unwrap_or_else(|| panic!("channel closed waiting for {what}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_completes_tasks_with_their_results_and_progress() {
+    let server = TestServer::start().await;
+    let client = Client::connect(&server.endpoint()).await.unwrap();
+    // Book 0 reports progress and waits until the test has seen it.
+    let (gate_tx, gate) = watch::channel(false);
+    let worker = Worker::builder("thumbnailer")
+        .server(server.endpoint())
+        .slots(4)
+        .handler("generate_thumbnail", move |task| {
+            let mut gate = gate.clone();
+            async move {
+                let book = task.params()["book"].as_i64().unwrap_or(-1);
+                if book == 0 {
+                    task.progress(1, 2, "rendering");
+                    gate.wait_for(|open| *open).await?;
+                }
+                Ok(json!({ "thumbnail": format!("{book}.webp"), "attempt": task.attempt() }))
+            }
+        })
+        // A plain value is stored under "value".
+        .handler("count_pages", |_task| async { Ok(json!(42)) })
+        .build()
+        .unwrap();
+    let shutdown = worker.shutdown_handle();
+    let running = tokio::spawn(worker.run());
+
+    let mut ids = Vec::new();
+    for book in 0..12 {
+        let task = NewTask::new("generate_thumbnail").params(json!({ "book": book }));
+        ids.push((book, create(&client, task).await));
+    }
+    let pages = create(&client, NewTask::new("count_pages")).await;
+
+    let progress = eventually(PATIENCE, || async {
+        client.get(&ids[0].1).await.unwrap().progress
+    })
+    .await;
+    assert_eq!((progress.current, progress.total), (1, 2));
+    assert_eq!(progress.message, "rendering");
+    gate_tx.send(true).unwrap();
+
+    for (book, id) in &ids {
+        let task = reaches(&client, id, TaskStatus::Completed).await;
+        let result = leasehold::client::from_struct(task.result.as_ref().unwrap()).unwrap();
+        assert_eq!(
+            result,
+            json!({ "thumbnail": format!("{book}.webp"), "attempt": 1 })
+        );
+        assert_eq!(task.locked_by.as_deref(), Some("thumbnailer"));
+        assert_eq!(task.attempts, 1);
+    }
+    let task = reaches(&client, &pages, TaskStatus::Completed).await;
+    let result = leasehold::client::from_struct(task.result.as_ref().unwrap()).unwrap();
+    assert_eq!(result, json!({ "value": 42 }));
+
+    shutdown.shutdown();
+    tokio::time::timeout(WAIT, running)
+        .await
+        .expect("worker stops")
+        .unwrap()
+        .unwrap();
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_a_task_fires_its_handlers_token() {
+    let server = TestServer::start().await;
+    let client = Client::connect(&server.endpoint()).await.unwrap();
+    let (events, mut rx) = mpsc::unbounded_channel::<(String, &'static str)>();
+    let worker = Worker::builder("cancellable")
+        .server(server.endpoint())
+        // The last task waits for its token: the drain cancels it.
+        .drain_timeout(Duration::from_millis(500))
+        .handler("scan_library", move |task| {
+            let events = events.clone();
+            async move {
+                let _ = events.send((task.id().to_owned(), "started"));
+                task.cancelled().await;
+                let _ = events.send((task.id().to_owned(), "cancelled"));
+                // Whatever a cancelled handler returns is dropped.
+                Ok(json!({ "should": "never be stored" }))
+            }
+        })
+        .build()
+        .unwrap();
+    let shutdown = worker.shutdown_handle();
+    let running = tokio::spawn(worker.run());
+
+    let id = create(&client, NewTask::new("scan_library")).await;
+    assert_eq!(
+        recv(&mut rx, "the handler to start").await,
+        (id.clone(), "started")
+    );
+    client
+        .cancel(&id, "operator changed their mind")
+        .await
+        .unwrap();
+    assert_eq!(
+        recv(&mut rx, "the token to fire").await,
+        (id.clone(), "cancelled")
+    );
+
+    // The slot is free again: the next task runs on the same one-slot worker.
+    let next = create(&client, NewTask::new("scan_library")).await;
+    assert_eq!(
+        recv(&mut rx, "the next task").await,
+        (next.clone(), "started")
+    );
+    let task = client.get(&id).await.unwrap();
+    assert_eq!(status(&task), TaskStatus::Cancelled);
+    assert!(
+        task.result.is_none(),
+        "a cancelled handler's result is not sent"
+    );
+
+    shutdown.shutdown();
+    tokio::time::timeout(WAIT, running)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_handler_fails_the_attempt_and_the_worker_goes_on() {
+    let server = TestServer::start().await;
+    let client = Client::connect(&server.endpoint()).await.unwrap();
+    let worker = Worker::builder("fragile")
+        .server(server.endpoint())
+        .handler("parse_archive", |task| async move {
+            match task.params()["mode"].as_str() {
+                Some("panic") => panic!("corrupt archive {}", task.id()),
+                Some("refuse") => Err(TaskError::permanent("params.path: not a cbz file")),
+                Some("later") => Err(TaskError::retry_after(
+                    "archive locked",
+                    Duration::from_secs(3600),
+                )),
+                _ => Ok(json!({ "pages": 24 })),
+            }
+        })
+        .build()
+        .unwrap();
+    let shutdown = worker.shutdown_handle();
+    let running = tokio::spawn(worker.run());
+
+    let panics = create(
+        &client,
+        NewTask::new("parse_archive")
+            .params(json!({ "mode": "panic" }))
+            .max_attempts(1),
+    )
+    .await;
+    let failed = reaches(&client, &panics, TaskStatus::Failed).await;
+    assert_eq!(
+        failed.last_error.as_deref(),
+        Some(format!("handler panicked: corrupt archive {panics}").as_str())
+    );
+
+    let refused = create(
+        &client,
+        NewTask::new("parse_archive").params(json!({ "mode": "refuse" })),
+    )
+    .await;
+    let task = reaches(&client, &refused, TaskStatus::Failed).await;
+    assert_eq!(task.attempts, 1, "permanent: no retry");
+    assert_eq!(
+        task.last_error.as_deref(),
+        Some("params.path: not a cbz file")
+    );
+
+    let later = create(
+        &client,
+        NewTask::new("parse_archive").params(json!({ "mode": "later" })),
+    )
+    .await;
+    let task = eventually(PATIENCE, || async {
+        let task = client.get(&later).await.unwrap();
+        (status(&task) == TaskStatus::Pending && task.attempts == 1).then_some(task)
+    })
+    .await;
+    let scheduled = task.scheduled_for.unwrap();
+    let created = task.created_at.unwrap();
+    assert!(
+        scheduled.seconds - created.seconds >= 3500,
+        "retry_after pushed the retry an hour out: {scheduled:?} vs {created:?}"
+    );
+
+    // The worker is still alive after the panic.
+    let fine = create(&client, NewTask::new("parse_archive")).await;
+    reaches(&client, &fine, TaskStatus::Completed).await;
+
+    shutdown.shutdown();
+    tokio::time::timeout(WAIT, running)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_drains_finishes_in_flight_tasks_and_releases_the_rest() {
+    let server = TestServer::start().await;
+    let client = Client::connect(&server.endpoint()).await.unwrap();
+    let (events, mut rx) = mpsc::unbounded_channel::<(String, &'static str)>();
+    let worker = Worker::builder("drainer")
+        .server(server.endpoint())
+        .slots(2)
+        .drain_timeout(Duration::from_millis(1500))
+        .handler("export_series", move |task| {
+            let events = events.clone();
+            async move {
+                let _ = events.send((task.id().to_owned(), "started"));
+                if task.params()["stuck"] == json!(true) {
+                    task.cancelled().await;
+                    let _ = events.send((task.id().to_owned(), "cancelled"));
+                    return Err(TaskError::retry("stopped"));
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                Ok(json!({ "exported": true }))
+            }
+        })
+        .build()
+        .unwrap();
+    let shutdown = worker.shutdown_handle();
+    let running = tokio::spawn(worker.run());
+
+    let quick = create(&client, NewTask::new("export_series")).await;
+    let stuck = create(
+        &client,
+        NewTask::new("export_series").params(json!({ "stuck": true })),
+    )
+    .await;
+    let mut started = vec![
+        recv(&mut rx, "a start").await.0,
+        recv(&mut rx, "a start").await.0,
+    ];
+    started.sort();
+    let mut both = vec![quick.clone(), stuck.clone()];
+    both.sort();
+    assert_eq!(started, both);
+
+    shutdown.shutdown();
+    // A task created during the drain is not taken.
+    let late = create(&client, NewTask::new("export_series")).await;
+    assert_eq!(
+        recv(&mut rx, "the stuck handler's token").await,
+        (stuck.clone(), "cancelled")
+    );
+    tokio::time::timeout(WAIT, running)
+        .await
+        .expect("worker stops after its drain timeout")
+        .unwrap()
+        .unwrap();
+
+    let task = client.get(&quick).await.unwrap();
+    assert_eq!(
+        status(&task),
+        TaskStatus::Completed,
+        "in-flight work finished"
+    );
+    let task = client.get(&stuck).await.unwrap();
+    assert_eq!(status(&task), TaskStatus::Pending, "released, not failed");
+    assert_eq!(task.attempts, 0, "a release does not use an attempt");
+    let task = client.get(&late).await.unwrap();
+    assert_eq!(status(&task), TaskStatus::Pending);
+    assert_eq!(task.attempts, 0);
+    server.stop().await;
+}
+
+/// The worker holds three leases on node A when A is SIGKILLed. It
+/// reconnects to B, re-attaches the leases by heartbeat and completes each
+/// task exactly once, in its first attempt, although the leases are short
+/// enough to expire during the test if they were not renewed on B.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_whose_node_is_killed_reconnects_and_completes_held_tasks_once() {
+    let mut cluster = Cluster::start(&[("a", &[]), ("b", &[])]);
+    let (a, b) = (cluster.endpoint(0), cluster.endpoint(1));
+    let client_b = Client::connect(&b).await.unwrap();
+
+    let runs: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
+    let (started_tx, mut started) = mpsc::unbounded_channel::<String>();
+    let (gate_tx, gate) = watch::channel(false);
+    let worker = Worker::builder("survivor")
+        .servers([a.clone(), b.clone()])
+        .slots(3)
+        .lease_duration(Duration::from_secs(3))
+        .reconnect_backoff(Duration::from_millis(50), Duration::from_millis(500))
+        .handler("index_book", {
+            let runs = runs.clone();
+            move |task| {
+                let runs = runs.clone();
+                let started = started_tx.clone();
+                let mut gate = gate.clone();
+                async move {
+                    *runs
+                        .lock()
+                        .unwrap()
+                        .entry(task.id().to_owned())
+                        .or_default() += 1;
+                    let _ = started.send(task.id().to_owned());
+                    gate.wait_for(|open| *open)
+                        .await
+                        .map_err(|e| TaskError::retry(e.to_string()))?;
+                    Ok(json!({ "indexed": task.id() }))
+                }
+            }
+        })
+        .build()
+        .unwrap();
+    let shutdown = worker.shutdown_handle();
+    let running = tokio::spawn(worker.run());
+
+    // The worker registers on A (first in its list) before any task exists.
+    let client_a = Client::connect(&a).await.unwrap();
+    eventually(PATIENCE, || async {
+        let sessions = client_a.workers().await.unwrap();
+        sessions
+            .iter()
+            .any(|s| s.worker_id == "survivor")
+            .then_some(())
+    })
+    .await;
+    let mut ids = Vec::new();
+    for n in 0..3 {
+        let task = NewTask::new("index_book").params(json!({ "n": n }));
+        ids.push(create(&client_a, task).await);
+    }
+    for _ in 0..3 {
+        recv(&mut started, "a task to start").await;
+    }
+
+    cluster.signal(0, "KILL");
+    cluster.exited(0).await;
+
+    // The worker is back, on B.
+    eventually(PATIENCE, || async {
+        let sessions = client_b.workers().await.unwrap_or_default();
+        sessions
+            .iter()
+            .any(|s| s.worker_id == "survivor")
+            .then_some(())
+    })
+    .await;
+    // Longer than the 3 s lease: only heartbeats on B keep the tasks ours.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    gate_tx.send(true).unwrap();
+
+    for id in &ids {
+        let task = reaches(&client_b, id, TaskStatus::Completed).await;
+        assert_eq!(task.attempts, 1, "task {id} ran in its first attempt only");
+        let result = leasehold::client::from_struct(task.result.as_ref().unwrap()).unwrap();
+        assert_eq!(result, json!({ "indexed": id }));
+    }
+    let runs = runs.lock().unwrap().clone();
+    assert_eq!(runs.len(), 3);
+    assert!(
+        runs.values().all(|&n| n == 1),
+        "each handler ran once: {runs:?}"
+    );
+
+    shutdown.shutdown();
+    tokio::time::timeout(WAIT, running)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
