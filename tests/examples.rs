@@ -1,0 +1,290 @@
+//! The example workers in `examples/` as users run them: a real worker
+//! process on a two-node cluster takes pushed tasks, completes and fails
+//! them, stops a cancelled one, keeps a long task's lease while its node
+//! drains, and carries on on the other node. `.ci/tools.sh` installs what the
+//! workers need; without it these tests fail, they never skip.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::status_of;
+use leasehold::api::convert::struct_to_json;
+use leasehold::proto::task_service_client::TaskServiceClient;
+use leasehold::proto::worker_service_client::WorkerServiceClient;
+use leasehold::proto::{self, TaskStatus};
+use serde_json::json;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{ChildStderr, Command};
+use tokio::sync::watch;
+use tonic::transport::Channel;
+
+const TASK_TYPE: &str = "generate_thumbnail";
+
+/// How long anything the tests wait for may take.
+const LIMIT: Duration = Duration::from_secs(20);
+
+/// Lease length the workers ask for: much shorter than the long task, so it
+/// only survives if the worker heartbeats, across the drain too.
+const LEASE_SECONDS: &str = "2";
+
+#[tokio::test]
+async fn python_worker_works_through_a_node_drain() {
+    let dir = example_dir("python-worker");
+    let python = dir.join(".venv/bin/python");
+    require(python.is_file(), "examples/python-worker/.venv");
+    require(
+        dir.join("gen/leasehold/v1/worker_service_pb2_grpc.py")
+            .is_file(),
+        "the generated stubs in examples/python-worker/gen",
+    );
+    let mut worker = Command::new(python);
+    worker.arg("worker.py").current_dir(&dir);
+    exercise("python", worker).await;
+}
+
+#[tokio::test]
+async fn node_worker_works_through_a_node_drain() {
+    let dir = example_dir("node-worker");
+    require(
+        dir.join("node_modules/@grpc/grpc-js/package.json")
+            .is_file(),
+        "examples/node-worker/node_modules",
+    );
+    // The machine's Node.js, as .ci/tools.sh finds it: on PATH.
+    let node = std::process::Command::new("node").arg("--version").output();
+    require(
+        node.is_ok_and(|out| out.status.success()),
+        "Node.js (`node` on PATH)",
+    );
+    let mut worker = Command::new("node");
+    worker.arg("worker.js").current_dir(&dir);
+    exercise("node", worker).await;
+}
+
+fn example_dir(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("examples")
+        .join(name)
+}
+
+fn require(present: bool, what: &str) {
+    assert!(present, "{what} is missing: run .ci/tools.sh first");
+}
+
+/// The whole scenario for one example worker.
+async fn exercise(language: &'static str, mut worker: Command) {
+    let mut server = common::TestServer::start().await;
+    let node_a = server.running.as_ref().unwrap();
+    let node_b = server.another_node().await;
+    let (node_a_id, node_b_id) = (node_a.node_id(), node_b.node_id());
+    // Producers and checks go through node B, which stays up.
+    let channel = common::channel_to(&format!("http://{}", node_b.addr())).await;
+    let mut tasks = TaskServiceClient::new(channel.clone());
+    let workers = WorkerServiceClient::new(channel);
+
+    let worker_id = format!("{language}-{}", uuid::Uuid::new_v4().simple());
+    let servers = format!("{},{}", node_a.addr(), node_b.addr());
+    let mut child = worker
+        .args(["--server", &servers, "--worker-id", &worker_id])
+        .args(["--task-types", TASK_TYPE, "--slots", "4"])
+        .args(["--lease-seconds", LEASE_SECONDS])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|err| {
+            panic!("cannot start the {language} worker ({err}): run .ci/tools.sh first")
+        });
+    let mut log = WorkerLog::capture(child.stderr.take().unwrap(), language);
+    log.wait_for(&format!("node={node_a_id}")).await;
+
+    // Pushed tasks complete with the handler's result, and a failure travels
+    // with its message.
+    let mut thumbnails = Vec::new();
+    for i in 0..3 {
+        let image = format!("cat-{i}.png");
+        let id = create(&mut tasks, json!({"image": image, "sleep_ms": 50})).await;
+        thumbnails.push((id, image));
+    }
+    let broken = create(
+        &mut tasks,
+        json!({"fail": "unsupported image format", "permanent": true}),
+    )
+    .await;
+    for (id, image) in &thumbnails {
+        let task = wait_status(&tasks, id, TaskStatus::Completed).await;
+        assert_eq!(
+            result_of(&task),
+            json!({"thumbnail": format!("thumbs/{image}"), "worker": worker_id})
+        );
+        assert_eq!(task.locked_by.as_deref(), Some(worker_id.as_str()));
+    }
+    let task = wait_status(&tasks, &broken, TaskStatus::Failed).await;
+    assert_eq!(task.last_error.as_deref(), Some("unsupported image format"));
+    assert_eq!(task.attempts, 1, "a permanent failure is not retried");
+
+    // Cancelled while running: the worker stops it and sends nothing for it.
+    let doomed = create(&mut tasks, json!({"sleep_ms": 60_000})).await;
+    wait_status(&tasks, &doomed, TaskStatus::Processing).await;
+    tasks
+        .cancel_task(proto::CancelTaskRequest {
+            id: doomed.clone(),
+            reason: "no longer needed".to_owned(),
+        })
+        .await
+        .unwrap();
+    log.wait_for(&format!("task {doomed} stopped")).await;
+
+    // A long task is running when node A drains: it outlives the drain
+    // grace, so the worker moves to node B still holding it, re-attaches
+    // its lease there and sends the outcome on the new stream.
+    let long = create(
+        &mut tasks,
+        json!({"image": "panorama.png", "sleep_ms": 5_000}),
+    )
+    .await;
+    wait_status(&tasks, &long, TaskStatus::Processing).await;
+    server.running.take().unwrap().shutdown().await.unwrap();
+    assert_eq!(
+        status_of(&get(&mut tasks, &long).await),
+        TaskStatus::Processing,
+        "the long task is still running once node A has stopped"
+    );
+    log.wait_for("node draining").await;
+    log.wait_for(&format!("node={node_b_id}")).await;
+    log.wait_for("re-attaching 1 running task").await;
+
+    // Work goes on through node B.
+    let after = create(&mut tasks, json!({"image": "dog.png", "sleep_ms": 50})).await;
+    let task = wait_status(&tasks, &after, TaskStatus::Completed).await;
+    assert_eq!(
+        result_of(&task),
+        json!({"thumbnail": "thumbs/dog.png", "worker": worker_id})
+    );
+    let task = wait_status(&tasks, &long, TaskStatus::Completed).await;
+    assert_eq!(
+        result_of(&task),
+        json!({"thumbnail": "thumbs/panorama.png", "worker": worker_id})
+    );
+    assert_eq!(
+        task.attempts, 1,
+        "heartbeats kept the lease alive, across the reconnect too"
+    );
+    let sessions = common::eventually(LIMIT, || {
+        let mut workers = workers.clone();
+        let worker_id = worker_id.clone();
+        async move {
+            let sessions: Vec<_> = workers
+                .list_workers(proto::ListWorkersRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .sessions
+                .into_iter()
+                .filter(|s| s.worker_id == worker_id)
+                .collect();
+            // Node A's rows go when it stops; wait for that.
+            (sessions.len() == 1).then_some(sessions)
+        }
+    })
+    .await;
+    assert_eq!(sessions[0].node_id, node_b_id.to_string());
+    assert_eq!(
+        sessions[0].labels.get("language").map(String::as_str),
+        Some(language)
+    );
+
+    // Nothing was sent for the cancelled task, and it stays cancelled.
+    let task = get(&mut tasks, &doomed).await;
+    assert_eq!(status_of(&task), TaskStatus::Cancelled);
+    assert!(
+        !log.contains(&format!("task {doomed}: outcome"))
+            && !log.contains(&format!("task {doomed} completed")),
+        "the worker sent an outcome for the cancelled task"
+    );
+
+    child.kill().await.unwrap();
+    node_b.shutdown().await.unwrap();
+    server.stop().await;
+}
+
+async fn create(tasks: &mut TaskServiceClient<Channel>, params: serde_json::Value) -> String {
+    let mut request = common::new_task(TASK_TYPE);
+    request.params = Some(common::json(params));
+    tasks
+        .create_task(request)
+        .await
+        .unwrap()
+        .into_inner()
+        .task
+        .unwrap()
+        .id
+}
+
+async fn get(tasks: &mut TaskServiceClient<Channel>, id: &str) -> proto::Task {
+    tasks
+        .get_task(proto::GetTaskRequest { id: id.to_owned() })
+        .await
+        .unwrap()
+        .into_inner()
+        .task
+        .unwrap()
+}
+
+/// Polls the task until it is in `status`.
+async fn wait_status(
+    tasks: &TaskServiceClient<Channel>,
+    id: &str,
+    status: TaskStatus,
+) -> proto::Task {
+    common::eventually(LIMIT, || {
+        let mut tasks = tasks.clone();
+        async move {
+            let task = get(&mut tasks, id).await;
+            (status_of(&task) == status).then_some(task)
+        }
+    })
+    .await
+}
+
+fn result_of(task: &proto::Task) -> serde_json::Value {
+    struct_to_json(task.result.as_ref().expect("a completed task has a result")).unwrap()
+}
+
+/// The worker's log lines (it logs to stderr), echoed into the test output
+/// so that a failure shows them.
+struct WorkerLog(watch::Receiver<Vec<String>>);
+
+impl WorkerLog {
+    fn capture(stderr: ChildStderr, language: &'static str) -> Self {
+        let (tx, rx) = watch::channel(Vec::new());
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                eprintln!("[{language} worker] {line}");
+                tx.send_modify(|all| all.push(line));
+            }
+        });
+        Self(rx)
+    }
+
+    fn contains(&self, needle: &str) -> bool {
+        self.0.borrow().iter().any(|line| line.contains(needle))
+    }
+
+    /// Waits until a line contains `needle`; fails if the worker exits first.
+    async fn wait_for(&mut self, needle: &str) {
+        let found = self
+            .0
+            .wait_for(|lines| lines.iter().any(|line| line.contains(needle)));
+        match tokio::time::timeout(LIMIT, found).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) => panic!("the worker exited before logging `{needle}`"),
+            Err(_) => panic!("the worker did not log `{needle}` within {LIMIT:?}"),
+        }
+    }
+}
