@@ -11,7 +11,11 @@
 //! - any other exit: the attempt fails with the exit code and the tail of
 //!   stderr, and is retried while attempts are left.
 //! - cancelled task or lost lease: the command's process group gets SIGTERM,
-//!   then SIGKILL after `--kill-grace`.
+//!   then whatever is left of it SIGKILL after `--kill-grace`. When the
+//!   command exits, anything it left running in its process group is
+//!   stopped the same way: a task's processes never outlive it.
+//! - a command that is not an executable file (nor on `PATH`) stops the
+//!   runner at start-up, before it takes any task.
 //!
 //! The command's stderr is copied to ours line by line, prefixed with the
 //! task id, so its logs are not lost.
@@ -87,6 +91,12 @@ pub async fn run(args: WorkerArgs) -> crate::client::Result<()> {
     if let Some(lease) = args.lease_duration {
         builder = builder.lease_duration(lease);
     }
+    if find_program(&args.command[0]).is_none() {
+        return Err(crate::client::Error::InvalidConfig(format!(
+            "command: {:?} is not an executable file, nor found on PATH",
+            args.command[0]
+        )));
+    }
     let spec = std::sync::Arc::new(CommandSpec {
         program: args.command[0].clone(),
         args: args.command[1..].to_vec(),
@@ -147,31 +157,51 @@ impl CommandSpec {
             let _ = stdin.write_all(&input).await;
             let _ = stdin.shutdown().await;
         });
-        let out = tokio::spawn(async move {
-            let mut buf = Vec::new();
-            let read = stdout
-                .take(STDOUT_LIMIT_BYTES + 1)
-                .read_to_end(&mut buf)
-                .await;
-            read.map(|_| buf)
-        });
+        let out = tokio::spawn(read_capped(stdout, STDOUT_LIMIT_BYTES));
         let task_id = ctx.id().to_owned();
         let err = tokio::spawn(copy_stderr(stderr, task_id));
+        let group = child.id().and_then(|pid| i32::try_from(pid).ok());
 
         let status = tokio::select! {
             status = child.wait() => status,
             () = ctx.cancelled() => {
-                self.stop(&mut child).await;
+                if let Some(group) = group {
+                    self.stop_group(group, Some(&mut child)).await;
+                }
+                let _ = child.kill().await;
                 return Err(TaskError::retry("cancelled: the command was stopped"));
             }
         }
         .map_err(|e| TaskError::retry(format!("waiting for the command: {e}")))?;
-        let tail = err.await.unwrap_or_default();
-        let stdout = out
-            .await
+        // The task ends with its command: what it left running in its
+        // process group is stopped too, or it would hold the pipes open and
+        // run on outside the worker's slots.
+        if let Some(group) = group {
+            if group_alive(group) {
+                self.stop_group(group, None).await;
+            }
+        }
+        // A process that left the group (setsid) may still hold a pipe:
+        // wait for the output only so long.
+        let (stdout, tail) = tokio::select! {
+            output = async { (out.await, err.await) } => output,
+            () = tokio::time::sleep(self.kill_grace + Duration::from_secs(1)) => {
+                return Err(TaskError::retry(
+                    "the command exited, but a process it started keeps its output open",
+                ));
+            }
+            () = ctx.cancelled() => return Err(TaskError::retry("cancelled")),
+        };
+        let tail = tail.unwrap_or_default();
+        let (stdout, over_limit) = stdout
             .map_err(|e| TaskError::retry(format!("reading stdout: {e}")))?
             .map_err(|e| TaskError::retry(format!("reading stdout: {e}")))?;
 
+        if over_limit {
+            return Err(TaskError::retry(format!(
+                "stdout is larger than {STDOUT_LIMIT_BYTES} bytes"
+            )));
+        }
         if !status.success() {
             let how = match (status.code(), exit_signal(&status)) {
                 (Some(code), _) => format!("exit code {code}"),
@@ -185,11 +215,6 @@ impl CommandSpec {
                 format!("command failed with {how}: {tail}")
             }));
         }
-        if stdout.len() as u64 > STDOUT_LIMIT_BYTES {
-            return Err(TaskError::retry(format!(
-                "stdout is larger than {STDOUT_LIMIT_BYTES} bytes"
-            )));
-        }
         if stdout.iter().all(u8::is_ascii_whitespace) {
             return Ok(serde_json::json!({}));
         }
@@ -197,27 +222,78 @@ impl CommandSpec {
             .map_err(|e| TaskError::retry(format!("stdout is not JSON: {e}")))
     }
 
-    /// SIGTERM to the command's process group, SIGKILL after the grace.
-    async fn stop(&self, child: &mut Child) {
-        if let Some(pid) = child.id().and_then(|pid| i32::try_from(pid).ok()) {
-            // SAFETY: kill(2) with a negative pid signals a process group we
-            // created for this child; it touches no memory.
-            unsafe {
-                libc::kill(-pid, libc::SIGTERM);
-            }
-            if tokio::time::timeout(self.kill_grace, child.wait())
-                .await
-                .is_ok()
-            {
-                return;
-            }
-            // SAFETY: as above.
-            unsafe {
-                libc::kill(-pid, libc::SIGKILL);
-            }
+    /// SIGTERM to the command's process group; SIGKILL to whatever is left
+    /// of it after the grace. `leader`, when still running, is waited for
+    /// (and so reaped) meanwhile.
+    async fn stop_group(&self, group: i32, leader: Option<&mut Child>) {
+        signal_group(group, libc::SIGTERM);
+        let deadline = tokio::time::Instant::now() + self.kill_grace;
+        if let Some(leader) = leader {
+            let _ = tokio::time::timeout_at(deadline, leader.wait()).await;
         }
-        let _ = child.kill().await;
+        while group_alive(group) && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if group_alive(group) {
+            signal_group(group, libc::SIGKILL);
+        }
     }
+}
+
+/// Sends `signal` to every process of `group`.
+fn signal_group(group: i32, signal: i32) {
+    // SAFETY: kill(2) with a negative pid signals the process group we
+    // created for a command; it touches no memory.
+    unsafe {
+        libc::kill(-group, signal);
+    }
+}
+
+/// True while any process of `group` exists.
+fn group_alive(group: i32) -> bool {
+    // SAFETY: signal 0 only checks that the group exists.
+    unsafe { libc::kill(-group, 0) == 0 }
+}
+
+/// Reads `reader` to its end, keeping at most `limit` bytes (and saying if
+/// there was more). It never stops reading early: a command blocked on a
+/// full pipe would never exit.
+async fn read_capped(
+    mut reader: impl tokio::io::AsyncRead + Unpin,
+    limit: u64,
+) -> std::io::Result<(Vec<u8>, bool)> {
+    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+    let mut kept = Vec::new();
+    let mut over = false;
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        let n = reader.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok((kept, over));
+        }
+        let room = limit - kept.len();
+        if n > room {
+            over = true;
+        }
+        kept.extend_from_slice(&chunk[..n.min(room)]);
+    }
+}
+
+/// Finds `program` as `execve` would: a path with a slash as it is, a bare
+/// name on `PATH`. Checked once at start-up so that a mistyped command
+/// stops the worker instead of failing every task it takes.
+fn find_program(program: &str) -> Option<std::path::PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let executable = |path: &std::path::Path| {
+        std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if program.contains('/') {
+        let path = std::path::PathBuf::from(program);
+        return executable(&path).then_some(path);
+    }
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|dir| dir.join(program))
+        .find(|path| executable(path))
 }
 
 #[cfg(unix)]

@@ -27,6 +27,11 @@ case "$input" in
   *'"mode":"garbage"'*)
     echo "this is not json"
     exit 0 ;;
+  *'"mode":"background"'*)
+    sleep 300 &
+    echo "$!" > "$RUNNER_TEST_DIR/$LEASEHOLD_TASK_ID.bg"
+    echo '{"left":"a process behind"}'
+    exit 0 ;;
   *'"mode":"hang"'*)
     sleep 300 &
     echo "$$ $!" > "$RUNNER_TEST_DIR/$LEASEHOLD_TASK_ID.pids"
@@ -45,6 +50,11 @@ struct Runner {
 
 impl Runner {
     fn start(endpoint: &str, task_type: &str) -> Self {
+        Self::start_command(endpoint, task_type, &["sh"])
+    }
+
+    /// A runner of `program` (plus the test script as its last argument).
+    fn start_command(endpoint: &str, task_type: &str, program: &[&str]) -> Self {
         let dir = std::env::temp_dir().join(format!("leasehold-runner-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir_all(&dir).unwrap();
         let script = dir.join("thumbnail.sh");
@@ -60,7 +70,7 @@ impl Runner {
                 "5s",
             ])
             .arg("--")
-            .arg("sh")
+            .args(program)
             .arg(&script)
             .env("RUNNER_TEST_DIR", &dir)
             .env("RUST_LOG", "info")
@@ -112,14 +122,14 @@ fn alive(pid: i32) -> bool {
     }
 }
 
-fn status(task: &leasehold::proto::Task) -> TaskStatus {
+fn status_of(task: &leasehold::proto::Task) -> TaskStatus {
     TaskStatus::try_from(task.status).unwrap_or(TaskStatus::Unspecified)
 }
 
 async fn reaches(client: &Client, id: &str, want: TaskStatus) -> leasehold::proto::Task {
     eventually(PATIENCE, || async {
         let task = client.get(id).await.unwrap();
-        (status(&task) == want).then_some(task)
+        (status_of(&task) == want).then_some(task)
     })
     .await
 }
@@ -228,12 +238,62 @@ async fn cancelling_a_task_kills_its_command_and_what_it_started() {
     })
     .await;
     let task = client.get(&hanging).await.unwrap();
-    assert_eq!(status(&task), TaskStatus::Cancelled);
+    assert_eq!(status_of(&task), TaskStatus::Cancelled);
 
     // The runner goes on with the next task.
     let next = create(&client, "ok", 3).await;
     reaches(&client, &next, TaskStatus::Completed).await;
 
     assert!(runner.stop().await.success());
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_a_command_leaves_running_is_stopped_when_it_exits() {
+    let server = TestServer::start().await;
+    let client = Client::connect(&server.endpoint()).await.unwrap();
+    let runner = Runner::start(&server.endpoint(), "generate_thumbnail");
+
+    // The background `sleep` keeps the command's stdout open; the task
+    // still completes, and the `sleep` is gone.
+    let id = create(&client, "background", 3).await;
+    let task = reaches(&client, &id, TaskStatus::Completed).await;
+    let result = from_struct(task.result.as_ref().unwrap()).unwrap();
+    assert_eq!(result, json!({ "left": "a process behind" }));
+    let pid: i32 = std::fs::read_to_string(runner.dir.join(format!("{id}.bg")))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    eventually(PATIENCE, || {
+        let gone = !alive(pid);
+        async move { gone.then_some(()) }
+    })
+    .await;
+
+    assert!(runner.stop().await.success());
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_that_cannot_be_found_stops_the_runner_before_it_takes_a_task() {
+    let server = TestServer::start().await;
+    let client = Client::connect(&server.endpoint()).await.unwrap();
+    let id = create(&client, "ok", 3).await;
+    let mut runner = Runner::start_command(
+        &server.endpoint(),
+        "generate_thumbnail",
+        &["/no/such/program"],
+    );
+    let status = tokio::time::timeout(PATIENCE, runner.child.wait())
+        .await
+        .expect("the runner exits")
+        .unwrap();
+    assert_eq!(status.code(), Some(1));
+    let log = std::fs::read_to_string(runner.dir.join("runner.log")).unwrap();
+    assert!(log.contains("/no/such/program"), "{log}");
+    let task = client.get(&id).await.unwrap();
+    assert_eq!(status_of(&task), TaskStatus::Pending);
+    assert_eq!(task.attempts, 0);
     server.stop().await;
 }

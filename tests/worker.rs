@@ -413,3 +413,70 @@ async fn a_worker_whose_node_is_killed_reconnects_and_completes_held_tasks_once(
         .unwrap()
         .unwrap();
 }
+
+/// A handler may cancel its own token (a drop guard stopping its helpers):
+/// that is not a cancel of the task, and its result still counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_cancelling_its_own_token_still_completes_its_task() {
+    let server = TestServer::start().await;
+    let client = Client::connect(&server.endpoint()).await.unwrap();
+    let worker = Worker::builder("self-cancelling")
+        .server(server.endpoint())
+        .handler("scan_library", |task| async move {
+            let _guard = task.cancellation().clone().drop_guard();
+            task.cancellation().cancel();
+            Ok(json!({ "scanned": true }))
+        })
+        .build()
+        .unwrap();
+    let shutdown = worker.shutdown_handle();
+    let running = tokio::spawn(worker.run());
+
+    for _ in 0..2 {
+        let id = create(&client, NewTask::new("scan_library")).await;
+        reaches(&client, &id, TaskStatus::Completed).await;
+    }
+
+    shutdown.shutdown();
+    tokio::time::timeout(WAIT, running)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    server.stop().await;
+}
+
+/// A result over the server's payload limit is refused; the worker fails
+/// the task for good with the server's reason instead of letting its lease
+/// run out and the task run again to the same end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_the_server_refuses_fails_the_task_with_the_reason() {
+    let server = TestServer::start_with(|config| config.max_payload_bytes = 1024).await;
+    let client = Client::connect(&server.endpoint()).await.unwrap();
+    let worker = Worker::builder("verbose")
+        .server(server.endpoint())
+        .handler("scan_library", |_task| async move {
+            Ok(json!({ "log": "x".repeat(4096) }))
+        })
+        .build()
+        .unwrap();
+    let shutdown = worker.shutdown_handle();
+    let running = tokio::spawn(worker.run());
+
+    let id = create(&client, NewTask::new("scan_library")).await;
+    let task = reaches(&client, &id, TaskStatus::Failed).await;
+    assert_eq!(task.attempts, 1);
+    let error = task.last_error.unwrap_or_default();
+    assert!(
+        error.starts_with("the server refused the result: result"),
+        "{error}"
+    );
+
+    shutdown.shutdown();
+    tokio::time::timeout(WAIT, running)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    server.stop().await;
+}

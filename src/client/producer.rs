@@ -8,6 +8,7 @@
 //! safe).
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use futures_util::{Stream, StreamExt, TryStreamExt};
@@ -59,6 +60,7 @@ pub const MAX_CREATE_BATCH: usize = 10_000;
 pub struct Client {
     tasks: TaskServiceClient<Channel>,
     workers: WorkerServiceClient<Channel>,
+    address: Option<Arc<str>>,
 }
 
 impl Client {
@@ -68,7 +70,66 @@ impl Client {
     /// connected, the channel reconnects by itself when the connection
     /// drops.
     pub async fn connect(address: &str) -> Result<Client> {
-        Ok(Self::from_channel(connect(address).await?))
+        let mut client = Self::from_channel(connect(address).await?);
+        client.address = Some(address.into());
+        Ok(client)
+    }
+
+    /// Connects to the first of `addresses` that answers, trying them in
+    /// order, one at a time — the same list of nodes a [`super::Worker`]
+    /// (or `leasehold worker --server a:50051,b:50051`) takes.
+    /// [`Client::address`] tells which one it is.
+    ///
+    /// Every address is parsed before any is tried, so a malformed one
+    /// fails with [`Error::InvalidAddress`] even if an earlier one would
+    /// answer; an empty list is [`Error::InvalidConfig`]. When none
+    /// answers, the [`Error::Connect`] names every address tried (its
+    /// `address` is the list joined with `, `) and carries the last one's
+    /// cause; with a single address it is exactly what
+    /// [`Client::connect`] returns.
+    ///
+    /// The choice is made once: like any client, this one reconnects to
+    /// the same address when its connection drops, and does not move on to
+    /// the next.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), leasehold::client::Error> {
+    /// use leasehold::client::Client;
+    ///
+    /// let client = Client::connect_any(&["10.0.0.1:50051", "10.0.0.2:50051"]).await?;
+    /// println!("connected to {}", client.address().unwrap_or_default());
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn connect_any<S: AsRef<str>>(addresses: &[S]) -> Result<Client> {
+        let endpoints = addresses
+            .iter()
+            .map(|address| super::endpoint(address.as_ref()))
+            .collect::<Result<Vec<_>>>()?;
+        let mut last = None;
+        for (address, endpoint) in addresses.iter().zip(endpoints) {
+            match endpoint.connect().await {
+                Ok(channel) => {
+                    let mut client = Self::from_channel(channel);
+                    client.address = Some(address.as_ref().into());
+                    return Ok(client);
+                }
+                Err(source) => last = Some(source),
+            }
+        }
+        match last {
+            Some(source) => Err(Error::Connect {
+                address: addresses
+                    .iter()
+                    .map(AsRef::as_ref)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                source,
+            }),
+            None => Err(Error::InvalidConfig(
+                "servers: give at least one server address".to_owned(),
+            )),
+        }
     }
 
     /// A client over an existing channel (e.g. one built from
@@ -77,7 +138,15 @@ impl Client {
         Client {
             tasks: TaskServiceClient::new(channel.clone()),
             workers: WorkerServiceClient::new(channel),
+            address: None,
         }
+    }
+
+    /// The address this client connected to, as given to
+    /// [`Client::connect`] or [`Client::connect_any`]; `None` for a client
+    /// made [from a channel](Client::from_channel).
+    pub fn address(&self) -> Option<&str> {
+        self.address.as_deref()
     }
 
     /// Creates one task (CreateTask). With a `dedup_key` that a pending or
@@ -94,17 +163,32 @@ impl Client {
     /// transaction: an invalid entry rejects its whole call with
     /// INVALID_ARGUMENT naming its index within that call (`params` that
     /// are not an object are rejected before any call, naming their index
-    /// in the input). Larger inputs take several calls; when one fails, the
-    /// calls before it stay committed. An empty input makes no call.
+    /// in the input). Larger inputs take several calls, one after the
+    /// other. An empty input makes no call.
+    ///
+    /// When a call fails, the calls before it stay committed and the rest
+    /// of the input is not sent: the [`CreateManyError`] holds the results
+    /// of the committed calls ([`CreateManyError::created`], the first
+    /// entries of the input, in order) besides the [`Error`], and
+    /// [`CreateManyError::invalid_entry`] turns an index the server names
+    /// into an index in the input. So nothing created is lost track of:
+    /// resubmit the input from `created.len()` on (after fixing the entry)
+    /// to finish. With `?` into an [`Error`] only the error is kept — fine
+    /// for inputs of at most [`MAX_CREATE_BATCH`] tasks, where `created` is
+    /// always empty.
     pub async fn create_many(
         &self,
         tasks: impl IntoIterator<Item = NewTask>,
-    ) -> Result<Vec<proto::CreateTaskResponse>> {
+    ) -> Result<Vec<proto::CreateTaskResponse>, CreateManyError> {
         let requests = tasks
             .into_iter()
             .enumerate()
             .map(|(i, task)| task.into_request(Some(i)))
-            .collect::<Result<Vec<_>>>()?;
+            .collect::<Result<Vec<_>>>()
+            .map_err(|error| CreateManyError {
+                created: Vec::new(),
+                error,
+            })?;
         let mut results = Vec::with_capacity(requests.len());
         let mut requests = requests.into_iter().peekable();
         while requests.peek().is_some() {
@@ -113,9 +197,16 @@ impl Client {
                 .tasks
                 .clone()
                 .create_tasks(proto::CreateTasksRequest { tasks: batch })
-                .await?
-                .into_inner();
-            results.extend(response.results);
+                .await;
+            match response {
+                Ok(response) => results.extend(response.into_inner().results),
+                Err(status) => {
+                    return Err(CreateManyError {
+                        created: results,
+                        error: status.into(),
+                    })
+                }
+            }
         }
         Ok(results)
     }
@@ -267,6 +358,67 @@ impl Client {
             .await?
             .into_inner();
         Ok(stream.map_err(Error::from).boxed())
+    }
+}
+
+/// Why [`Client::create_many`] stopped, with what it had created by then.
+///
+/// Displays as its [`error`](CreateManyError::error), followed by how many
+/// tasks were created before the failed call when there were any.
+#[derive(Debug)]
+pub struct CreateManyError {
+    /// The results of the calls that succeeded, in input order: those of
+    /// the first `created.len()` entries of the input. Empty when the
+    /// first call failed or the input was refused before any call.
+    pub created: Vec<proto::CreateTaskResponse>,
+    /// Why the next call failed (or, with `created` empty, why the input
+    /// was refused before any call). Entries after that call's were not
+    /// sent.
+    pub error: Error,
+}
+
+impl CreateManyError {
+    /// The entry an INVALID_ARGUMENT names (`tasks[3].params: ...`), as
+    /// its index in the whole input, with the rest of the message
+    /// (`params: ...`). `None` for other errors.
+    pub fn invalid_entry(&self) -> Option<(usize, &str)> {
+        let status = self.error.status()?;
+        if status.code() != tonic::Code::InvalidArgument {
+            return None;
+        }
+        let rest = status.message().strip_prefix("tasks[")?;
+        let (index, rest) = rest.split_once(']')?;
+        let index: usize = index.parse().ok()?;
+        let rest = rest.strip_prefix('.').unwrap_or(rest);
+        // Indexes are within the failed call, which starts right after the
+        // created entries (a refusal before any call names input indexes
+        // and has nothing created).
+        Some((self.created.len() + index, rest))
+    }
+}
+
+impl std::fmt::Display for CreateManyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.error)?;
+        match self.created.len() {
+            0 => Ok(()),
+            1 => write!(f, " (after 1 task was created)"),
+            n => write!(f, " (after {n} tasks were created)"),
+        }
+    }
+}
+
+impl std::error::Error for CreateManyError {
+    // The message already holds `error`'s, so its causes come next.
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        std::error::Error::source(&self.error)
+    }
+}
+
+/// Keeps the error and drops the results of the calls that succeeded.
+impl From<CreateManyError> for Error {
+    fn from(err: CreateManyError) -> Self {
+        err.error
     }
 }
 

@@ -399,7 +399,8 @@ impl Worker {
 
     /// Runs until shut down through [`Self::shutdown_handle`], then drains.
     /// Returns an error only when the server refuses the registration
-    /// itself (e.g. too many slots): retrying could not help.
+    /// itself (e.g. too many slots): retrying could not help. Every other
+    /// failure (a broken stream, a node going away) reconnects.
     pub async fn run(self) -> Result<()> {
         Runner::new(self).run().await
     }
@@ -425,12 +426,12 @@ impl Worker {
 /// A lease whose handler is running.
 struct Held {
     lease_token: String,
+    /// The handler's token is a child of this one: a handler that cancels
+    /// its own token (say, through a drop guard) stops nothing here.
     cancel: CancellationToken,
-    /// Whether a heartbeat has named this token yet. A LOST answer for a
-    /// lease never heartbeated is about an earlier lease of the same task
-    /// (expired while the worker was offline, then handed back to it), and
-    /// must not stop the new attempt.
-    heartbeated: bool,
+    /// Heartbeats of this session that named this lease and are not
+    /// answered yet.
+    unanswered: u32,
 }
 
 /// How a handler ended.
@@ -444,6 +445,11 @@ struct Finished {
 struct Pending {
     kind: OutcomeKind,
     message: connect_request::Kind,
+    /// Times sent on this session and not answered yet.
+    sent: u32,
+    /// Whether this is already the stand-in for an outcome the server
+    /// refused as invalid (so a second refusal gives up).
+    fallback: bool,
 }
 
 /// How one session ended.
@@ -452,15 +458,25 @@ enum SessionEnd {
     Done,
     /// The server ended the stream or it broke; reconnect.
     Broken(String),
-    /// The server refused us in a way reconnecting cannot fix.
+    /// The server refused the registration in a way reconnecting cannot
+    /// fix.
     Fatal(Box<tonic::Status>),
 }
 
 /// The session loop's state, which outlives each stream.
 struct Runner {
     worker: Worker,
+    slots: usize,
     held: HashMap<String, Held>,
     pending: HashMap<String, Pending>,
+    /// Per task, answers still due for heartbeats that named a lease of it
+    /// that is gone (finished, lost, superseded): such an answer says
+    /// nothing about the current lease. Answers arrive in any order, so
+    /// they are counted, not matched.
+    stale_heartbeats: HashMap<String, u32>,
+    /// Per task, acknowledgements still due for outcomes of a superseded
+    /// lease (acknowledgements name the task, not the lease).
+    stale_acks: HashMap<String, u32>,
     running: JoinSet<Finished>,
     progress_tx: mpsc::Sender<ProgressReport>,
     progress_rx: mpsc::Receiver<ProgressReport>,
@@ -468,13 +484,39 @@ struct Runner {
     drain_deadline: Option<Instant>,
 }
 
+/// How long releases sent at the drain deadline may wait for their answers.
+const RELEASE_ANSWER_WAIT: Duration = Duration::from_secs(5);
+
+/// After telling the server it drains, how long an idle worker keeps
+/// reading: a task pushed just before the server saw `drain` is given back
+/// at once instead of waiting out its lease.
+const DRAIN_LINGER: Duration = Duration::from_millis(300);
+
+/// When the worker stops, how long it waits for cancelled handlers to
+/// return (a command runner kills its processes in that time) before it
+/// aborts them.
+const HANDLER_EXIT_WAIT: Duration = Duration::from_secs(10);
+
+/// The server's limit on a fail message, in characters.
+const MAX_ERROR_CHARS: usize = 65_536;
+
+/// The server's limit on leases per heartbeat.
+const MAX_HEARTBEAT_LEASES: usize = 10_000;
+
+/// The longest heartbeat interval honoured, whatever the server says.
+const MAX_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(3600);
+
 impl Runner {
     fn new(worker: Worker) -> Self {
         let (progress_tx, progress_rx) = mpsc::channel(1024);
+        let slots = usize::try_from(worker.register.slots).unwrap_or(1).max(1);
         Self {
             worker,
+            slots,
             held: HashMap::new(),
             pending: HashMap::new(),
+            stale_heartbeats: HashMap::new(),
+            stale_acks: HashMap::new(),
             running: JoinSet::new(),
             progress_tx,
             progress_rx,
@@ -487,6 +529,18 @@ impl Runner {
     }
 
     async fn run(mut self) -> Result<()> {
+        let result = self.serve().await;
+        // Handlers cancelled at the end get a moment to clean up (a command
+        // runner kills its processes) before they are aborted.
+        let _ = tokio::time::timeout(HANDLER_EXIT_WAIT, async {
+            while self.running.join_next().await.is_some() {}
+        })
+        .await;
+        self.running.abort_all();
+        result
+    }
+
+    async fn serve(&mut self) -> Result<()> {
         let mut server = 0;
         // Sessions in a row that ended without registering; a session that
         // registers resets it, so a healthy fleet reconnects quickly.
@@ -553,8 +607,8 @@ impl Runner {
     }
 
     /// Gives up on everything held (shutdown with no server reachable, or a
-    /// fatal refusal): handlers are cancelled; the leases expire and the
-    /// server hands the tasks out again, so nothing is lost.
+    /// refused registration): handlers are cancelled; the leases expire and
+    /// the server hands the tasks out again, so nothing is lost.
     fn abandon(&mut self) {
         for (_, held) in self.held.drain() {
             held.cancel.cancel();
@@ -566,17 +620,46 @@ impl Runner {
             );
         }
         self.pending.clear();
-        self.running.abort_all();
+    }
+
+    /// Takes a lease out of `held`, keeping count of the heartbeat answers
+    /// still due for it.
+    fn forget(&mut self, task_id: &str) -> Option<Held> {
+        let held = self.held.remove(task_id)?;
+        if held.unanswered > 0 {
+            *self.stale_heartbeats.entry(task_id.to_owned()).or_default() += held.unanswered;
+        }
+        Some(held)
+    }
+
+    /// Queues an outcome until the server acknowledges it, and returns the
+    /// message to send.
+    fn queue(
+        &mut self,
+        task_id: String,
+        kind: OutcomeKind,
+        message: connect_request::Kind,
+    ) -> connect_request::Kind {
+        self.pending.insert(
+            task_id,
+            Pending {
+                kind,
+                message: message.clone(),
+                sent: 0,
+                fallback: false,
+            },
+        );
+        message
     }
 
     /// Records a finished handler: its outcome is queued if the lease is
     /// still held by that very attempt.
     fn finished(&mut self, finished: Finished) -> Option<connect_request::Kind> {
         let held = self.held.get(&finished.task_id)?;
-        if held.lease_token != finished.lease_token || held.cancel.is_cancelled() {
+        if held.lease_token != finished.lease_token {
             return None;
         }
-        self.held.remove(&finished.task_id);
+        self.forget(&finished.task_id);
         let task_id = finished.task_id;
         let lease_token = finished.lease_token;
         let (kind, message) = match finished.result {
@@ -593,20 +676,13 @@ impl Runner {
                 connect_request::Kind::Fail(proto::FailTaskRequest {
                     task_id: task_id.clone(),
                     lease_token,
-                    error: error.message,
+                    error: truncate(error.message, MAX_ERROR_CHARS),
                     permanent: error.permanent,
                     retry_after: error.retry_after.map(crate::api::convert::duration),
                 }),
             ),
         };
-        self.pending.insert(
-            task_id,
-            Pending {
-                kind,
-                message: message.clone(),
-            },
-        );
-        Some(message)
+        Some(self.queue(task_id, kind, message))
     }
 
     /// One session: register, then serve until the stream ends.
@@ -625,7 +701,7 @@ impl Runner {
         let mut client = WorkerServiceClient::new(channel);
         let mut inbound = match client.connect(outbound).await {
             Ok(response) => response.into_inner(),
-            Err(status) => return ended(status),
+            Err(status) => return refused(status),
         };
         let registered = match inbound.message().await {
             Ok(Some(proto::ConnectResponse {
@@ -635,7 +711,7 @@ impl Runner {
                 return SessionEnd::Broken(format!("expected `registered` first, got {other:?}"))
             }
             Ok(None) => return SessionEnd::Broken("stream ended before `registered`".into()),
-            Err(status) => return ended(status),
+            Err(status) => return refused(status),
         };
         *failures = 0;
         tracing::info!(
@@ -649,22 +725,32 @@ impl Runner {
             .heartbeat_interval
             .and_then(|d| Duration::try_from(d).ok())
             .filter(|d| !d.is_zero())
-            .unwrap_or(Duration::from_secs(10));
+            .unwrap_or(Duration::from_secs(10))
+            .min(MAX_HEARTBEAT_INTERVAL);
 
+        // Answers to messages of the old stream never come.
+        self.stale_heartbeats.clear();
+        self.stale_acks.clear();
+        for held in self.held.values_mut() {
+            held.unanswered = 0;
+        }
+        for pending in self.pending.values_mut() {
+            pending.sent = 0;
+        }
         // Re-attach what an earlier session left running, and repeat every
         // outcome the server has not acknowledged.
         let mut opening = Vec::new();
         if !self.held.is_empty() {
-            opening.push(self.heartbeat());
+            opening.extend(self.heartbeat());
         }
         opening.extend(self.pending.values().map(|p| p.message.clone()));
+        let mut drain_sent_at = None;
         if self.drain_deadline.is_some() {
             opening.push(connect_request::Kind::Drain(proto::DrainSession {}));
+            drain_sent_at = Some(Instant::now());
         }
-        for message in opening {
-            if tx.send(request(message)).await.is_err() {
-                return SessionEnd::Broken("stream closed while re-attaching".into());
-            }
+        if !self.send_all(&tx, opening).await {
+            return SessionEnd::Broken("stream closed while re-attaching".into());
         }
 
         let mut heartbeat = tokio::time::interval_at(Instant::now() + interval, interval);
@@ -675,7 +761,8 @@ impl Runner {
         let mut node_draining = false;
 
         loop {
-            if self.drain_deadline.is_some() && self.idle() {
+            let linger_until = drain_sent_at.map(|at: Instant| at + DRAIN_LINGER);
+            if self.idle() && linger_until.is_some_and(|until| Instant::now() >= until) {
                 return SessionEnd::Done;
             }
             if node_draining && self.idle() {
@@ -688,19 +775,15 @@ impl Runner {
                 message = inbound.message() => match message {
                     Ok(Some(proto::ConnectResponse { kind: Some(kind) })) => {
                         match kind {
-                            connect_response::Kind::Task(leased) => {
-                                if let Some(message) = self.start(leased) {
-                                    out.push(message);
-                                }
-                            }
+                            connect_response::Kind::Task(leased) => out.extend(self.start(leased)),
                             connect_response::Kind::HeartbeatAck(ack) => self.heartbeat_ack(ack),
-                            connect_response::Kind::Ack(ack) => {
-                                if let Some(task_id) = self.ack(ack) {
-                                    unavailable.push(task_id);
-                                }
-                            }
+                            connect_response::Kind::Ack(ack) => match self.ack(ack) {
+                                AckNext::Nothing => {}
+                                AckNext::Later(task_id) => unavailable.push(task_id),
+                                AckNext::Send(message) => out.push(message),
+                            },
                             connect_response::Kind::Cancel(cancel) => {
-                                if let Some(held) = self.held.remove(&cancel.task_id) {
+                                if let Some(held) = self.forget(&cancel.task_id) {
                                     tracing::info!(task_id = %cancel.task_id, reason = ?cancel.reason(), "task taken away; cancelling its handler");
                                     held.cancel.cancel();
                                 }
@@ -716,7 +799,9 @@ impl Runner {
                     }
                     Ok(Some(_)) => {}
                     Ok(None) => return SessionEnd::Broken("server closed the session".into()),
-                    Err(status) => return ended(status),
+                    Err(status) => {
+                        return SessionEnd::Broken(format!("{}: {}", status.code(), status.message()))
+                    }
                 },
                 Some(joined) = self.running.join_next(), if !self.running.is_empty() => {
                     // Progress the handler reported before it returned goes
@@ -731,7 +816,7 @@ impl Runner {
                 Some(report) = self.progress_rx.recv() => out.extend(self.progress(report)),
                 _ = heartbeat.tick() => {
                     if !self.held.is_empty() {
-                        out.push(self.heartbeat());
+                        out.extend(self.heartbeat());
                     }
                 }
                 _ = resend.tick(), if !unavailable.is_empty() => {
@@ -744,8 +829,10 @@ impl Runner {
                 () = self.worker.shutdown.cancelled(), if self.drain_deadline.is_none() => {
                     tracing::info!(held = self.held.len(), "worker shutting down: draining");
                     self.drain_deadline = Some(Instant::now() + self.worker.drain_timeout);
+                    drain_sent_at = Some(Instant::now());
                     out.push(connect_request::Kind::Drain(proto::DrainSession {}));
                 }
+                () = sleep_until_opt(linger_until), if self.idle() => {}
                 () = sleep_until_opt(self.drain_deadline), if !self.held.is_empty() => {
                     out.extend(self.release_all());
                 }
@@ -756,16 +843,39 @@ impl Runner {
                     return SessionEnd::Done;
                 }
             }
-            for message in out {
-                if tx.send(request(message)).await.is_err() {
-                    return SessionEnd::Broken("stream closed".into());
-                }
+            if !self.send_all(&tx, out).await {
+                return SessionEnd::Broken("stream closed".into());
             }
         }
     }
 
-    /// Starts the handler of a pushed task; answers with a fail when the
-    /// task cannot be run at all.
+    /// Sends `messages` in order, counting the outcomes among them as sent.
+    /// False if the stream is closed.
+    async fn send_all(
+        &mut self,
+        tx: &mpsc::Sender<proto::ConnectRequest>,
+        messages: Vec<connect_request::Kind>,
+    ) -> bool {
+        for message in messages {
+            let task_id = match &message {
+                connect_request::Kind::Complete(m) => Some(&m.task_id),
+                connect_request::Kind::Fail(m) => Some(&m.task_id),
+                connect_request::Kind::Release(m) => Some(&m.task_id),
+                _ => None,
+            };
+            if let Some(pending) = task_id.and_then(|id| self.pending.get_mut(id)) {
+                pending.sent += 1;
+            }
+            if tx.send(request(message)).await.is_err() {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Starts the handler of a pushed task. Answers with a release when the
+    /// worker is full or draining, and with a fail when the task cannot be
+    /// run at all.
     fn start(&mut self, leased: proto::LeasedTask) -> Option<connect_request::Kind> {
         let (task, lease) = match (leased.task, leased.lease) {
             (Some(task), Some(lease)) => (task, lease),
@@ -779,7 +889,26 @@ impl Runner {
                 return None;
             }
             // A newer lease of a task we still run: the old attempt is stale.
-            held.cancel.cancel();
+            if let Some(old) = self.forget(&task.id) {
+                old.cancel.cancel();
+            }
+        }
+        if let Some(old) = self.pending.remove(&task.id) {
+            // The server handed the task out again, so the outcome of the
+            // old lease is moot; its answers must not settle the new one.
+            if old.sent > 0 {
+                *self.stale_acks.entry(task.id.clone()).or_default() += old.sent;
+            }
+        }
+        if self.drain_deadline.is_some() || self.held.len() >= self.slots {
+            // Pushed while draining, or beyond the slots (a new session is
+            // dealt tasks before it has re-attached the leases it still
+            // runs): give it back at once, without using an attempt.
+            let message = connect_request::Kind::Release(proto::ReleaseTaskRequest {
+                task_id: task.id.clone(),
+                lease_token: lease.lease_token,
+            });
+            return Some(self.queue(task.id, OutcomeKind::Release, message));
         }
         let Some(handler) = self.worker.handlers.get(&task.task_type).cloned() else {
             let error = format!(
@@ -804,7 +933,7 @@ impl Runner {
             Held {
                 lease_token: lease.lease_token.clone(),
                 cancel: cancel.clone(),
-                heartbeated: false,
+                unanswered: 0,
             },
         );
         let task_id = task.id.clone();
@@ -813,7 +942,7 @@ impl Runner {
             task,
             lease,
             params,
-            cancel,
+            cancel: cancel.child_token(),
             progress: self.progress_tx.clone(),
         };
         self.running.spawn(async move {
@@ -860,99 +989,124 @@ impl Runner {
         let message = connect_request::Kind::Fail(proto::FailTaskRequest {
             task_id: task_id.clone(),
             lease_token,
-            error,
+            error: truncate(error, MAX_ERROR_CHARS),
             permanent: true,
             retry_after: None,
         });
-        self.pending.insert(
-            task_id,
-            Pending {
-                kind: OutcomeKind::Fail,
-                message: message.clone(),
-            },
-        );
-        message
+        self.queue(task_id, OutcomeKind::Fail, message)
     }
 
-    /// One heartbeat naming every held lease explicitly, so that leases
-    /// taken on an earlier session are re-attached to this one.
-    fn heartbeat(&mut self) -> connect_request::Kind {
-        connect_request::Kind::Heartbeat(proto::SessionHeartbeat {
-            leases: self
-                .held
-                .iter_mut()
-                .map(|(task_id, held)| {
-                    held.heartbeated = true;
-                    proto::LeaseRenewal {
-                        task_id: task_id.clone(),
-                        lease_token: held.lease_token.clone(),
-                    }
+    /// Heartbeats naming every held lease explicitly, so that leases taken
+    /// on an earlier session are re-attached to this one; split to the
+    /// server's per-heartbeat limit.
+    fn heartbeat(&mut self) -> Vec<connect_request::Kind> {
+        let leases: Vec<proto::LeaseRenewal> = self
+            .held
+            .iter_mut()
+            .map(|(task_id, held)| {
+                held.unanswered += 1;
+                proto::LeaseRenewal {
+                    task_id: task_id.clone(),
+                    lease_token: held.lease_token.clone(),
+                }
+            })
+            .collect();
+        leases
+            .chunks(MAX_HEARTBEAT_LEASES)
+            .map(|chunk| {
+                connect_request::Kind::Heartbeat(proto::SessionHeartbeat {
+                    leases: chunk.to_vec(),
                 })
-                .collect(),
-        })
+            })
+            .collect()
     }
 
     fn heartbeat_ack(&mut self, ack: proto::HeartbeatResponse) {
         for lease in ack.leases {
-            let status = lease.status();
-            if status == LeaseStatus::Held {
+            let status = LeaseStatus::try_from(lease.status).unwrap_or(LeaseStatus::Unspecified);
+            if let Some(stale) = self.stale_heartbeats.get_mut(&lease.task_id) {
+                // Possibly about a lease that is gone; the next heartbeat
+                // tells for sure.
+                *stale -= 1;
+                if *stale == 0 {
+                    self.stale_heartbeats.remove(&lease.task_id);
+                }
                 continue;
             }
-            if !self.held.get(&lease.task_id).is_some_and(|h| h.heartbeated) {
+            let Some(held) = self.held.get_mut(&lease.task_id) else {
                 continue;
-            }
-            if let Some(held) = self.held.remove(&lease.task_id) {
-                tracing::warn!(task_id = %lease.task_id, ?status, "lease gone; cancelling its handler");
-                held.cancel.cancel();
+            };
+            held.unanswered = held.unanswered.saturating_sub(1);
+            if matches!(status, LeaseStatus::Lost | LeaseStatus::Cancelled) {
+                if let Some(held) = self.forget(&lease.task_id) {
+                    tracing::warn!(task_id = %lease.task_id, ?status, "lease gone; cancelling its handler");
+                    held.cancel.cancel();
+                }
             }
         }
     }
 
-    /// Settles an acknowledged outcome. Returns the task id when the server
-    /// asks to send it again later.
-    fn ack(&mut self, ack: proto::OutcomeAck) -> Option<String> {
-        let kind = ack.kind();
-        let status = ack.status();
+    /// Settles an acknowledged outcome.
+    fn ack(&mut self, ack: proto::OutcomeAck) -> AckNext {
+        let kind = OutcomeKind::try_from(ack.kind).unwrap_or(OutcomeKind::Unspecified);
+        let status = AckStatus::try_from(ack.status).unwrap_or(AckStatus::Unspecified);
         if kind == OutcomeKind::Progress {
             tracing::debug!(task_id = %ack.task_id, ?status, message = %ack.message, "progress refused");
-            return None;
+            return AckNext::Nothing;
         }
-        let matches = self
-            .pending
-            .get(&ack.task_id)
-            .is_some_and(|pending| pending.kind == kind);
-        if !matches {
-            return None;
+        if let Some(stale) = self.stale_acks.get_mut(&ack.task_id) {
+            *stale -= 1;
+            if *stale == 0 {
+                self.stale_acks.remove(&ack.task_id);
+            }
+            return AckNext::Nothing;
         }
+        let Some(pending) = self.pending.get_mut(&ack.task_id) else {
+            return AckNext::Nothing;
+        };
+        if pending.kind != kind {
+            return AckNext::Nothing;
+        }
+        pending.sent = pending.sent.saturating_sub(1);
         match status {
-            AckStatus::Unavailable => return Some(ack.task_id),
+            AckStatus::Unavailable => return AckNext::Later(ack.task_id),
             AckStatus::Ok => {}
+            AckStatus::Invalid if !pending.fallback => {
+                // The server refused the outcome itself (a result over its
+                // size limit, say): the lease is still ours. Fail the task
+                // instead of letting the lease run out and the task run
+                // again to the same end.
+                if let Some(message) = fallback(&pending.message, &ack.message) {
+                    tracing::warn!(task_id = %ack.task_id, kind = ?kind, message = %ack.message, "outcome refused as invalid; failing the task instead");
+                    pending.kind = OutcomeKind::Fail;
+                    pending.message = message.clone();
+                    pending.fallback = true;
+                    return AckNext::Send(message);
+                }
+            }
             other => {
                 tracing::warn!(task_id = %ack.task_id, status = ?other, message = %ack.message, "outcome not recorded")
             }
         }
         self.pending.remove(&ack.task_id);
-        None
+        AckNext::Nothing
     }
 
     /// The drain deadline passed: cancel the handlers still running and
     /// give their leases back (the attempts do not count).
     fn release_all(&mut self) -> Vec<connect_request::Kind> {
+        let task_ids: Vec<String> = self.held.keys().cloned().collect();
         let mut out = Vec::new();
-        for (task_id, held) in self.held.drain() {
+        for task_id in task_ids {
+            let Some(held) = self.forget(&task_id) else {
+                continue;
+            };
             held.cancel.cancel();
             let message = connect_request::Kind::Release(proto::ReleaseTaskRequest {
                 task_id: task_id.clone(),
                 lease_token: held.lease_token,
             });
-            self.pending.insert(
-                task_id,
-                Pending {
-                    kind: OutcomeKind::Release,
-                    message: message.clone(),
-                },
-            );
-            out.push(message);
+            out.push(self.queue(task_id, OutcomeKind::Release, message));
         }
         if !out.is_empty() {
             tracing::warn!(
@@ -964,15 +1118,60 @@ impl Runner {
     }
 }
 
-/// How long releases sent at the drain deadline may wait for their answers.
-const RELEASE_ANSWER_WAIT: Duration = Duration::from_secs(5);
+/// What an acknowledgement asks of the session loop.
+enum AckNext {
+    Nothing,
+    /// The server could not record it now: send it again in a moment.
+    Later(String),
+    /// Send this instead.
+    Send(connect_request::Kind),
+}
+
+/// The fail that stands in for an outcome refused as invalid: for a
+/// complete, a permanent fail naming the reason; for a fail, the same fail
+/// without the parts that can be refused (a long message, `retry_after`).
+fn fallback(refused: &connect_request::Kind, reason: &str) -> Option<connect_request::Kind> {
+    let fail = match refused {
+        connect_request::Kind::Complete(complete) => proto::FailTaskRequest {
+            task_id: complete.task_id.clone(),
+            lease_token: complete.lease_token.clone(),
+            error: truncate(
+                format!("the server refused the result: {reason}"),
+                MAX_ERROR_CHARS,
+            ),
+            permanent: true,
+            retry_after: None,
+        },
+        connect_request::Kind::Fail(fail) => proto::FailTaskRequest {
+            error: truncate(fail.error.clone(), MAX_ERROR_CHARS / 2),
+            retry_after: None,
+            ..fail.clone()
+        },
+        _ => return None,
+    };
+    Some(connect_request::Kind::Fail(fail))
+}
+
+/// `text` cut to at most `max` characters, marked when cut.
+fn truncate(text: String, max: usize) -> String {
+    const MARK: &str = " [truncated]";
+    if text.chars().count() <= max {
+        return text;
+    }
+    let keep = max.saturating_sub(MARK.chars().count());
+    let mut cut: String = text.chars().take(keep).collect();
+    cut.push_str(MARK);
+    cut
+}
 
 fn request(kind: connect_request::Kind) -> proto::ConnectRequest {
     proto::ConnectRequest { kind: Some(kind) }
 }
 
-/// How a session that ended with `status` goes on.
-fn ended(status: tonic::Status) -> SessionEnd {
+/// How a session whose registration failed with `status` goes on: a
+/// refusal reconnecting cannot fix ends the worker, anything else is
+/// retried.
+fn refused(status: tonic::Status) -> SessionEnd {
     match status.code() {
         Code::InvalidArgument
         | Code::FailedPrecondition
