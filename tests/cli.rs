@@ -320,7 +320,7 @@ async fn create_from_standard_input_makes_one_call_and_rejects_bad_lines() {
         refused.stderr.trim(),
         r#"error: standard input line 2: unknown field "prio""#
     );
-    // What only the server checks is its INVALID_ARGUMENT, naming the index.
+    // The server's field checks too, before any call.
     let refused = run_with_input(
         &addr,
         &["task", "create", "--from-file", "-"],
@@ -331,14 +331,151 @@ async fn create_from_standard_input_makes_one_call_and_rejects_bad_lines() {
         ),
     )
     .await
+    .failed(2);
+    assert!(
+        refused
+            .stderr
+            .starts_with("error: standard input line 2: task_type: ' ' is not allowed"),
+        "{refused:?}"
+    );
+    assert_eq!(server.task_count().await, 3);
+    server.stop().await;
+}
+
+/// `count` lines of `--from-file` input, one task each: line `n` is
+/// `line(n)` (numbered from 1), or blank when that is `None`.
+fn task_lines(count: usize, line: impl Fn(usize) -> Option<Value>) -> String {
+    (1..=count)
+        .map(|n| line(n).map(|v| v.to_string()).unwrap_or_default() + "\n")
+        .collect()
+}
+
+#[tokio::test]
+async fn create_from_a_file_of_several_calls_checks_every_line_first() {
+    let server = TestServer::start().await;
+    let addr = server.endpoint();
+    // 10,010 tasks, two calls; line 10,005 would be refused by the server
+    // in the second call, after the first had created 10,000 tasks.
+    let input = task_lines(10_010, |n| {
+        Some(match n {
+            10_005 => json!({"task_type": "scan library"}),
+            n => json!({"task_type": "generate_thumbnail", "params": {"book": n}}),
+        })
+    });
+    let refused = run_with_input(&addr, &["task", "create", "--from-file", "-"], &input)
+        .await
+        .failed(2);
+    assert!(
+        refused
+            .stderr
+            .starts_with("error: standard input line 10005: task_type: ' ' is not allowed"),
+        "{refused:?}"
+    );
+    assert_eq!(server.task_count().await, 0);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn create_from_a_file_prints_what_earlier_calls_created_when_a_later_one_fails() {
+    // The payload limit is the server's setting: the CLI cannot check it.
+    let server = TestServer::start_with(|config| config.max_payload_bytes = 256).await;
+    let addr = server.endpoint();
+    // Line 2 is blank, so lines 1 to 10,001 are the 10,000 tasks of the
+    // first call; the second holds lines 10,002 to 10,004, and the server
+    // refuses line 10,003.
+    let input = task_lines(10_004, |n| match n {
+        2 => None,
+        10_003 => {
+            Some(json!({"task_type": "generate_thumbnail", "params": {"pad": "x".repeat(300)}}))
+        }
+        n => Some(json!({"task_type": "generate_thumbnail", "params": {"book": n}})),
+    });
+    let expect_stderr = |run: &Run| {
+        let mut lines = run.stderr.lines();
+        let error = lines.next().unwrap_or_default();
+        assert!(
+            error.starts_with("error: INVALID_ARGUMENT: standard input line 10003: params: is ")
+                && error.ends_with("bytes encoded, more than the limit of 256"),
+            "{error}"
+        );
+        assert_eq!(
+            lines.next(),
+            Some(
+                "created the 10000 tasks printed above (lines 1 to 10001); \
+                 the call for lines 10002 to 10004 failed"
+            ),
+            "{}",
+            run.stderr
+        );
+    };
+    let stored_ids = || async {
+        let rows = server
+            .sql()
+            .await
+            .query("SELECT id::text FROM task", &[])
+            .await
+            .unwrap();
+        rows.iter()
+            .map(|row| row.get::<_, String>(0))
+            .collect::<std::collections::HashSet<_>>()
+    };
+
+    // For scripts: every task created is a JSON line, and only those.
+    let partial = run_with_input(
+        &addr,
+        &["task", "create", "--from-file", "-", "--json"],
+        &input,
+    )
+    .await;
+    assert_eq!(partial.code, 1, "{}", partial.stderr);
+    expect_stderr(&partial);
+    let printed: std::collections::HashSet<String> = partial
+        .json_lines()
+        .iter()
+        .enumerate()
+        .map(|(i, result)| {
+            assert_eq!(result["deduplicated"], false);
+            // In input order: the i-th task is on line i + 1, or i + 2
+            // after the blank line.
+            let line = if i == 0 { 1 } else { i + 2 };
+            assert_eq!(result["task"]["params"], json!({"book": line}));
+            result["task"]["id"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    assert_eq!(printed.len(), 10_000);
+    assert_eq!(printed, stored_ids().await);
+
+    // For people: a `created` line per task.
+    let partial = run_with_input(&addr, &["task", "create", "--from-file", "-"], &input).await;
+    assert_eq!(partial.code, 1, "{}", partial.stderr);
+    expect_stderr(&partial);
+    let mut printed_too = std::collections::HashSet::new();
+    for line in partial.stdout.lines() {
+        let words: Vec<&str> = line.split(' ').collect();
+        assert_eq!((words[0], words[2]), ("created", "generate_thumbnail"));
+        assert!(!printed.contains(words[1]), "{line}");
+        printed_too.insert(words[1].to_owned());
+    }
+    assert_eq!(printed_too.len(), 10_000);
+    assert_eq!(server.task_count().await, 20_000);
+
+    // In a single call, the refused line is named the same way and nothing
+    // is created.
+    let refused = run_with_input(
+        &addr,
+        &["task", "create", "--from-file", "-"],
+        &input.lines().skip(10_000).collect::<Vec<_>>().join("\n"),
+    )
+    .await
     .failed(1);
     assert!(
         refused
             .stderr
-            .starts_with("error: INVALID_ARGUMENT: tasks[1].task_type:"),
+            .starts_with("error: INVALID_ARGUMENT: standard input line 3: params: is "),
         "{refused:?}"
     );
-    assert_eq!(server.task_count().await, 3);
+    assert_eq!(refused.stderr.lines().count(), 1, "{refused:?}");
+    assert_eq!(server.task_count().await, 20_000);
     server.stop().await;
 }
 
@@ -781,4 +918,49 @@ async fn an_unreachable_server_exits_1_naming_its_address() {
         .await
         .failed(1);
     assert!(refused.stderr.contains(&addr), "{refused:?}");
+}
+
+#[tokio::test]
+async fn a_server_list_uses_the_first_server_that_answers() {
+    let server = TestServer::start().await;
+    let addr = server.endpoint();
+    // Ports that were just free: nothing listens there.
+    let mut closed = Vec::new();
+    for _ in 0..2 {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        closed.push(listener.local_addr().unwrap().to_string());
+    }
+    let (bad, worse) = (&closed[0], &closed[1]);
+
+    // The list `leasehold worker` takes, in the environment or in --server.
+    let list = format!("{bad},{addr}");
+    let id = created_id(&run(&list, &["task", "create", "scan_library"]).await.ok());
+    let stats = run("127.0.0.1:9", &["stats", "--json", "--server", &list])
+        .await
+        .ok()
+        .json();
+    assert_eq!(stats["totals"]["pending"], 1);
+    let task = run(&format!("{addr},{bad}"), &["task", "get", &id, "--json"])
+        .await
+        .ok()
+        .json();
+    assert_eq!(task["id"], id.as_str());
+
+    // None answers: exit 1 naming every address tried.
+    let refused = run(&format!("{bad},{worse}"), &["stats"]).await.failed(1);
+    assert!(
+        refused
+            .stderr
+            .starts_with(&format!("error: cannot connect to {bad}, {worse}: ")),
+        "{refused:?}"
+    );
+    // Every address is checked before any is tried.
+    let refused = run(&format!("{addr},http://[::1"), &["stats"])
+        .await
+        .failed(2);
+    assert!(
+        refused.stderr.contains("invalid server address"),
+        "{refused:?}"
+    );
+    server.stop().await;
 }

@@ -17,7 +17,13 @@
 //!   not a JSON object, a malformed duration or time, a bad `--from-file`
 //!   line, an unparsable `--server`. What only the server checks (e.g. that
 //!   an id is a UUID, the task type's characters) is its INVALID_ARGUMENT,
-//!   so exit 1.
+//!   so exit 1 — except in `--from-file` lines, which are checked against
+//!   the server's own field rules before the first call: a file of more
+//!   than 10,000 tasks takes several calls, and a refusal of a later one
+//!   could not undo the earlier ones.
+//!
+//! `--server` takes a comma-separated list (`LEASEHOLD_SERVER` too, as for
+//! `leasehold worker`); a command uses the first server that answers.
 
 mod human;
 pub mod json;
@@ -41,9 +47,15 @@ pub use workers::WorkersArgs;
 /// print.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Options {
-    /// Server address: `host:port` or an `http://` URI.
-    #[arg(long, env = "LEASEHOLD_SERVER", default_value = client::DEFAULT_SERVER)]
-    pub server: String,
+    /// Server addresses, comma-separated (`host:port` or `http://` URIs),
+    /// as `leasehold worker` takes them: the first that answers is used.
+    #[arg(
+        long,
+        env = "LEASEHOLD_SERVER",
+        default_value = client::DEFAULT_SERVER,
+        value_delimiter = ','
+    )]
+    pub server: Vec<String>,
 
     /// Print JSON, one object per line, instead of a table.
     #[arg(long)]
@@ -52,7 +64,7 @@ pub struct Options {
 
 impl Options {
     async fn connect(&self) -> Result<Client, Failure> {
-        Ok(Client::connect(&self.server).await?)
+        Ok(Client::connect_any(&self.server).await?)
     }
 }
 
@@ -84,6 +96,9 @@ enum Failure {
     Usage(String),
     /// The call failed or the server refused it; exit 1.
     Client(client::Error),
+    /// The same, already described (with what had been done before);
+    /// exit 1.
+    Refused(String),
     /// Standard output or a file could not be read or written.
     Io(std::io::Error),
 }
@@ -92,7 +107,9 @@ impl From<client::Error> for Failure {
     fn from(err: client::Error) -> Self {
         match err {
             // Checked before any call, so it is the command line's fault.
-            client::Error::InvalidAddress { .. } => Failure::Usage(chain(&err)),
+            client::Error::InvalidAddress { .. } | client::Error::InvalidConfig(_) => {
+                Failure::Usage(chain(&err))
+            }
             err => Failure::Client(err),
         }
     }
@@ -115,6 +132,7 @@ fn exit(result: Result<(), Failure>) -> ExitCode {
         }
         Err(Failure::Usage(message)) => (message, 2),
         Err(Failure::Client(err)) => (describe(&err), 1),
+        Err(Failure::Refused(message)) => (message, 1),
         Err(Failure::Io(err)) => (err.to_string(), 1),
     };
     // Nothing more can be done if standard error is gone too.

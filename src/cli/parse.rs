@@ -6,6 +6,7 @@ use std::time::{Duration, SystemTime};
 
 use serde_json::Value;
 
+use crate::api::validate;
 use crate::client::NewTask;
 use crate::proto::TaskStatus;
 
@@ -82,7 +83,11 @@ pub fn time(text: &str) -> Result<SystemTime, String> {
 /// `CreateTaskRequest` (`task_type` required; `params`, `priority`,
 /// `max_attempts`, `scheduled_for` as RFC 3339, `library_id`, `series_id`,
 /// `book_id`, `dedup_key` optional). Unknown fields are rejected, so that a
-/// typo is not silently dropped.
+/// typo is not silently dropped, and each field gets the server's own
+/// check (the task type's characters, UUIDs, ranges and lengths), so that
+/// a file of several calls is not refused halfway. Only what depends on
+/// the server's configuration — the size limit of `params` — is left to
+/// it.
 pub fn task_line(line: &str) -> Result<NewTask, String> {
     let value: Value =
         serde_json::from_str(line).map_err(|err| format!("not valid JSON: {err}"))?;
@@ -105,7 +110,7 @@ pub fn task_line(line: &str) -> Result<NewTask, String> {
         Some(value) => text("task_type", value)?,
         None => return Err("task_type is required".to_owned()),
     };
-    let mut task = NewTask::new(task_type);
+    let mut task = NewTask::new(checked(validate::task_type("task_type", &task_type))?);
     for (key, value) in &fields {
         task = match key.as_str() {
             "task_type" => task,
@@ -114,19 +119,39 @@ pub fn task_line(line: &str) -> Result<NewTask, String> {
                 _ => return Err("params must be a JSON object".to_owned()),
             },
             "priority" => task.priority(int(key, value)?),
-            "max_attempts" => task.max_attempts(int(key, value)?),
+            "max_attempts" => task.max_attempts(checked(validate::range(
+                key,
+                int(key, value)?,
+                0,
+                validate::MAX_ATTEMPTS_LIMIT,
+            ))?),
             "scheduled_for" => {
                 let at = time(&text(key, value)?).map_err(|err| format!("{key}: {err}"))?;
+                checked(validate::timestamp(key, Some(&at.into())))?;
                 task.scheduled_for(at)
             }
-            "library_id" => task.library_id(text(key, value)?),
-            "series_id" => task.series_id(text(key, value)?),
-            "book_id" => task.book_id(text(key, value)?),
-            "dedup_key" => task.dedup_key(text(key, value)?),
+            "library_id" | "series_id" | "book_id" => {
+                let id = text(key, value)?;
+                checked(validate::uuid(key, &id))?;
+                match key.as_str() {
+                    "library_id" => task.library_id(id),
+                    "series_id" => task.series_id(id),
+                    _ => task.book_id(id),
+                }
+            }
+            "dedup_key" => {
+                let dedup_key = checked(validate::dedup_key(key, Some(&text(key, value)?)))?;
+                task.dedup_key(dedup_key.unwrap_or_default())
+            }
             other => return Err(format!("unknown field {other:?}")),
         };
     }
     Ok(task)
+}
+
+/// A field check of the server's, its error as text (`field: message`).
+fn checked<T>(result: Result<T, crate::error::Error>) -> Result<T, String> {
+    result.map_err(|err| err.to_string())
 }
 
 #[cfg(test)]
@@ -167,5 +192,37 @@ mod tests {
             .unwrap_err()
             .contains("priority"));
         assert!(task_line("[]").is_err());
+    }
+
+    #[test]
+    fn task_lines_get_the_servers_field_checks() {
+        let refused = |line: Value| task_line(&line.to_string()).unwrap_err();
+        let spaced = refused(serde_json::json!({"task_type": "scan library"}));
+        assert!(
+            spaced.starts_with("task_type: ' ' is not allowed"),
+            "{spaced}"
+        );
+        assert_eq!(
+            refused(serde_json::json!({"task_type": "t", "book_id": "nope"})),
+            r#"book_id: "nope" is not a UUID"#
+        );
+        assert_eq!(
+            refused(serde_json::json!({"task_type": "t", "max_attempts": 1001})),
+            "max_attempts: must be between 0 and 1000"
+        );
+        assert_eq!(
+            refused(serde_json::json!({"task_type": "t", "dedup_key": ""})),
+            "dedup_key: is required"
+        );
+        assert!(task_line(
+            &serde_json::json!({
+                "task_type": "scan.v2:deep/x-y",
+                "max_attempts": 1000,
+                "library_id": "3f2b8c1e-7a4d-4e6f-9b0a-5c1d2e3f4a5b",
+                "dedup_key": "k",
+            })
+            .to_string()
+        )
+        .is_ok());
     }
 }

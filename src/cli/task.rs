@@ -7,8 +7,8 @@ use std::time::{Duration, SystemTime};
 use futures_util::TryStreamExt;
 
 use super::parse::{self, Finished, Status};
-use super::{human, json, note, print_json, print_line, Failure, Options};
-use crate::client::{NewTask, TaskFilter};
+use super::{code_name, describe, human, json, note, print_json, print_line, Failure, Options};
+use crate::client::{Client, CreateManyError, NewTask, TaskFilter, MAX_CREATE_BATCH};
 use crate::proto;
 
 /// Tasks `task list` prints unless told otherwise.
@@ -79,7 +79,9 @@ pub struct CreateArgs {
     /// one call per 10,000: JSON objects with the fields of
     /// CreateTaskRequest (`task_type`, `params`, `priority`, `max_attempts`,
     /// `scheduled_for`, `library_id`, `series_id`, `book_id`,
-    /// `dedup_key`). Blank lines are skipped.
+    /// `dedup_key`). Blank lines are skipped. Every line is checked before
+    /// the first call; if a later call fails, the tasks of the calls before
+    /// it are printed, then the error names the line refused.
     #[arg(
         long,
         value_name = "PATH",
@@ -208,37 +210,131 @@ pub(super) async fn run(command: TaskCommand) -> Result<(), Failure> {
 }
 
 async fn create(args: CreateArgs) -> Result<(), Failure> {
-    let results = match &args.from_file {
-        Some(path) => {
-            // Read and checked in full before connecting: a bad line
-            // creates nothing.
-            let tasks = read_task_lines(path)?;
-            let client = args.options.connect().await?;
-            client.create_many(tasks).await?
-        }
-        None => {
-            let client = args.options.connect().await?;
-            vec![client.create(new_task(&args)).await?]
-        }
+    let Some(path) = &args.from_file else {
+        let client = args.options.connect().await?;
+        let created = client.create(new_task(&args)).await?;
+        return print_created(&args.options, &created);
     };
-    for result in &results {
-        if args.options.json {
-            print_json(&json::created(result)?)?;
-        } else {
-            let (id, task_type) = result
-                .task
-                .as_ref()
-                .map(|t| (t.id.as_str(), t.task_type.as_str()))
-                .unwrap_or_default();
-            let verb = if result.deduplicated {
-                "deduplicated"
-            } else {
-                "created"
-            };
-            print_line(format_args!("{verb} {id} {task_type}"))?;
+    // Read and checked in full before connecting: a bad line creates
+    // nothing.
+    let lines = read_task_lines(path)?;
+    let client = args.options.connect().await?;
+    create_lines(&client, &args.options, lines).await
+}
+
+/// Creates the tasks of a `--from-file` input, one call per
+/// [`MAX_CREATE_BATCH`], printing each call's results as soon as it
+/// returns. When a call fails, the tasks of the calls before it exist: they
+/// have been printed, and the error names the line the server refused and
+/// which lines were created, so that nothing created is lost track of.
+async fn create_lines(client: &Client, options: &Options, lines: TaskLines) -> Result<(), Failure> {
+    let TaskLines {
+        name,
+        tasks,
+        numbers,
+    } = lines;
+    // A reader that went away must not stop the creation halfway: the
+    // first printing error is kept and returned at the end.
+    let mut printed = Ok(());
+    let mut before = 0;
+    let mut tasks = tasks.into_iter().peekable();
+    while tasks.peek().is_some() {
+        let batch: Vec<NewTask> = tasks.by_ref().take(MAX_CREATE_BATCH).collect();
+        let size = batch.len();
+        match client.create_many(batch).await {
+            Ok(results) => {
+                show_created(&mut printed, options, &results);
+                before += results.len();
+            }
+            Err(err) => {
+                show_created(&mut printed, options, &err.created);
+                return Err(stopped(&name, &numbers, before, size, &err));
+            }
         }
     }
-    Ok(())
+    printed
+}
+
+/// Prints `results` unless an earlier printing failed (kept in `printed`).
+fn show_created(
+    printed: &mut Result<(), Failure>,
+    options: &Options,
+    results: &[proto::CreateTaskResponse],
+) {
+    if printed.is_ok() {
+        *printed = results
+            .iter()
+            .try_for_each(|result| print_created(options, result));
+    }
+}
+
+/// The failure of a `--from-file` call that began after `before` tasks had
+/// been created and held `size` tasks: the server's message with the line
+/// it names, and, if any were created, which lines were and which were
+/// not.
+fn stopped(
+    name: &str,
+    numbers: &[usize],
+    before: usize,
+    size: usize,
+    err: &CreateManyError,
+) -> Failure {
+    let line = |index: usize| numbers.get(index).copied();
+    let mut message = match err.invalid_entry() {
+        Some((index, rest)) => match line(before + index) {
+            Some(number) => format!(
+                "{}: {name} line {number}: {rest}",
+                code_name(tonic::Code::InvalidArgument)
+            ),
+            None => describe(&err.error),
+        },
+        None => describe(&err.error),
+    };
+    let created = before + err.created.len();
+    if let (Some(first), Some(last)) = (line(0), created.checked_sub(1).and_then(line)) {
+        let tasks = if created == 1 { "task" } else { "tasks" };
+        message.push_str(&format!(
+            "\ncreated the {created} {tasks} printed above ({})",
+            lines_span(first, last)
+        ));
+        let end = before + size;
+        if let (Some(from), Some(to)) = (line(created), end.checked_sub(1).and_then(line)) {
+            message.push_str(&format!("; the call for {} failed", lines_span(from, to)));
+        }
+        if let (Some(from), Some(&to)) = (line(end), numbers.last()) {
+            let were = if from == to { "was" } else { "were" };
+            message.push_str(&format!(", and {} {were} not sent", lines_span(from, to)));
+        }
+    }
+    Failure::Refused(message)
+}
+
+/// `line 7` or `lines 7 to 9`.
+fn lines_span(from: usize, to: usize) -> String {
+    if from == to {
+        format!("line {from}")
+    } else {
+        format!("lines {from} to {to}")
+    }
+}
+
+/// One `task create` result: `created <id> <type>` (or `deduplicated`), or
+/// its JSON.
+fn print_created(options: &Options, result: &proto::CreateTaskResponse) -> Result<(), Failure> {
+    if options.json {
+        return print_json(&json::created(result)?);
+    }
+    let (id, task_type) = result
+        .task
+        .as_ref()
+        .map(|t| (t.id.as_str(), t.task_type.as_str()))
+        .unwrap_or_default();
+    let verb = if result.deduplicated {
+        "deduplicated"
+    } else {
+        "created"
+    };
+    print_line(format_args!("{verb} {id} {task_type}"))
 }
 
 fn new_task(args: &CreateArgs) -> NewTask {
@@ -274,9 +370,18 @@ fn new_task(args: &CreateArgs) -> NewTask {
     task
 }
 
-/// The tasks of a `--from-file` input; a line that does not parse is a
-/// usage error naming its line number.
-fn read_task_lines(path: &std::path::Path) -> Result<Vec<NewTask>, Failure> {
+/// The tasks of a `--from-file` input.
+struct TaskLines {
+    /// The file's name, or `standard input`.
+    name: String,
+    tasks: Vec<NewTask>,
+    /// The line number (from 1) of each task; blank lines have no task.
+    numbers: Vec<usize>,
+}
+
+/// The tasks of a `--from-file` input; a line that does not parse or
+/// fails a field check is a usage error naming its line number.
+fn read_task_lines(path: &std::path::Path) -> Result<TaskLines, Failure> {
     let stdin = path.as_os_str() == "-";
     let name = if stdin {
         "standard input".to_owned()
@@ -291,6 +396,7 @@ fn read_task_lines(path: &std::path::Path) -> Result<Vec<NewTask>, Failure> {
         Box::new(std::io::BufReader::new(file))
     };
     let mut tasks = Vec::new();
+    let mut numbers = Vec::new();
     for (index, line) in reader.lines().enumerate() {
         let line = line.map_err(|err| Failure::Usage(format!("cannot read {name}: {err}")))?;
         if line.trim().is_empty() {
@@ -299,11 +405,16 @@ fn read_task_lines(path: &std::path::Path) -> Result<Vec<NewTask>, Failure> {
         let task = parse::task_line(&line)
             .map_err(|err| Failure::Usage(format!("{name} line {}: {err}", index + 1)))?;
         tasks.push(task);
+        numbers.push(index + 1);
     }
     if tasks.is_empty() {
         return Err(Failure::Usage(format!("{name} holds no tasks")));
     }
-    Ok(tasks)
+    Ok(TaskLines {
+        name,
+        tasks,
+        numbers,
+    })
 }
 
 async fn get(args: GetArgs) -> Result<(), Failure> {

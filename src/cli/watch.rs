@@ -73,7 +73,7 @@ pub(super) async fn run(args: WatchArgs) -> Result<(), Failure> {
     // Said once the server has subscribed: every change from now on shows.
     note(format_args!(
         "watching task events on {}; press Ctrl-C to stop",
-        args.options.server
+        client.address().unwrap_or_default()
     ));
 
     let bars = (!args.options.json && std::io::stdout().is_terminal()).then(Bars::new);

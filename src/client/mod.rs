@@ -26,9 +26,7 @@ use std::time::Duration;
 
 use tonic::transport::{Channel, Endpoint};
 
-pub use producer::{
-    Client, CreateManyError, NewTask, TaskFilter, WatchFilter, MAX_CREATE_BATCH,
-};
+pub use producer::{Client, CreateManyError, NewTask, TaskFilter, WatchFilter, MAX_CREATE_BATCH};
 pub use worker::{Shutdown, TaskContext, TaskError, Worker, WorkerBuilder};
 
 /// Why a client call failed.

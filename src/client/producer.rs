@@ -730,6 +730,81 @@ mod tests {
     }
 
     #[test]
+    fn create_many_errors_name_the_input_entry_and_keep_what_was_created() {
+        let created = |n: usize| vec![proto::CreateTaskResponse::default(); n];
+        let invalid = |message: &str| Error::from(tonic::Status::invalid_argument(message));
+
+        // A call after 10,000 created names its entries from 0.
+        let err = CreateManyError {
+            created: created(10_000),
+            error: invalid("tasks[1].task_type: ' ' is not allowed"),
+        };
+        assert_eq!(
+            err.invalid_entry(),
+            Some((10_001, "task_type: ' ' is not allowed"))
+        );
+        assert_eq!(
+            err.to_string(),
+            format!("{} (after 10000 tasks were created)", err.error)
+        );
+        // `?` into an `Error` keeps the error.
+        let plain: Error = err.into();
+        assert!(plain.status().is_some());
+
+        // Refused before any call: input indexes, nothing created.
+        let err = CreateManyError {
+            created: Vec::new(),
+            error: NewTask::new("t")
+                .params(serde_json::json!(1))
+                .into_request(Some(4))
+                .unwrap_err(),
+        };
+        assert_eq!(
+            err.invalid_entry(),
+            Some((4, "params: must be a JSON object"))
+        );
+        assert!(!err.to_string().contains("created"));
+
+        // Other errors name no entry.
+        for error in [
+            Error::from(tonic::Status::unavailable("tasks[1] database down")),
+            invalid("tasks: must hold at least one task"),
+        ] {
+            let err = CreateManyError {
+                created: created(1),
+                error,
+            };
+            assert_eq!(err.invalid_entry(), None);
+            assert!(err.to_string().ends_with(" (after 1 task was created)"));
+        }
+    }
+
+    #[tokio::test]
+    async fn connect_any_checks_every_address_first_and_names_all_it_tried() {
+        let err = Client::connect_any::<&str>(&[]).await.unwrap_err();
+        assert!(matches!(err, Error::InvalidConfig(_)), "{err:?}");
+        let err = Client::connect_any(&["127.0.0.1:1", "http://[::1"])
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, Error::InvalidAddress { address, .. } if address == "http://[::1"),
+            "{err:?}"
+        );
+
+        // Ports that were just free: nothing listens there.
+        let mut closed = Vec::new();
+        for _ in 0..2 {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            closed.push(listener.local_addr().unwrap().to_string());
+        }
+        let err = Client::connect_any(&closed).await.unwrap_err();
+        assert!(
+            matches!(&err, Error::Connect { address, .. } if *address == closed.join(", ")),
+            "{err:?}"
+        );
+    }
+
+    #[test]
     fn filters_accumulate() {
         let filter = TaskFilter::new()
             .status(proto::TaskStatus::Failed)
