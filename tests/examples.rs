@@ -1,14 +1,17 @@
 //! The example workers in `examples/` as users run them: a real worker
 //! process on a two-node cluster takes pushed tasks, completes and fails
 //! them, stops a cancelled one, keeps a long task's lease while its node
-//! drains, and carries on on the other node. `.ci/tools.sh` installs what the
-//! workers need; without it these tests fail, they never skip.
+//! drains, and carries on on the other node. On one node with one slot, a
+//! failure whose error text is over the server's limit still ends the task
+//! and frees the slot, and SIGTERM drains the worker: it gives back the task
+//! still running and exits 0. `.ci/tools.sh` installs what the workers need;
+//! without it these tests fail, they never skip.
 
 mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::status_of;
 use leasehold::api::convert::struct_to_json;
@@ -30,8 +33,35 @@ const LIMIT: Duration = Duration::from_secs(20);
 /// only survives if the worker heartbeats, across the drain too.
 const LEASE_SECONDS: &str = "2";
 
+/// How long the workers' own drain (on SIGTERM) lets running tasks finish.
+const DRAIN_SECONDS: u64 = 1;
+
+/// How long a worker may take to exit after its drain timeout: the answer to
+/// its releases (the workers wait at most 5 s for them).
+const EXIT_AFTER_DRAIN: Duration = Duration::from_secs(5);
+
 #[tokio::test]
 async fn python_worker_works_through_a_node_drain() {
+    exercise("python", python_worker()).await;
+}
+
+#[tokio::test]
+async fn node_worker_works_through_a_node_drain() {
+    exercise("node", node_worker()).await;
+}
+
+#[tokio::test]
+async fn python_worker_frees_its_slot_and_drains_on_sigterm() {
+    one_slot_then_sigterm("python", python_worker).await;
+}
+
+#[tokio::test]
+async fn node_worker_frees_its_slot_and_drains_on_sigterm() {
+    one_slot_then_sigterm("node", node_worker).await;
+}
+
+/// `python worker.py` in its folder.
+fn python_worker() -> Command {
     let dir = example_dir("python-worker");
     let python = dir.join(".venv/bin/python");
     require(python.is_file(), "examples/python-worker/.venv");
@@ -42,11 +72,11 @@ async fn python_worker_works_through_a_node_drain() {
     );
     let mut worker = Command::new(python);
     worker.arg("worker.py").current_dir(&dir);
-    exercise("python", worker).await;
+    worker
 }
 
-#[tokio::test]
-async fn node_worker_works_through_a_node_drain() {
+/// `node worker.js` in its folder.
+fn node_worker() -> Command {
     let dir = example_dir("node-worker");
     require(
         dir.join("node_modules/@grpc/grpc-js/package.json")
@@ -61,7 +91,7 @@ async fn node_worker_works_through_a_node_drain() {
     );
     let mut worker = Command::new("node");
     worker.arg("worker.js").current_dir(&dir);
-    exercise("node", worker).await;
+    worker
 }
 
 fn example_dir(name: &str) -> PathBuf {
@@ -212,9 +242,115 @@ async fn exercise(language: &'static str, mut worker: Command) {
     server.stop().await;
 }
 
+/// A bad flag, a task that would wedge a worker's only slot, and SIGTERM
+/// while a task runs, on one node.
+async fn one_slot_then_sigterm(language: &'static str, worker: fn() -> Command) {
+    // A flag the server would refuse is refused at start-up, naming it,
+    // rather than retried forever.
+    let refused = tokio::time::timeout(
+        LIMIT,
+        worker()
+            .args(["--slots", "0"])
+            .stdin(Stdio::null())
+            .output(),
+    )
+    .await
+    .expect("the worker exits at once on a bad flag")
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--slots"), "{stderr}");
+
+    let server = common::TestServer::start().await;
+    let mut tasks = server.tasks().await;
+    let worker_id = format!("{language}-{}", uuid::Uuid::new_v4().simple());
+    let mut child = worker()
+        .args([
+            "--server",
+            server.running.as_ref().unwrap().addr().to_string().as_str(),
+        ])
+        .args(["--worker-id", &worker_id, "--task-types", TASK_TYPE])
+        .args(["--slots", "1", "--lease-seconds", LEASE_SECONDS])
+        .args(["--drain-seconds", &DRAIN_SECONDS.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|err| {
+            panic!("cannot start the {language} worker ({err}): run .ci/tools.sh first")
+        });
+    let mut log = WorkerLog::capture(child.stderr.take().unwrap(), language);
+    log.wait_for("registered on").await;
+
+    // An error text over the server's 65,536 characters: the worker cuts it
+    // short, so the failure is recorded and frees the only slot. Were it
+    // refused, the lease would be renewed forever and nothing else would run.
+    let overlong = create_task(&mut tasks, json!({"fail": "x".repeat(70_000)}), |request| {
+        request.max_attempts = 1
+    })
+    .await
+    .id;
+    let next = create(&mut tasks, json!({"image": "next.png", "sleep_ms": 50})).await;
+    let task = wait_status(&tasks, &overlong, TaskStatus::Failed).await;
+    let error = task.last_error.unwrap_or_default();
+    assert!(
+        error.starts_with("xxxxxxxxxx") && error.chars().count() <= 65_536,
+        "the worker's error, cut short, is the last error; got {} characters: {:.100}",
+        error.chars().count(),
+        error
+    );
+    assert_eq!(task.attempts, 1);
+    let task = wait_status(&tasks, &next, TaskStatus::Completed).await;
+    assert_eq!(
+        result_of(&task),
+        json!({"thumbnail": "thumbs/next.png", "worker": worker_id})
+    );
+
+    // SIGTERM while a long task runs: the worker stops taking tasks, gives
+    // the task a drain timeout to finish, then gives it back (a release
+    // does not use an attempt) and exits 0 once that is acknowledged.
+    let created = create_task(&mut tasks, json!({"sleep_ms": 60_000}), |_| {}).await;
+    let long = created.id;
+    wait_status(&tasks, &long, TaskStatus::Processing).await;
+    log.wait_for(&format!("task {long} (")).await;
+    let pid = child.id().expect("the worker is running") as libc::pid_t;
+    let signalled = Instant::now();
+    // SAFETY: `kill` only sends a signal to our own child process.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let drain = Duration::from_secs(DRAIN_SECONDS);
+    let status = tokio::time::timeout(drain + EXIT_AFTER_DRAIN, child.wait())
+        .await
+        .expect("the worker exits after its drain timeout")
+        .unwrap();
+    assert_eq!(status.code(), Some(0), "the worker exits 0 after draining");
+    assert!(
+        signalled.elapsed() >= drain,
+        "the running task had the drain timeout to finish"
+    );
+    log.wait_for(&format!("task {long} released")).await;
+    let task = get(&mut tasks, &long).await;
+    assert_eq!(status_of(&task), TaskStatus::Pending, "given back");
+    assert_eq!(task.attempts, created.attempts, "a release uses no attempt");
+    assert_eq!(task.locked_by, None);
+
+    server.stop().await;
+}
+
 async fn create(tasks: &mut TaskServiceClient<Channel>, params: serde_json::Value) -> String {
+    create_task(tasks, params, |_| {}).await.id
+}
+
+/// Creates a task with `params`, after `tweak` adjusts the request; returns
+/// it as created (before any worker leases it).
+async fn create_task(
+    tasks: &mut TaskServiceClient<Channel>,
+    params: serde_json::Value,
+    tweak: impl FnOnce(&mut proto::CreateTaskRequest),
+) -> proto::Task {
     let mut request = common::new_task(TASK_TYPE);
     request.params = Some(common::json(params));
+    tweak(&mut request);
     tasks
         .create_task(request)
         .await
@@ -222,7 +358,6 @@ async fn create(tasks: &mut TaskServiceClient<Channel>, params: serde_json::Valu
         .into_inner()
         .task
         .unwrap()
-        .id
 }
 
 async fn get(tasks: &mut TaskServiceClient<Channel>, id: &str) -> proto::Task {

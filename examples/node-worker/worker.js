@@ -5,7 +5,8 @@
 // through the given servers, when a node drains or the stream breaks. A task
 // still running across a reconnect keeps its lease: the new session
 // re-attaches it by heartbeating with its token, and its outcome goes out on
-// the new stream.
+// the new stream. On SIGTERM or SIGINT it drains: no new tasks, the running
+// ones get --drain-seconds to finish, the rest are given back, and it exits 0.
 
 import os from 'node:os';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -21,6 +22,17 @@ const BACKOFF_BASE_MS = 200;
 const BACKOFF_CAP_MS = 10_000;
 // When the server could not store an outcome (database unreachable).
 const RESEND_DELAY_MS = 1_000;
+// After the drain timeout, how long the last outcomes and releases may take
+// to be acknowledged before the worker exits anyway.
+const ACK_WAIT_MS = 5_000;
+// The server refuses an error text over 65,536 characters, or with control
+// characters other than tab and line breaks: longer texts are cut well short
+// of the limit, and those characters replaced.
+const MAX_ERROR_CHARS = 60_000;
+const CONTROL_CHARS = /[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]/g;
+// A registration refused for these reasons fails the same way on every
+// server: retrying cannot help.
+const FATAL_CODES = new Set([grpc.status.INVALID_ARGUMENT, grpc.status.FAILED_PRECONDITION]);
 // HTTP/2 pings notice a dead node even while the stream is idle.
 const CHANNEL_OPTIONS = {
   'grpc.keepalive_time_ms': 30_000,
@@ -51,6 +63,9 @@ class TaskFailed extends Error {
   }
 }
 
+/** The server refused the registration itself (e.g. invalid slots). */
+class Refused extends Error {}
+
 /**
  * The demo handler: "renders" a thumbnail by sleeping `sleep_ms`.
  *
@@ -68,23 +83,30 @@ async function generateThumbnail(params, { workerId, signal }) {
 }
 
 class Worker {
-  constructor({ servers, workerId, taskTypes, slots, leaseSeconds }) {
+  constructor({ servers, workerId, taskTypes, slots, leaseSeconds, drainSeconds }) {
     this.servers = servers;
     this.workerId = workerId;
     this.taskTypes = taskTypes;
     this.slots = slots;
     this.leaseSeconds = leaseSeconds;
+    this.drainSeconds = drainSeconds;
     // Task id -> job, from hand-out until the outcome is acknowledged. It
     // survives reconnects: leases belong to the database, not the stream.
     this.jobs = new Map();
     // The live session's stream; null between sessions.
     this.call = null;
-    // Task id -> lease token of the leases this session re-attached.
-    this.reattached = new Map();
+    // Acks name only the task: when a task comes back under a new lease,
+    // this many acks still due for the old lease's outcome are skipped
+    // (task id -> count).
+    this.staleAcks = new Map();
     this.failures = 0;
+    this.draining = false;
   }
 
-  /** Keeps a session open, moving to the next server whenever one ends. */
+  /**
+   * Keeps a session open, moving to the next server whenever one ends.
+   * Rejects with Refused when the server refuses the registration.
+   */
   async run() {
     for (let i = 0; ; i = (i + 1) % this.servers.length) {
       const server = this.servers[i];
@@ -94,6 +116,9 @@ class Worker {
         }
         log('WARNING', `session on ${server} ended without a drain notice`);
       } catch (err) {
+        if (err instanceof Refused) {
+          throw err;
+        }
         log('WARNING', `session on ${server}: ${grpc.status[err.code]} ${err.details}`);
       }
       this.failures += 1;
@@ -106,21 +131,23 @@ class Worker {
 
   /**
    * Serves one session. Resolves true if it ended after the node's drain
-   * notice; rejects with the status when the stream breaks or is refused.
+   * notice; rejects with the status when the stream breaks or is refused,
+   * with Refused when the registration is.
    */
   session(server) {
     log('INFO', `connecting to ${server}`);
     const client = new WorkerService(server, grpc.credentials.createInsecure(), CHANNEL_OPTIONS);
     const call = client.Connect();
+    let registered = false;
     let drained = false;
     let heartbeats = null;
     call.write({ register: this.registerRequest() });
     call.on('data', (response) => {
       switch (response.kind) {
         case 'registered': {
-          // An empty heartbeat renews every lease this session holds.
+          registered = true;
           const interval = durationMs(response.registered.heartbeatInterval);
-          heartbeats = setInterval(() => call.write({ heartbeat: {} }), interval);
+          heartbeats = setInterval(() => this.heartbeat(), interval);
           this.onRegistered(server, response.registered, call);
           break;
         }
@@ -164,6 +191,8 @@ class Worker {
         client.close();
         if (status.code === grpc.status.OK) {
           resolve(drained);
+        } else if (!registered && FATAL_CODES.has(status.code)) {
+          reject(new Refused(`${grpc.status[status.code]}: ${status.details}`));
         } else {
           reject(status);
         }
@@ -189,21 +218,46 @@ class Worker {
     );
     this.failures = 0;
     this.call = call;
+    // Acks of what went out on an earlier stream never come on this one.
+    this.staleAcks.clear();
+    for (const job of this.jobs.values()) {
+      job.unanswered = 0;
+    }
+    if (this.draining) {
+      call.write({ drain: {} });
+    }
     // Tasks from an earlier session: renewing their leases here attaches
     // them to this session (so the server counts them and can cancel them),
     // or tells us they were lost meanwhile.
-    const running = [...this.jobs.values()].filter((job) => !job.outcome);
-    this.reattached = new Map(running.map((job) => [job.taskId, job.leaseToken]));
-    if (running.length > 0) {
-      log('INFO', `re-attaching ${running.length} running task(s)`);
-      const leases = running.map(({ taskId, leaseToken }) => ({ taskId, leaseToken }));
-      call.write({ heartbeat: { leases } });
+    const running = [...this.jobs.values()].filter((job) => !job.outcome).length;
+    if (running > 0) {
+      log('INFO', `re-attaching ${running} running task(s)`);
+      this.heartbeat();
     }
     for (const job of this.jobs.values()) {
       if (job.outcome) {
-        call.write(job.outcome);
+        this.sendOutcome(job);
       }
     }
+  }
+
+  /**
+   * Renews the leases of the running tasks, each named with its token.
+   *
+   * Never an empty heartbeat: that renews every lease the session holds, so
+   * a lease whose outcome the server refused would be kept forever and its
+   * slot never freed. A lease no longer named runs out instead.
+   */
+  heartbeat() {
+    const running = [...this.jobs.values()].filter((job) => !job.outcome);
+    if (running.length === 0) {
+      return;
+    }
+    for (const job of running) {
+      job.heartbeated = true;
+    }
+    const leases = running.map(({ taskId, leaseToken }) => ({ taskId, leaseToken }));
+    this.call?.write({ heartbeat: { leases } });
   }
 
   onTask({ task, lease }) {
@@ -211,20 +265,34 @@ class Worker {
     const earlier = this.jobs.get(task.id);
     if (earlier) {
       // Handed out again: our earlier lease ran out while we were away, so
-      // that work and its outcome are void.
+      // that work and its outcome are void, and the acks still due for that
+      // outcome must not settle the new lease.
       log('INFO', `task ${task.id}: dropping the attempt of the earlier lease`);
       earlier.abort.abort();
+      this.staleAcks.set(task.id, (this.staleAcks.get(task.id) ?? 0) + earlier.unanswered);
     }
     const job = {
       taskId: task.id,
       leaseToken: lease.leaseToken,
       abort: new AbortController(),
-      // The complete or fail message, kept until acknowledged: if the
-      // stream breaks first, the next session sends it again (the server
-      // accepts a repeat with the same token).
+      // Whether a heartbeat has named this lease yet. A "lost" answer about
+      // a lease never heartbeated concerns an earlier lease of the same task.
+      heartbeated: false,
+      // The complete, fail or release message, kept until acknowledged: if
+      // the stream breaks first, the next session sends it again (the
+      // server accepts a repeat with the same token).
       outcome: null,
+      // Outcome messages sent on the live session and not answered yet.
+      unanswered: 0,
+      // Whether a malformed outcome has already been replaced by a plain fail.
+      replaced: false,
     };
     this.jobs.set(task.id, job);
+    if (this.draining) {
+      // Pushed before the server read our drain: give it back unstarted.
+      this.release(job);
+      return;
+    }
     this.work(job, fromStruct(task.params));
   }
 
@@ -240,7 +308,7 @@ class Worker {
       };
     } catch (err) {
       if (job.abort.signal.aborted) {
-        return; // stopped: nothing is sent for it
+        return; // stopped or given back: nothing is sent for it
       }
       if (err instanceof TaskFailed) {
         outcome = failRequest(job, err.message, err.permanent);
@@ -250,23 +318,42 @@ class Worker {
         outcome = failRequest(job, `${err.name}: ${err.message}`, false);
       }
     }
-    if (this.jobs.get(job.taskId) !== job) {
-      return; // taken away meanwhile: its outcome would be refused
+    if (job.abort.signal.aborted) {
+      return; // stopped or given back meanwhile: nothing is sent for it
     }
     job.outcome = outcome;
-    this.send(outcome);
+    this.sendOutcome(job);
   }
 
-  send(message) {
-    // Between sessions the message waits in its job; onRegistered sends it.
-    this.call?.write(message);
+  /** Gives a lease back: the task is pending again and the attempt does not count. */
+  release(job) {
+    job.abort.abort();
+    job.outcome = { release: { taskId: job.taskId, leaseToken: job.leaseToken } };
+    this.sendOutcome(job);
+  }
+
+  sendOutcome(job) {
+    // Between sessions the outcome waits in its job; onRegistered sends it.
+    if (this.call) {
+      job.unanswered += 1;
+      this.call.write(job.outcome);
+    }
   }
 
   onAck(ack) {
+    if (ack.kind === 'OUTCOME_KIND_PROGRESS') {
+      return; // this worker reports no progress
+    }
+    const stale = this.staleAcks.get(ack.taskId) ?? 0;
+    if (stale > 0) {
+      this.staleAcks.set(ack.taskId, stale - 1);
+      return; // about the outcome of an earlier lease of the task
+    }
     const job = this.jobs.get(ack.taskId);
     if (!job?.outcome) {
-      return; // about an outcome already acknowledged, or an earlier lease
+      return; // about an outcome already acknowledged
     }
+    job.unanswered -= 1;
     if (ack.status === 'ACK_STATUS_UNAVAILABLE') {
       log(
         'WARNING',
@@ -274,52 +361,140 @@ class Worker {
       );
       setTimeout(() => {
         if (this.jobs.get(job.taskId) === job) {
-          this.send(job.outcome);
+          this.sendOutcome(job);
         }
       }, RESEND_DELAY_MS);
       return;
+    }
+    if (ack.status === 'ACK_STATUS_INVALID') {
+      const replacement = this.replacement(job, ack);
+      if (replacement) {
+        job.outcome = replacement;
+        this.sendOutcome(job);
+        return;
+      }
     }
     this.jobs.delete(ack.taskId);
     if (ack.status !== 'ACK_STATUS_OK') {
       log('WARNING', `task ${ack.taskId}: outcome refused: ${ack.status} ${ack.message}`);
     } else if (ack.kind === 'OUTCOME_KIND_COMPLETE') {
       log('INFO', `task ${ack.taskId} completed`);
+    } else if (ack.kind === 'OUTCOME_KIND_RELEASE') {
+      log('INFO', `task ${ack.taskId} released`);
     } else {
-      log('INFO', `task ${ack.taskId} failed (${ack.task.status}): ${ack.task.lastError}`);
+      const error = ack.task.lastError.slice(0, 200);
+      log('INFO', `task ${ack.taskId} failed (${ack.task.status}): ${error}`);
     }
+  }
+
+  /**
+   * A fail to send instead of an outcome refused as malformed. Giving up
+   * instead would leave the task processing until its lease runs out, and
+   * then retry it to the same end. Null when the replacement was refused
+   * too: the job is dropped and the lease runs out.
+   */
+  replacement(job, ack) {
+    if (job.replaced) {
+      return null;
+    }
+    job.replaced = true;
+    const { complete, fail } = job.outcome;
+    const kind = complete ? 'complete' : fail ? 'fail' : 'release';
+    log('WARNING', `task ${job.taskId}: ${kind} refused (${ack.message}), failing it instead`);
+    if (complete) {
+      // The result cannot be stored (over the size limit, say): the same
+      // result would come again, so the task fails for good.
+      return failRequest(job, `result refused: ${ack.message}`, true);
+    }
+    if (fail) {
+      // Again in a form always accepted: the error plain and cut short
+      // (failRequest does it), no retryAfter.
+      return failRequest(job, fail.error, fail.permanent);
+    }
+    return null;
   }
 
   onHeartbeatAck({ leases }) {
     for (const { taskId, status } of leases) {
       if (status !== 'LEASE_STATUS_HELD') {
-        // About a re-attached task, the answer concerns the token we sent,
-        // and the task may have come back since under a new one.
-        this.stop(taskId, status, this.reattached.get(taskId));
+        this.stop(taskId, status, { fromHeartbeat: true });
       }
     }
   }
 
   /** Stops the work on a task whose lease is gone; nothing is sent for it. */
-  stop(taskId, why, leaseToken = undefined) {
+  stop(taskId, why, { fromHeartbeat = false } = {}) {
     const job = this.jobs.get(taskId);
     if (!job || job.outcome) {
       return; // finished already: the outcome's ack tells what happened
     }
-    if (leaseToken !== undefined && job.leaseToken !== leaseToken) {
-      return; // about an earlier lease of this task
+    if (fromHeartbeat && !job.heartbeated) {
+      return; // a heartbeat's answer about an earlier lease of this task
     }
     this.jobs.delete(taskId);
     job.abort.abort();
     log('INFO', `task ${taskId} stopped: ${why}`);
   }
+
+  /**
+   * Takes no new tasks, lets the running ones finish for the drain timeout,
+   * gives the rest back, and waits (bounded) for every outcome and release
+   * to be acknowledged.
+   */
+  async drain() {
+    this.draining = true;
+    log(
+      'INFO',
+      `shutting down: finishing ${this.jobs.size} task(s) for up to ${this.drainSeconds}s`,
+    );
+    this.call?.write({ drain: {} });
+    if (await this.settled(this.drainSeconds * 1000)) {
+      return;
+    }
+    const running = [...this.jobs.values()].filter((job) => !job.outcome);
+    if (running.length > 0) {
+      log('WARNING', `drain timeout: releasing ${running.length} task(s) still running`);
+    }
+    for (const job of running) {
+      this.release(job);
+    }
+    if (!(await this.settled(ACK_WAIT_MS))) {
+      // Their leases run out on their own and the tasks are retried.
+      log('WARNING', `exiting with ${this.jobs.size} outcome(s) not acknowledged`);
+    }
+  }
+
+  /** Waits up to `ms` for every job to be acknowledged; true if none is left. */
+  async settled(ms) {
+    const deadline = Date.now() + ms;
+    while (this.jobs.size > 0 && Date.now() < deadline) {
+      await sleep(50);
+    }
+    return this.jobs.size === 0;
+  }
 }
 
 function failRequest(job, error, permanent) {
-  return { fail: { taskId: job.taskId, leaseToken: job.leaseToken, error, permanent } };
+  return {
+    fail: { taskId: job.taskId, leaseToken: job.leaseToken, error: errorText(error), permanent },
+  };
 }
 
-function durationMs({ seconds, nanos }) {
-  return Number(seconds) * 1000 + nanos / 1e6;
+/** An error text the server accepts: plain, and cut short when too long. */
+function errorText(error) {
+  const plain = error.replace(CONTROL_CHARS, '\uFFFD');
+  // Counted in code points, as the server does (`length` counts UTF-16 units).
+  const chars = Array.from(plain);
+  if (chars.length <= MAX_ERROR_CHARS) {
+    return plain;
+  }
+  const total = chars.length.toLocaleString('en-US');
+  return `${chars.slice(0, MAX_ERROR_CHARS).join('')}... (${total} characters in all)`;
+}
+
+// An unset Duration arrives as null.
+function durationMs(duration) {
+  return duration ? Number(duration.seconds) * 1000 + duration.nanos / 1e6 : 0;
 }
 
 // google.protobuf.Struct arrives as {fields: {name: Value}}, each Value a
@@ -377,42 +552,93 @@ function splitList(text) {
 
 const USAGE = `usage: node worker.js [--server HOST:PORT,...] [--worker-id ID]
                       [--task-types TYPE,...] [--slots N] [--lease-seconds N]
+                      [--drain-seconds N]
 
   --server         comma-separated host:port list, tried in turn
                    (env LEASEHOLD_SERVER, default 127.0.0.1:50051)
-  --worker-id      worker id shown as the tasks' locked_by
-                   (env LEASEHOLD_WORKER_ID, default HOST-PID)
+  --worker-id      worker id shown as the tasks' locked_by, 1 to 100
+                   characters (env LEASEHOLD_WORKER_ID, default HOST-PID)
   --task-types     comma-separated task types to take; all run the demo
                    handler (default generate_thumbnail)
-  --slots          tasks worked on at once (default 4)
-  --lease-seconds  lease length to ask for (default: the server's, 30)`;
+  --slots          tasks worked on at once, 1 to 10000 (default 4)
+  --lease-seconds  lease length to ask for, 1 to 3600 (default: the
+                   server's, 30)
+  --drain-seconds  on SIGTERM or SIGINT, how long running tasks may take to
+                   finish before they are given back (default 30)`;
+
+/** Bad usage: says what is wrong and exits 2. */
+function usageError(message) {
+  console.error(`${message}\n\n${USAGE}`);
+  process.exit(2);
+}
+
+/** A numeric flag within [min, max]; anything else is a usage error. */
+function numberFlag(values, name, min, max, { fraction = false } = {}) {
+  const text = values[name];
+  const value = Number(text);
+  const pattern = fraction ? /^\d+(\.\d+)?$/ : /^\d+$/;
+  if (!pattern.test(text) || value < min || value > max) {
+    const what = fraction ? 'a number' : 'a whole number';
+    usageError(`--${name}: must be ${what} from ${min} to ${max}, not ${JSON.stringify(text)}`);
+  }
+  return value;
+}
 
 function main() {
-  const { values } = parseArgs({
-    options: {
-      server: { type: 'string', default: process.env.LEASEHOLD_SERVER ?? '127.0.0.1:50051' },
-      'worker-id': {
-        type: 'string',
-        default: process.env.LEASEHOLD_WORKER_ID ?? `${os.hostname()}-${process.pid}`,
+  let values;
+  try {
+    ({ values } = parseArgs({
+      options: {
+        server: { type: 'string', default: process.env.LEASEHOLD_SERVER ?? '127.0.0.1:50051' },
+        'worker-id': {
+          type: 'string',
+          default: process.env.LEASEHOLD_WORKER_ID ?? `${os.hostname()}-${process.pid}`,
+        },
+        'task-types': { type: 'string', default: 'generate_thumbnail' },
+        slots: { type: 'string', default: '4' },
+        'lease-seconds': { type: 'string' },
+        'drain-seconds': { type: 'string', default: '30' },
+        help: { type: 'boolean', short: 'h' },
       },
-      'task-types': { type: 'string', default: 'generate_thumbnail' },
-      slots: { type: 'string', default: '4' },
-      'lease-seconds': { type: 'string' },
-      help: { type: 'boolean', short: 'h' },
-    },
-  });
+    }));
+  } catch (err) {
+    usageError(err.message); // an unknown flag, or one without its value
+  }
   if (values.help) {
     console.log(USAGE);
     return;
   }
+  // The server would refuse these at registration; say so before connecting.
+  const servers = splitList(values.server);
+  if (servers.length === 0) {
+    usageError('--server: no host:port given');
+  }
+  const workerIdChars = Array.from(values['worker-id']).length;
+  if (workerIdChars < 1 || workerIdChars > 100) {
+    usageError('--worker-id: must be 1 to 100 characters');
+  }
   const worker = new Worker({
-    servers: splitList(values.server),
+    servers,
     workerId: values['worker-id'],
     taskTypes: splitList(values['task-types']),
-    slots: Number.parseInt(values.slots, 10),
-    leaseSeconds: values['lease-seconds'] ? Number.parseInt(values['lease-seconds'], 10) : null,
+    slots: numberFlag(values, 'slots', 1, 10_000),
+    leaseSeconds:
+      values['lease-seconds'] === undefined ? null : numberFlag(values, 'lease-seconds', 1, 3600),
+    drainSeconds: numberFlag(values, 'drain-seconds', 0, 86_400, { fraction: true }),
   });
-  worker.run();
+  // SIGTERM (as from a service manager) or Ctrl-C: drain, then exit. A
+  // second signal acts as usual: it stops the worker at once.
+  const shutdown = () => {
+    process.off('SIGTERM', shutdown);
+    process.off('SIGINT', shutdown);
+    worker.drain().then(() => process.exit(0));
+  };
+  process.on('SIGTERM', shutdown);
+  process.on('SIGINT', shutdown);
+  worker.run().catch((err) => {
+    log('ERROR', `the server refused the registration: ${err.message}`);
+    process.exit(1);
+  });
 }
 
 main();
