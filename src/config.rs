@@ -62,6 +62,11 @@ pub struct Config {
     /// their tasks before their sessions are closed.
     #[arg(long, env = "LEASEHOLD_DRAIN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
     pub drain_grace: Duration,
+
+    /// Dead row versions in the task table at which a node vacuums it
+    /// (checked every 5 s; 0 leaves it to autovacuum alone).
+    #[arg(long, env = "LEASEHOLD_VACUUM_THRESHOLD", default_value_t = 20_000)]
+    pub vacuum_threshold: u64,
 }
 
 /// Bounds shared by validation and configuration.
@@ -83,6 +88,7 @@ impl Config {
             reclaim_interval: Duration::from_millis(250),
             poll_interval: Duration::from_secs(2),
             drain_grace: Duration::from_secs(30),
+            vacuum_threshold: 20_000,
         }
     }
 

@@ -13,7 +13,7 @@ use crate::api::{TaskApi, WorkerApi};
 use crate::config::Config;
 use crate::dispatch::{Dispatcher, Settings};
 use crate::events::Hub;
-use crate::maintenance::Reclaimer;
+use crate::maintenance::{Reclaimer, Vacuumer};
 use crate::proto::task_service_server::TaskServiceServer;
 use crate::proto::worker_service_server::WorkerServiceServer;
 use crate::service::Service;
@@ -140,6 +140,7 @@ pub async fn start(config: Config, listener: tokio::net::TcpListener) -> Result<
     .await;
     let service = Service::new(store.clone(), dispatcher.clone(), events);
 
+    tokio::spawn(Vacuumer::new(store.clone(), config.vacuum_threshold).run(shutdown_rx.clone()));
     let (reclaimed_tx, mut reclaimed_rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(
         Reclaimer::new(store.clone(), config.reclaim_interval, reclaimed_tx)

@@ -519,3 +519,49 @@ async fn every_store_statement_prepares_against_the_migrated_schema() {
     store.migrate().await.unwrap();
     server.stop().await;
 }
+
+/// Past `--vacuum-threshold` dead row versions, a node vacuums the task
+/// table itself (this machine's Postgres, like many, runs without
+/// autovacuum).
+#[tokio::test]
+async fn a_node_vacuums_the_task_table_past_its_dead_row_threshold() {
+    let server = TestServer::start_with(|config| config.vacuum_threshold = 50).await;
+    let mut tasks = server.tasks().await;
+    let mut workers = server.workers().await;
+    let batch = proto::CreateTasksRequest {
+        tasks: (0..40).map(|_| new_task("vacuum_me")).collect(),
+    };
+    tasks.create_tasks(batch).await.unwrap();
+    // Each lease and each completion leaves a dead row version behind.
+    let leased = workers
+        .acquire_tasks(acquire("w", &["vacuum_me"], 40))
+        .await
+        .unwrap()
+        .into_inner()
+        .tasks;
+    assert_eq!(leased.len(), 40);
+    for task in &leased {
+        let lease = task.lease.as_ref().unwrap();
+        workers
+            .complete_task(proto::CompleteTaskRequest {
+                task_id: lease.task_id.clone(),
+                lease_token: lease.lease_token.clone(),
+                result: None,
+            })
+            .await
+            .unwrap();
+    }
+    let sql = server.sql().await;
+    common::eventually(Duration::from_secs(30), || async {
+        let row = sql
+            .query_one(
+                "SELECT vacuum_count FROM pg_stat_user_tables WHERE relname = 'task'",
+                &[],
+            )
+            .await
+            .unwrap();
+        (row.get::<_, i64>(0) > 0).then_some(())
+    })
+    .await;
+    server.stop().await;
+}

@@ -1,8 +1,11 @@
-//! Background upkeep that every node runs: today the lease reclaimer.
+//! Background upkeep that every node runs: the lease reclaimer, and the
+//! vacuumer of the task table.
 //!
 //! It uses the store only, and every statement it runs is safe on several
 //! nodes at once (bounded batches, `SKIP LOCKED`, re-checks in the `WHERE`).
 
 mod reclaim;
+mod vacuum;
 
 pub use reclaim::Reclaimer;
+pub use vacuum::Vacuumer;

@@ -190,6 +190,29 @@ impl Store {
         Ok(())
     }
 
+    /// Dead row versions in the task table, as Postgres' statistics count
+    /// them (updated by every transaction as it ends).
+    pub async fn task_dead_rows(&self) -> Result<i64> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                "SELECT n_dead_tup FROM pg_stat_user_tables WHERE relid = 'task'::regclass",
+                &[],
+            )
+            .await?;
+        Ok(row.map_or(0, |row| row.get(0)))
+    }
+
+    /// Vacuums and analyzes the task table, unless another session (a node,
+    /// or autovacuum) is vacuuming it right now: then it returns at once.
+    pub async fn task_vacuum(&self) -> Result<()> {
+        let client = self.client().await?;
+        client
+            .batch_execute("VACUUM (SKIP_LOCKED, ANALYZE) task")
+            .await?;
+        Ok(())
+    }
+
     async fn client(&self) -> Result<deadpool_postgres::Object> {
         Ok(self.pool.get().await?)
     }
