@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use common::cluster::{Cluster, PATIENCE};
 use common::{eventually, TestServer};
-use leasehold::client::{Client, NewTask, TaskError, Worker};
+use leasehold::client::{Client, NewTask, Shutdown, TaskError, Worker};
 use leasehold::proto::TaskStatus;
 use serde_json::json;
 use tokio::sync::{mpsc, watch};
@@ -34,6 +34,36 @@ async fn reaches(client: &Client, id: &str, want: TaskStatus) -> leasehold::prot
 
 async fn create(client: &Client, task: NewTask) -> String {
     client.create(task).await.unwrap().task.unwrap().id
+}
+
+/// A worker running in the background.
+struct Running {
+    shutdown: Shutdown,
+    handle: tokio::task::JoinHandle<Result<(), leasehold::client::Error>>,
+}
+
+impl Running {
+    fn spawn(worker: Worker) -> Self {
+        Running {
+            shutdown: worker.shutdown_handle(),
+            handle: tokio::spawn(worker.run()),
+        }
+    }
+
+    /// Waits until the worker has stopped by itself (after a shutdown).
+    async fn stopped(self) {
+        tokio::time::timeout(WAIT, self.handle)
+            .await
+            .expect("the worker stops")
+            .expect("the worker does not panic")
+            .expect("the worker stops without an error");
+    }
+
+    /// Shuts the worker down and waits until it has drained.
+    async fn stop(self) {
+        self.shutdown.shutdown();
+        self.stopped().await;
+    }
 }
 
 async fn recv<T>(rx: &mut mpsc::UnboundedReceiver<T>, what: &str) -> T {
@@ -67,8 +97,7 @@ async fn worker_completes_tasks_with_their_results_and_progress() {
         .handler("count_pages", |_task| async { Ok(json!(42)) })
         .build()
         .unwrap();
-    let shutdown = worker.shutdown_handle();
-    let running = tokio::spawn(worker.run());
+    let running = Running::spawn(worker);
 
     let mut ids = Vec::new();
     for book in 0..12 {
@@ -99,12 +128,7 @@ async fn worker_completes_tasks_with_their_results_and_progress() {
     let result = leasehold::client::from_struct(task.result.as_ref().unwrap()).unwrap();
     assert_eq!(result, json!({ "value": 42 }));
 
-    shutdown.shutdown();
-    tokio::time::timeout(WAIT, running)
-        .await
-        .expect("worker stops")
-        .unwrap()
-        .unwrap();
+    running.stop().await;
     server.stop().await;
 }
 
@@ -129,8 +153,7 @@ async fn cancelling_a_task_fires_its_handlers_token() {
         })
         .build()
         .unwrap();
-    let shutdown = worker.shutdown_handle();
-    let running = tokio::spawn(worker.run());
+    let running = Running::spawn(worker);
 
     let id = create(&client, NewTask::new("scan_library")).await;
     assert_eq!(
@@ -159,12 +182,7 @@ async fn cancelling_a_task_fires_its_handlers_token() {
         "a cancelled handler's result is not sent"
     );
 
-    shutdown.shutdown();
-    tokio::time::timeout(WAIT, running)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    running.stop().await;
     server.stop().await;
 }
 
@@ -187,8 +205,7 @@ async fn a_panicking_handler_fails_the_attempt_and_the_worker_goes_on() {
         })
         .build()
         .unwrap();
-    let shutdown = worker.shutdown_handle();
-    let running = tokio::spawn(worker.run());
+    let running = Running::spawn(worker);
 
     let panics = create(
         &client,
@@ -236,12 +253,7 @@ async fn a_panicking_handler_fails_the_attempt_and_the_worker_goes_on() {
     let fine = create(&client, NewTask::new("parse_archive")).await;
     reaches(&client, &fine, TaskStatus::Completed).await;
 
-    shutdown.shutdown();
-    tokio::time::timeout(WAIT, running)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    running.stop().await;
     server.stop().await;
 }
 
@@ -269,8 +281,7 @@ async fn shutdown_drains_finishes_in_flight_tasks_and_releases_the_rest() {
         })
         .build()
         .unwrap();
-    let shutdown = worker.shutdown_handle();
-    let running = tokio::spawn(worker.run());
+    let running = Running::spawn(worker);
 
     let quick = create(&client, NewTask::new("export_series")).await;
     let stuck = create(
@@ -287,18 +298,15 @@ async fn shutdown_drains_finishes_in_flight_tasks_and_releases_the_rest() {
     both.sort();
     assert_eq!(started, both);
 
-    shutdown.shutdown();
+    running.shutdown.shutdown();
     // A task created during the drain is not taken.
     let late = create(&client, NewTask::new("export_series")).await;
     assert_eq!(
         recv(&mut rx, "the stuck handler's token").await,
         (stuck.clone(), "cancelled")
     );
-    tokio::time::timeout(WAIT, running)
-        .await
-        .expect("worker stops after its drain timeout")
-        .unwrap()
-        .unwrap();
+    // It stops after its drain timeout.
+    running.stopped().await;
 
     let task = client.get(&quick).await.unwrap();
     assert_eq!(
@@ -355,8 +363,7 @@ async fn a_worker_whose_node_is_killed_reconnects_and_completes_held_tasks_once(
         })
         .build()
         .unwrap();
-    let shutdown = worker.shutdown_handle();
-    let running = tokio::spawn(worker.run());
+    let running = Running::spawn(worker);
 
     // The worker registers on A (first in its list) before any task exists.
     let client_a = Client::connect(&a).await.unwrap();
@@ -406,12 +413,7 @@ async fn a_worker_whose_node_is_killed_reconnects_and_completes_held_tasks_once(
         "each handler ran once: {runs:?}"
     );
 
-    shutdown.shutdown();
-    tokio::time::timeout(WAIT, running)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    running.stop().await;
 }
 
 /// A handler may cancel its own token (a drop guard stopping its helpers):
@@ -429,20 +431,14 @@ async fn a_handler_cancelling_its_own_token_still_completes_its_task() {
         })
         .build()
         .unwrap();
-    let shutdown = worker.shutdown_handle();
-    let running = tokio::spawn(worker.run());
+    let running = Running::spawn(worker);
 
     for _ in 0..2 {
         let id = create(&client, NewTask::new("scan_library")).await;
         reaches(&client, &id, TaskStatus::Completed).await;
     }
 
-    shutdown.shutdown();
-    tokio::time::timeout(WAIT, running)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    running.stop().await;
     server.stop().await;
 }
 
@@ -460,8 +456,7 @@ async fn a_result_the_server_refuses_fails_the_task_with_the_reason() {
         })
         .build()
         .unwrap();
-    let shutdown = worker.shutdown_handle();
-    let running = tokio::spawn(worker.run());
+    let running = Running::spawn(worker);
 
     let id = create(&client, NewTask::new("scan_library")).await;
     let task = reaches(&client, &id, TaskStatus::Failed).await;
@@ -472,11 +467,6 @@ async fn a_result_the_server_refuses_fails_the_task_with_the_reason() {
         "{error}"
     );
 
-    shutdown.shutdown();
-    tokio::time::timeout(WAIT, running)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    running.stop().await;
     server.stop().await;
 }

@@ -565,57 +565,70 @@ pub struct TaskFilter {
     request: proto::ListTasksRequest,
 }
 
+/// The filters `ListTasks` and `WatchTasks` share (statuses, task types,
+/// library, series, book), as builder methods of a type holding them in
+/// `self.request`. In the docs, `$what` names what is filtered and
+/// `$in_status` how a status selects it.
+macro_rules! shared_filters {
+    ($what:literal, $in_status:literal) => {
+        #[doc = concat!("Also ", $in_status, " `status`.")]
+        pub fn status(mut self, status: proto::TaskStatus) -> Self {
+            self.request.statuses.push(status as i32);
+            self
+        }
+
+        #[doc = concat!("Also ", $in_status, " any of `statuses`.")]
+        pub fn statuses(mut self, statuses: impl IntoIterator<Item = proto::TaskStatus>) -> Self {
+            self.request
+                .statuses
+                .extend(statuses.into_iter().map(|s| s as i32));
+            self
+        }
+
+        #[doc = concat!("Also ", $what, " of `task_type`.")]
+        pub fn task_type(mut self, task_type: impl Into<String>) -> Self {
+            self.request.task_types.push(task_type.into());
+            self
+        }
+
+        #[doc = concat!("Also ", $what, " of any of `task_types`.")]
+        pub fn task_types<S: Into<String>>(
+            mut self,
+            task_types: impl IntoIterator<Item = S>,
+        ) -> Self {
+            self.request
+                .task_types
+                .extend(task_types.into_iter().map(Into::into));
+            self
+        }
+
+        #[doc = concat!("Only ", $what, " about this library (UUID).")]
+        pub fn library_id(mut self, id: impl Into<String>) -> Self {
+            self.request.library_id = Some(id.into());
+            self
+        }
+
+        #[doc = concat!("Only ", $what, " about this series (UUID).")]
+        pub fn series_id(mut self, id: impl Into<String>) -> Self {
+            self.request.series_id = Some(id.into());
+            self
+        }
+
+        #[doc = concat!("Only ", $what, " about this book (UUID).")]
+        pub fn book_id(mut self, id: impl Into<String>) -> Self {
+            self.request.book_id = Some(id.into());
+            self
+        }
+    };
+}
+
 impl TaskFilter {
     /// Every task.
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// Also tasks in `status`.
-    pub fn status(mut self, status: proto::TaskStatus) -> Self {
-        self.request.statuses.push(status as i32);
-        self
-    }
-
-    /// Also tasks in any of `statuses`.
-    pub fn statuses(mut self, statuses: impl IntoIterator<Item = proto::TaskStatus>) -> Self {
-        self.request
-            .statuses
-            .extend(statuses.into_iter().map(|s| s as i32));
-        self
-    }
-
-    /// Also tasks of `task_type`.
-    pub fn task_type(mut self, task_type: impl Into<String>) -> Self {
-        self.request.task_types.push(task_type.into());
-        self
-    }
-
-    /// Also tasks of any of `task_types`.
-    pub fn task_types<S: Into<String>>(mut self, task_types: impl IntoIterator<Item = S>) -> Self {
-        self.request
-            .task_types
-            .extend(task_types.into_iter().map(Into::into));
-        self
-    }
-
-    /// Only tasks about this library (UUID).
-    pub fn library_id(mut self, id: impl Into<String>) -> Self {
-        self.request.library_id = Some(id.into());
-        self
-    }
-
-    /// Only tasks about this series (UUID).
-    pub fn series_id(mut self, id: impl Into<String>) -> Self {
-        self.request.series_id = Some(id.into());
-        self
-    }
-
-    /// Only tasks about this book (UUID).
-    pub fn book_id(mut self, id: impl Into<String>) -> Self {
-        self.request.book_id = Some(id.into());
-        self
-    }
+    shared_filters!("tasks", "tasks in");
 
     /// Tasks fetched per call, 1 to 1000; 0 (the default) means 50.
     pub fn page_size(mut self, page_size: i32) -> Self {
@@ -647,33 +660,7 @@ impl WatchFilter {
         Self::default()
     }
 
-    /// Also events after which the task is in `status`.
-    pub fn status(mut self, status: proto::TaskStatus) -> Self {
-        self.request.statuses.push(status as i32);
-        self
-    }
-
-    /// Also events after which the task is in any of `statuses`.
-    pub fn statuses(mut self, statuses: impl IntoIterator<Item = proto::TaskStatus>) -> Self {
-        self.request
-            .statuses
-            .extend(statuses.into_iter().map(|s| s as i32));
-        self
-    }
-
-    /// Also events of tasks of `task_type`.
-    pub fn task_type(mut self, task_type: impl Into<String>) -> Self {
-        self.request.task_types.push(task_type.into());
-        self
-    }
-
-    /// Also events of tasks of any of `task_types`.
-    pub fn task_types<S: Into<String>>(mut self, task_types: impl IntoIterator<Item = S>) -> Self {
-        self.request
-            .task_types
-            .extend(task_types.into_iter().map(Into::into));
-        self
-    }
+    shared_filters!("events of tasks", "events after which the task is in");
 
     /// Also events of the task `id` (UUID).
     pub fn task_id(mut self, id: impl Into<String>) -> Self {
@@ -686,24 +673,6 @@ impl WatchFilter {
         self.request
             .task_ids
             .extend(ids.into_iter().map(Into::into));
-        self
-    }
-
-    /// Only events of tasks about this library (UUID).
-    pub fn library_id(mut self, id: impl Into<String>) -> Self {
-        self.request.library_id = Some(id.into());
-        self
-    }
-
-    /// Only events of tasks about this series (UUID).
-    pub fn series_id(mut self, id: impl Into<String>) -> Self {
-        self.request.series_id = Some(id.into());
-        self
-    }
-
-    /// Only events of tasks about this book (UUID).
-    pub fn book_id(mut self, id: impl Into<String>) -> Self {
-        self.request.book_id = Some(id.into());
         self
     }
 }
