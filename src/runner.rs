@@ -161,6 +161,9 @@ impl CommandSpec {
         let task_id = ctx.id().to_owned();
         let err = tokio::spawn(copy_stderr(stderr, task_id));
         let group = child.id().and_then(|pid| i32::try_from(pid).ok());
+        // If this future is dropped (the worker stops and aborts handlers
+        // that outlast its wait), nothing of the command may live on.
+        let _guard = group.map(GroupGuard);
 
         let status = tokio::select! {
             status = child.wait() => status,
@@ -227,7 +230,8 @@ impl CommandSpec {
     /// (and so reaped) meanwhile.
     async fn stop_group(&self, group: i32, leader: Option<&mut Child>) {
         signal_group(group, libc::SIGTERM);
-        let deadline = tokio::time::Instant::now() + self.kill_grace;
+        let now = tokio::time::Instant::now();
+        let deadline = now.checked_add(self.kill_grace).unwrap_or(now);
         if let Some(leader) = leader {
             let _ = tokio::time::timeout_at(deadline, leader.wait()).await;
         }
@@ -236,6 +240,17 @@ impl CommandSpec {
         }
         if group_alive(group) {
             signal_group(group, libc::SIGKILL);
+        }
+    }
+}
+
+/// SIGKILLs what is left of a command's process group when dropped.
+struct GroupGuard(i32);
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        if group_alive(self.0) {
+            signal_group(self.0, libc::SIGKILL);
         }
     }
 }

@@ -470,3 +470,108 @@ async fn a_result_the_server_refuses_fails_the_task_with_the_reason() {
     running.stop().await;
     server.stop().await;
 }
+
+/// A handler that panics before it even returns its future, and one whose
+/// error carries terminal colour codes (control characters the server
+/// refuses): both attempts are recorded as failed, and the one-slot worker
+/// goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn early_panics_and_control_characters_still_fail_the_attempt() {
+    let server = TestServer::start().await;
+    let client = Client::connect(&server.endpoint()).await.unwrap();
+    let worker = Worker::builder("careless")
+        .server(server.endpoint())
+        .handler("parse_archive", |task| {
+            // Outside the async block: runs when the handler is called.
+            let mode = task.params()["mode"]
+                .as_str()
+                .expect("params.mode")
+                .to_owned();
+            async move {
+                if mode == "colour" {
+                    return Err(TaskError::permanent("\u{1b}[31mcorrupt page 3\u{1b}[0m"));
+                }
+                Ok(json!({ "mode": mode }))
+            }
+        })
+        .build()
+        .unwrap();
+    let running = Running::spawn(worker);
+
+    let early = create(&client, NewTask::new("parse_archive").max_attempts(1)).await;
+    let task = reaches(&client, &early, TaskStatus::Failed).await;
+    assert_eq!(task.attempts, 1);
+    assert_eq!(
+        task.last_error.as_deref(),
+        Some("handler panicked: params.mode")
+    );
+
+    let coloured = create(
+        &client,
+        NewTask::new("parse_archive").params(json!({ "mode": "colour" })),
+    )
+    .await;
+    let task = reaches(&client, &coloured, TaskStatus::Failed).await;
+    assert_eq!(task.attempts, 1, "permanent, recorded at the first attempt");
+    assert_eq!(
+        task.last_error.as_deref(),
+        Some("\u{fffd}[31mcorrupt page 3\u{fffd}[0m")
+    );
+
+    let fine = create(
+        &client,
+        NewTask::new("parse_archive").params(json!({ "mode": "plain" })),
+    )
+    .await;
+    reaches(&client, &fine, TaskStatus::Completed).await;
+
+    running.stop().await;
+    server.stop().await;
+}
+
+/// With one slot, a task pushed while a cancelled handler is still winding
+/// down waits for it: never two handlers at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_waits_for_a_cancelled_handler_that_still_runs() {
+    let server = TestServer::start().await;
+    let client = Client::connect(&server.endpoint()).await.unwrap();
+    let (events, mut rx) = mpsc::unbounded_channel::<(String, &'static str)>();
+    let worker = Worker::builder("one-at-a-time")
+        .server(server.endpoint())
+        .handler("scan_library", move |task| {
+            let events = events.clone();
+            async move {
+                let _ = events.send((task.id().to_owned(), "started"));
+                task.cancelled().await;
+                // Winding down takes a while after the cancel.
+                tokio::time::sleep(Duration::from_millis(800)).await;
+                let _ = events.send((task.id().to_owned(), "returned"));
+                Ok(json!({}))
+            }
+        })
+        .drain_timeout(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    let running = Running::spawn(worker);
+
+    let first = create(&client, NewTask::new("scan_library")).await;
+    assert_eq!(
+        recv(&mut rx, "the first start").await,
+        (first.clone(), "started")
+    );
+    client.cancel(&first, "changed my mind").await.unwrap();
+    let second = create(&client, NewTask::new("scan_library")).await;
+    // The server may push the second task at once; the worker starts it
+    // only after the first handler has returned.
+    assert_eq!(recv(&mut rx, "the first return").await, (first, "returned"));
+    assert_eq!(
+        recv(&mut rx, "the second start").await,
+        (second.clone(), "started")
+    );
+    let task = client.get(&second).await.unwrap();
+    assert_eq!(status(&task), TaskStatus::Processing);
+    assert_eq!(task.attempts, 1);
+
+    running.stop().await;
+    server.stop().await;
+}

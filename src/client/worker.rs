@@ -434,6 +434,14 @@ struct Held {
     unanswered: u32,
 }
 
+/// A handler ready to start.
+struct Ready {
+    task_id: String,
+    lease_token: String,
+    handler: Handler,
+    ctx: TaskContext,
+}
+
 /// How a handler ended.
 struct Finished {
     task_id: String,
@@ -478,6 +486,8 @@ struct Runner {
     /// lease (acknowledgements name the task, not the lease).
     stale_acks: HashMap<String, u32>,
     running: JoinSet<Finished>,
+    /// Handlers of held leases waiting for a free slot, in arrival order.
+    waiting: std::collections::VecDeque<Ready>,
     progress_tx: mpsc::Sender<ProgressReport>,
     progress_rx: mpsc::Receiver<ProgressReport>,
     /// Set once shutdown began: when the remaining work must be released.
@@ -518,6 +528,7 @@ impl Runner {
             stale_heartbeats: HashMap::new(),
             stale_acks: HashMap::new(),
             running: JoinSet::new(),
+            waiting: std::collections::VecDeque::new(),
             progress_tx,
             progress_rx,
             drain_deadline: None,
@@ -583,12 +594,12 @@ impl Runner {
     /// shutting down and either has nothing left or its drain deadline
     /// passed.
     async fn wait_offline(&mut self, delay: Duration) -> bool {
-        let until = Instant::now() + delay;
+        let until = after(delay);
         loop {
             if self.worker.shutdown.is_cancelled() {
                 let deadline = *self
                     .drain_deadline
-                    .get_or_insert_with(|| Instant::now() + self.worker.drain_timeout);
+                    .get_or_insert_with(|| after(self.worker.drain_timeout));
                 if self.idle() || Instant::now() >= deadline {
                     return false;
                 }
@@ -599,6 +610,7 @@ impl Runner {
                     if let Ok(finished) = joined {
                         self.finished(finished);
                     }
+                    self.start_waiting();
                 }
                 () = self.worker.shutdown.cancelled(), if self.drain_deadline.is_none() => {}
                 () = sleep_until_opt(self.drain_deadline) => {}
@@ -676,7 +688,7 @@ impl Runner {
                 connect_request::Kind::Fail(proto::FailTaskRequest {
                     task_id: task_id.clone(),
                     lease_token,
-                    error: truncate(error.message, MAX_ERROR_CHARS),
+                    error: clean_error(error.message, MAX_ERROR_CHARS),
                     permanent: error.permanent,
                     retry_after: error.retry_after.map(crate::api::convert::duration),
                 }),
@@ -739,16 +751,18 @@ impl Runner {
         }
         // Re-attach what an earlier session left running, and repeat every
         // outcome the server has not acknowledged.
+        // Drain first: registering wakes the dispatcher, and a draining
+        // worker wants nothing pushed.
         let mut opening = Vec::new();
-        if !self.held.is_empty() {
-            opening.extend(self.heartbeat());
-        }
-        opening.extend(self.pending.values().map(|p| p.message.clone()));
         let mut drain_sent_at = None;
         if self.drain_deadline.is_some() {
             opening.push(connect_request::Kind::Drain(proto::DrainSession {}));
             drain_sent_at = Some(Instant::now());
         }
+        if !self.held.is_empty() {
+            opening.extend(self.heartbeat());
+        }
+        opening.extend(self.pending.values().map(|p| p.message.clone()));
         if !self.send_all(&tx, opening).await {
             return SessionEnd::Broken("stream closed while re-attaching".into());
         }
@@ -812,6 +826,7 @@ impl Runner {
                     if let Ok(finished) = joined {
                         out.extend(self.finished(finished));
                     }
+                    self.start_waiting();
                 }
                 Some(report) = self.progress_rx.recv() => out.extend(self.progress(report)),
                 _ = heartbeat.tick() => {
@@ -828,17 +843,24 @@ impl Runner {
                 }
                 () = self.worker.shutdown.cancelled(), if self.drain_deadline.is_none() => {
                     tracing::info!(held = self.held.len(), "worker shutting down: draining");
-                    self.drain_deadline = Some(Instant::now() + self.worker.drain_timeout);
+                    self.drain_deadline = Some(after(self.worker.drain_timeout));
                     drain_sent_at = Some(Instant::now());
                     out.push(connect_request::Kind::Drain(proto::DrainSession {}));
+                    out.extend(self.release_waiting());
                 }
                 () = sleep_until_opt(linger_until), if self.idle() => {}
                 () = sleep_until_opt(self.drain_deadline), if !self.held.is_empty() => {
+                    // A handler that finished just now keeps its result.
+                    while let Some(joined) = self.running.try_join_next() {
+                        if let Ok(finished) = joined {
+                            out.extend(self.finished(finished));
+                        }
+                    }
                     out.extend(self.release_all());
                 }
                 // Releases sent but never answered: stop anyway; the leases
                 // expire on their own.
-                () = sleep_until_opt(self.drain_deadline.map(|d| d + RELEASE_ANSWER_WAIT)) => {
+                () = sleep_until_opt(self.drain_deadline.and_then(|d| d.checked_add(RELEASE_ANSWER_WAIT))) => {
                     self.abandon();
                     return SessionEnd::Done;
                 }
@@ -873,9 +895,9 @@ impl Runner {
         true
     }
 
-    /// Starts the handler of a pushed task. Answers with a release when the
-    /// worker is full or draining, and with a fail when the task cannot be
-    /// run at all.
+    /// Starts the handler of a pushed task, or queues it until a slot is
+    /// free. Answers with a release when the worker is draining or far over
+    /// its slots, and with a fail when the task cannot be run at all.
     fn start(&mut self, leased: proto::LeasedTask) -> Option<connect_request::Kind> {
         let (task, lease) = match (leased.task, leased.lease) {
             (Some(task), Some(lease)) => (task, lease),
@@ -900,9 +922,9 @@ impl Runner {
                 *self.stale_acks.entry(task.id.clone()).or_default() += old.sent;
             }
         }
-        if self.drain_deadline.is_some() || self.held.len() >= self.slots {
-            // Pushed while draining, or beyond the slots (a new session is
-            // dealt tasks before it has re-attached the leases it still
+        if self.drain_deadline.is_some() || self.held.len() >= 2 * self.slots {
+            // Pushed while draining, or far beyond the slots (a new session
+            // is dealt tasks before it has re-attached the leases it still
             // runs): give it back at once, without using an attempt.
             let message = connect_request::Kind::Release(proto::ReleaseTaskRequest {
                 task_id: task.id.clone(),
@@ -936,18 +958,42 @@ impl Runner {
                 unanswered: 0,
             },
         );
-        let task_id = task.id.clone();
-        let lease_token = lease.lease_token.clone();
-        let ctx = TaskContext {
-            task,
-            lease,
-            params,
-            cancel: cancel.child_token(),
-            progress: self.progress_tx.clone(),
+        let ready = Ready {
+            task_id: task.id.clone(),
+            lease_token: lease.lease_token.clone(),
+            handler,
+            ctx: TaskContext {
+                task,
+                lease,
+                params,
+                cancel: cancel.child_token(),
+                progress: self.progress_tx.clone(),
+            },
         };
+        if self.running.len() < self.slots {
+            self.spawn(ready);
+        } else {
+            // Every slot runs a handler (perhaps a cancelled one still
+            // winding down): the lease is held and heartbeated, and its
+            // handler starts when one of them returns.
+            self.waiting.push_back(ready);
+        }
+        None
+    }
+
+    fn spawn(&mut self, ready: Ready) {
+        let Ready {
+            task_id,
+            lease_token,
+            handler,
+            ctx,
+        } = ready;
         self.running.spawn(async move {
-            // A panic becomes a failed attempt; the worker goes on.
-            let result = match AssertUnwindSafe(handler(ctx)).catch_unwind().await {
+            // A panic becomes a failed attempt; the worker goes on. The
+            // handler is called inside the guarded future, so a panic
+            // before it returns its future is caught too.
+            let run = async move { handler(ctx).await };
+            let result = match AssertUnwindSafe(run).catch_unwind().await {
                 Ok(result) => result,
                 Err(panic) => Err(TaskError::retry(format!(
                     "handler panicked: {}",
@@ -960,7 +1006,44 @@ impl Runner {
                 result,
             }
         });
-        None
+    }
+
+    /// Starts waiting handlers while slots are free, skipping leases that
+    /// were taken away meanwhile.
+    fn start_waiting(&mut self) {
+        while self.running.len() < self.slots {
+            let Some(ready) = self.waiting.pop_front() else {
+                return;
+            };
+            let current = self
+                .held
+                .get(&ready.task_id)
+                .is_some_and(|held| held.lease_token == ready.lease_token);
+            if current {
+                self.spawn(ready);
+            }
+        }
+    }
+
+    /// Gives back the leases whose handlers have not started (on shutdown:
+    /// they would only wait out the drain).
+    fn release_waiting(&mut self) -> Vec<connect_request::Kind> {
+        let mut out = Vec::new();
+        while let Some(ready) = self.waiting.pop_front() {
+            let current = self
+                .held
+                .get(&ready.task_id)
+                .is_some_and(|held| held.lease_token == ready.lease_token);
+            if current {
+                self.forget(&ready.task_id);
+                let message = connect_request::Kind::Release(proto::ReleaseTaskRequest {
+                    task_id: ready.task_id.clone(),
+                    lease_token: ready.lease_token,
+                });
+                out.push(self.queue(ready.task_id, OutcomeKind::Release, message));
+            }
+        }
+        out
     }
 
     /// The message for a progress report, if its lease is still held.
@@ -989,7 +1072,7 @@ impl Runner {
         let message = connect_request::Kind::Fail(proto::FailTaskRequest {
             task_id: task_id.clone(),
             lease_token,
-            error: truncate(error, MAX_ERROR_CHARS),
+            error: clean_error(error, MAX_ERROR_CHARS),
             permanent: true,
             retry_after: None,
         });
@@ -1000,9 +1083,13 @@ impl Runner {
     /// on an earlier session are re-attached to this one; split to the
     /// server's per-heartbeat limit.
     fn heartbeat(&mut self) -> Vec<connect_request::Kind> {
+        let stale = &self.stale_heartbeats;
         let leases: Vec<proto::LeaseRenewal> = self
             .held
             .iter_mut()
+            // While answers about an earlier lease of the task are due, a
+            // new answer could not be told apart from them: wait.
+            .filter(|(task_id, _)| !stale.contains_key(*task_id))
             .map(|(task_id, held)| {
                 held.unanswered += 1;
                 proto::LeaseRenewal {
@@ -1011,6 +1098,9 @@ impl Runner {
                 }
             })
             .collect();
+        if leases.is_empty() {
+            return Vec::new();
+        }
         leases
             .chunks(MAX_HEARTBEAT_LEASES)
             .map(|chunk| {
@@ -1135,7 +1225,7 @@ fn fallback(refused: &connect_request::Kind, reason: &str) -> Option<connect_req
         connect_request::Kind::Complete(complete) => proto::FailTaskRequest {
             task_id: complete.task_id.clone(),
             lease_token: complete.lease_token.clone(),
-            error: truncate(
+            error: clean_error(
                 format!("the server refused the result: {reason}"),
                 MAX_ERROR_CHARS,
             ),
@@ -1143,7 +1233,7 @@ fn fallback(refused: &connect_request::Kind, reason: &str) -> Option<connect_req
             retry_after: None,
         },
         connect_request::Kind::Fail(fail) => proto::FailTaskRequest {
-            error: truncate(fail.error.clone(), MAX_ERROR_CHARS / 2),
+            error: clean_error(fail.error.clone(), MAX_ERROR_CHARS / 2),
             retry_after: None,
             ..fail.clone()
         },
@@ -1152,16 +1242,33 @@ fn fallback(refused: &connect_request::Kind, reason: &str) -> Option<connect_req
     Some(connect_request::Kind::Fail(fail))
 }
 
-/// `text` cut to at most `max` characters, marked when cut.
-fn truncate(text: String, max: usize) -> String {
+/// An error message as the server accepts it: control characters other
+/// than line breaks and tabs (terminal colour codes, say) replaced, and cut
+/// to at most `max` characters, marked when cut.
+fn clean_error(text: String, max: usize) -> String {
     const MARK: &str = " [truncated]";
+    let clean = |c: char| {
+        if c.is_control() && !matches!(c, '\n' | '\r' | '\t') {
+            char::REPLACEMENT_CHARACTER
+        } else {
+            c
+        }
+    };
     if text.chars().count() <= max {
-        return text;
+        return text.chars().map(clean).collect();
     }
     let keep = max.saturating_sub(MARK.chars().count());
-    let mut cut: String = text.chars().take(keep).collect();
+    let mut cut: String = text.chars().take(keep).map(clean).collect();
     cut.push_str(MARK);
     cut
+}
+
+/// The instant `delay` from now; a delay too long to represent means a
+/// century (a "never" given as `Duration::MAX` must not panic).
+fn after(delay: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(delay)
+        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600))
 }
 
 fn request(kind: connect_request::Kind) -> proto::ConnectRequest {

@@ -21,6 +21,9 @@ use crate::store::Store;
 /// How often the dead-row count is read (one cheap statistics query).
 const CHECK_INTERVAL: Duration = Duration::from_secs(5);
 
+/// Longest pause after vacuums that could not bring the count down.
+const MAX_BACKOFF: Duration = Duration::from_secs(300);
+
 /// Vacuums the task table when it has `threshold` dead rows, until
 /// shutdown.
 #[derive(Debug)]
@@ -42,31 +45,56 @@ impl Vacuumer {
         }
         // The first check runs at start-up: a node started on a table
         // another node left dirty cleans it before its workers arrive.
-        let mut check = tokio::time::interval(CHECK_INTERVAL);
-        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut wait = Duration::ZERO;
         loop {
             tokio::select! {
-                _ = check.tick() => {}
+                _ = tokio::time::sleep(wait) => {}
                 _ = shutdown.wait_for(|stop| *stop) => return,
             }
-            if let Err(err) = self.pass().await {
-                tracing::warn!(error = %err, "task table vacuum failed");
-            }
+            wait = match self.pass().await {
+                Ok(Pass::Clean) => CHECK_INTERVAL,
+                // Vacuuming did not bring the count under the threshold:
+                // something holds the dead rows (a long transaction, a
+                // replication slot) or the role may not vacuum the table.
+                // Back off instead of vacuuming again and again in vain.
+                Ok(Pass::Stuck) => (wait * 2).clamp(CHECK_INTERVAL * 2, MAX_BACKOFF),
+                Err(err) => {
+                    tracing::warn!(error = %err, "task table vacuum failed");
+                    (wait * 2).clamp(CHECK_INTERVAL * 2, MAX_BACKOFF)
+                }
+            };
         }
     }
 
-    async fn pass(&self) -> Result<(), crate::store::Error> {
+    async fn pass(&self) -> Result<Pass, crate::store::Error> {
         let dead = self.store.task_dead_rows().await?;
         if u64::try_from(dead).unwrap_or(0) < self.threshold {
-            return Ok(());
+            return Ok(Pass::Clean);
         }
         let started = Instant::now();
         self.store.task_vacuum().await?;
+        let left = self.store.task_dead_rows().await?;
         tracing::info!(
             dead_rows = dead,
+            left,
             took_ms = started.elapsed().as_millis() as u64,
-            "vacuumed the task table"
+            "task table vacuum pass"
         );
-        Ok(())
+        // Judged against the count before, not the threshold: on a busy
+        // queue new dead rows pile up while the vacuum runs.
+        if left.saturating_mul(2) < dead {
+            Ok(Pass::Clean)
+        } else {
+            Ok(Pass::Stuck)
+        }
     }
+}
+
+/// What a check found.
+enum Pass {
+    /// Under the threshold, or a vacuum removed most dead rows.
+    Clean,
+    /// A vacuum left most dead rows in place (or another session's vacuum
+    /// made ours skip the table).
+    Stuck,
 }
