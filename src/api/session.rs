@@ -232,22 +232,7 @@ impl Served {
                 service.dispatcher().session_drain(&session);
             }
             connect_request::Kind::Heartbeat(heartbeat) => {
-                if heartbeat.leases.len() > validate::MAX_HEARTBEAT_LEASES {
-                    return Err(Error::invalid(
-                        "heartbeat.leases",
-                        format!("at most {} leases", validate::MAX_HEARTBEAT_LEASES),
-                    )
-                    .into());
-                }
-                let leases = heartbeat
-                    .leases
-                    .iter()
-                    .enumerate()
-                    .map(|(i, l)| {
-                        lease_ref(&l.task_id, &l.lease_token)
-                            .map_err(|e| e.within(&format!("heartbeat.leases[{i}].")))
-                    })
-                    .collect::<Result<Vec<_>, _>>()?;
+                let leases = validate::lease_renewals("heartbeat.leases", &heartbeat.leases)?;
                 tokio::spawn(async move {
                     let _permit = permit;
                     let answer = match service.session_heartbeat(&session, leases).await {

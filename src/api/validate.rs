@@ -49,6 +49,28 @@ pub fn lease_ref(task_id: &str, lease_token: &str) -> Result<crate::task::LeaseR
     })
 }
 
+/// The leases of a heartbeat (`field` is `leases` or `heartbeat.leases`):
+/// at most [`MAX_HEARTBEAT_LEASES`], each a valid lease reference; errors
+/// name the entry, e.g. `leases[3].lease_token`.
+pub fn lease_renewals(
+    field: &str,
+    leases: &[crate::proto::LeaseRenewal],
+) -> Result<Vec<crate::task::LeaseRef>> {
+    if leases.len() > MAX_HEARTBEAT_LEASES {
+        return Err(Error::invalid(
+            field,
+            format!("at most {MAX_HEARTBEAT_LEASES} leases"),
+        ));
+    }
+    leases
+        .iter()
+        .enumerate()
+        .map(|(i, l)| {
+            lease_ref(&l.task_id, &l.lease_token).map_err(|e| e.within(&format!("{field}[{i}].")))
+        })
+        .collect()
+}
+
 /// An optional UUID.
 pub fn opt_uuid(field: &str, value: Option<&str>) -> Result<Option<Uuid>> {
     value.map(|v| uuid(field, v)).transpose()

@@ -97,23 +97,8 @@ impl WorkerService for WorkerApi {
     ) -> Result<Response<proto::HeartbeatResponse>, Status> {
         let req = request.get_ref();
         validate::worker_id("worker_id", &req.worker_id)?;
-        if req.leases.len() > validate::MAX_HEARTBEAT_LEASES {
-            return Err(Error::invalid(
-                "leases",
-                format!("at most {} leases", validate::MAX_HEARTBEAT_LEASES),
-            )
-            .into());
-        }
+        let leases = validate::lease_renewals("leases", &req.leases)?;
         let duration = self.lease_duration(req.lease_duration.as_ref())?;
-        let leases = req
-            .leases
-            .iter()
-            .enumerate()
-            .map(|(i, l)| {
-                lease_ref(&l.task_id, &l.lease_token)
-                    .map_err(|e| e.within(&format!("leases[{i}].")))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
         let states = self.service.heartbeat(leases, duration).await?;
         Ok(Response::new(proto::HeartbeatResponse {
             leases: states
