@@ -580,15 +580,15 @@ impl Dispatcher {
         leases: Vec<LeaseRef>,
         duration: Duration,
     ) -> store::Result<Vec<(LeaseRef, LeaseState)>> {
-        let answers = futures_util::future::join_all(
-            leases
-                .iter()
-                .map(|lease| self.inner.heartbeats.submit((*lease, duration))),
-        )
-        .await;
+        // One submission for the whole heartbeat: one queue entry and one
+        // answer, however many leases it names.
+        let states = self
+            .inner
+            .heartbeats
+            .submit_many(leases.iter().map(|lease| (*lease, duration)).collect())
+            .await?;
         let mut out = Vec::with_capacity(leases.len());
-        for (lease, answer) in leases.into_iter().zip(answers) {
-            let state = answer?;
+        for (lease, state) in leases.into_iter().zip(states) {
             if let Some(session) = session {
                 match state {
                     LeaseState::Held(_) => self.attach(session, lease),
