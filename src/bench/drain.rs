@@ -12,7 +12,9 @@ use tokio::time::Instant;
 
 use super::db;
 use super::producer::set_up_tasks;
-use super::report::{or_unknown, per_second, round, JsonLine, Report};
+use super::report::{
+    anomalies_row, drained_row, or_unknown, per_1k, per_second, received, round, JsonLine, Report,
+};
 use super::system::{cpu_between, Usage};
 use super::target::{Node, NodeKind, Target};
 use super::workers::{Event, WorkerStats, Workers};
@@ -107,25 +109,17 @@ impl DrainReport {
 
     /// The node's CPU seconds per 1,000 tasks.
     pub fn server_cpu_per_1k(&self) -> Option<f64> {
-        self.server_cpu
-            .map(|cpu| cpu.as_secs_f64() * 1000.0 / f64::from(self.args.workload.tasks))
+        per_1k(self.server_cpu, self.args.workload.tasks)
     }
 
     fn bench_cpu_per_1k(&self) -> Option<f64> {
-        self.bench_cpu
-            .map(|cpu| cpu.as_secs_f64() * 1000.0 / f64::from(self.args.workload.tasks))
+        per_1k(self.bench_cpu, self.args.workload.tasks)
     }
 }
 
 impl Report for DrainReport {
     fn table(&self) -> String {
         let args = &self.args;
-        let received: Vec<String> = self
-            .sessions
-            .iter()
-            .map(|s| s.received.to_string())
-            .collect();
-        let refused: u64 = self.sessions.iter().map(|s| s.refused).sum();
         let mut out = String::new();
         out.push_str(
             "drain: tasks created up front, pushed to sessions that complete them at once\n",
@@ -145,37 +139,20 @@ impl Report for DrainReport {
                 String::new()
             }
         ));
-        let shown = if received.len() > 8 {
-            format!(
-                "{} / ... ({} sessions)",
-                received[..8].join(" / "),
-                received.len()
-            )
-        } else {
-            received.join(" / ")
-        };
         out.push_str(&format!(
-            "  sessions    {} x {} slots, received {shown}\n",
-            args.workload.sessions, args.workload.slots
+            "  sessions    {} x {} slots, received {}\n",
+            args.workload.sessions,
+            args.workload.slots,
+            received(&self.sessions, 8)
         ));
-        if refused > 0 || self.duplicates > 0 {
-            out.push_str(&format!(
-                "  anomalies   {refused} completions refused, {} tasks pushed twice\n",
-                self.duplicates
-            ));
-        }
+        out.push_str(&anomalies_row(&self.sessions, self.duplicates));
         out.push('\n');
-        out.push_str(&format!(
-            "  drained     {} tasks in {:.3} s: {:.0} tasks/s (first hand-out to last ack)\n",
+        out.push_str(&drained_row(
             args.workload.tasks,
-            self.elapsed.as_secs_f64(),
-            self.rate()
+            self.elapsed,
+            "first hand-out to last ack",
         ));
-        let whose = match self.node_kind {
-            NodeKind::InProcess => " (in-process: includes the bench clients)",
-            NodeKind::Remote => " (running server: not measured)",
-            NodeKind::Spawned => "",
-        };
+        let whose = self.node_kind.caveat();
         out.push_str(&format!(
             "  server CPU  {} s per 1,000 tasks{whose}\n",
             or_unknown(self.server_cpu_per_1k(), 4)
@@ -298,7 +275,7 @@ async fn measure(node: &Node, args: &DrainArgs, task_type: &str) -> anyhow::Resu
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bench::testing::FreshDatabase;
+    use crate::bench::testing::{on_node, FreshDatabase};
 
     /// Drains a few tasks over real streams from an in-process node on a
     /// fresh database with a few finished rows first. Counts only.
@@ -314,11 +291,11 @@ mod tests {
                 preexisting_finished: 5,
             },
         };
-        let node = Node::start(&args.target, NodeKind::Spawned).await.unwrap();
-        assert_eq!(node.kind(), NodeKind::InProcess);
-        let report = run(&node, &args).await;
-        node.stop().await.unwrap();
-        db.drop_it().await;
+        let report = on_node(db, &args.target, NodeKind::Spawned, async |node| {
+            assert_eq!(node.kind(), NodeKind::InProcess);
+            run(node, &args).await
+        })
+        .await;
 
         let report = report.unwrap();
         let received: u64 = report.sessions.iter().map(|s| s.received).sum();

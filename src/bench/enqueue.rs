@@ -221,7 +221,7 @@ async fn clean_up(database_url: &str, task_type: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bench::testing::FreshDatabase;
+    use crate::bench::testing::{on_node, FreshDatabase};
     use crate::bench::NodeKind;
 
     /// Both phases against an in-process node; the run's tasks are deleted
@@ -235,12 +235,10 @@ mod tests {
             batch: 5,
             clients: 3,
         };
-        let node = Node::start(&args.target, NodeKind::InProcess)
-            .await
-            .unwrap();
-        let report = run(&node, &args).await;
-        node.stop().await.unwrap();
-        db.drop_it().await;
+        let report = on_node(db, &args.target, NodeKind::InProcess, async |node| {
+            run(node, &args).await
+        })
+        .await;
 
         let report = report.unwrap();
         assert_eq!(report.batch_calls.count, 3, "12 tasks in calls of 5");

@@ -12,7 +12,7 @@ use tonic::transport::Channel;
 
 use super::db;
 use super::producer::task_client;
-use super::report::{millis, JsonLine, Report, Summary};
+use super::report::{anomalies_row, millis, received, JsonLine, Report, Summary};
 use super::target::{Node, Target};
 use super::workers::{Arrival, Event, WorkerStats, Workers};
 use crate::proto;
@@ -86,12 +86,6 @@ pub struct LatencyReport {
 
 impl Report for LatencyReport {
     fn table(&self) -> String {
-        let received: Vec<String> = self
-            .sessions
-            .iter()
-            .map(|s| s.received.to_string())
-            .collect();
-        let refused: u64 = self.sessions.iter().map(|s| s.refused).sum();
         let mut out = String::new();
         out.push_str("latency: CreateTask call -> task on a worker session stream\n");
         out.push_str(&format!("  server      {}\n", self.server));
@@ -104,14 +98,9 @@ impl Report for LatencyReport {
             "  sessions    {} x {} slots, received {}\n",
             self.args.sessions,
             self.args.slots,
-            received.join(" / ")
+            received(&self.sessions, usize::MAX)
         ));
-        if refused > 0 || self.duplicates > 0 {
-            out.push_str(&format!(
-                "  anomalies   {refused} completions refused, {} tasks pushed twice\n",
-                self.duplicates
-            ));
-        }
+        out.push_str(&anomalies_row(&self.sessions, self.duplicates));
         out.push_str(Summary::HEADER);
         out.push_str(&self.push.row("push (ms)"));
         out.push_str(&self.create.row("CreateTask (ms)"));
@@ -322,7 +311,7 @@ async fn paced(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bench::testing::{parse, FreshDatabase};
+    use crate::bench::testing::{on_node, parse, FreshDatabase};
     use crate::bench::{NodeKind, Scenario};
 
     #[test]
@@ -390,12 +379,10 @@ mod tests {
             sessions: 2,
             slots: 3,
         };
-        let node = Node::start(&args.target, NodeKind::InProcess)
-            .await
-            .unwrap();
-        let report = run(&node, &args).await;
-        node.stop().await.unwrap();
-        db.drop_it().await;
+        let report = on_node(db, &args.target, NodeKind::InProcess, async |node| {
+            run(node, &args).await
+        })
+        .await;
 
         let report = report.unwrap();
         assert_eq!(report.push.count, 12);

@@ -145,7 +145,7 @@ async fn finish<R>(node: Node, outcome: anyhow::Result<R>) -> anyhow::Result<R> 
 pub(crate) mod testing {
     use clap::Parser;
 
-    use super::BenchArgs;
+    use super::{BenchArgs, Node, NodeKind, Target};
 
     #[derive(Debug, Parser)]
     struct Cli {
@@ -163,6 +163,22 @@ pub(crate) mod testing {
         let Bench::Bench(bench) =
             Cli::try_parse_from(std::iter::once("leasehold").chain(args.iter().copied()))?.bench;
         Ok(bench)
+    }
+
+    /// Runs `scenario` against a node of `kind` started as `target` says, then
+    /// stops the node and drops `db`; returns what the scenario returned.
+    /// Panics if the node cannot start or stop.
+    pub async fn on_node<R>(
+        db: FreshDatabase,
+        target: &Target,
+        kind: NodeKind,
+        scenario: impl AsyncFnOnce(&Node) -> anyhow::Result<R>,
+    ) -> anyhow::Result<R> {
+        let node = Node::start(target, kind).await.unwrap();
+        let outcome = scenario(&node).await;
+        node.stop().await.unwrap();
+        db.drop_it().await;
+        outcome
     }
 
     /// A database of its own for one test, dropped by [`FreshDatabase::drop_it`].

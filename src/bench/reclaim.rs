@@ -13,7 +13,7 @@ use tokio::task::JoinHandle;
 use super::db;
 use super::producer::set_up_tasks;
 use super::report::{millis, JsonLine, Report, Summary};
-use super::target::{Node, Target};
+use super::target::{parse_lease, Node, Target};
 use super::workers::{system_time, Event, SessionStream, Workers};
 use crate::proto::{self, connect_request, connect_response};
 
@@ -42,15 +42,6 @@ pub struct ReclaimArgs {
     /// Lease length of the silent session's tasks (1s to 1h).
     #[arg(long, default_value = "1s", value_parser = parse_lease)]
     pub lease: Duration,
-}
-
-fn parse_lease(text: &str) -> Result<Duration, String> {
-    let lease = humantime::parse_duration(text).map_err(|err| err.to_string())?;
-    if (crate::config::MIN_LEASE..=crate::config::MAX_LEASE).contains(&lease) {
-        Ok(lease)
-    } else {
-        Err("the lease must be between 1s and 1h".into())
-    }
 }
 
 /// Result of the `reclaim` scenario.
@@ -275,7 +266,7 @@ async fn read_cancels(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bench::testing::FreshDatabase;
+    use crate::bench::testing::{on_node, FreshDatabase};
     use crate::bench::NodeKind;
 
     /// A silent session's leases reach the second worker after they run
@@ -288,12 +279,10 @@ mod tests {
             tasks: 3,
             lease: Duration::from_secs(1),
         };
-        let node = Node::start(&args.target, NodeKind::InProcess)
-            .await
-            .unwrap();
-        let report = run(&node, &args).await;
-        node.stop().await.unwrap();
-        db.drop_it().await;
+        let report = on_node(db, &args.target, NodeKind::InProcess, async |node| {
+            run(node, &args).await
+        })
+        .await;
 
         let report = report.unwrap();
         assert_eq!(report.rescue.count, 3);

@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use super::workers::WorkerStats;
+
 /// The result of a scenario, printed as a human table followed by one JSON
 /// line (the last line on stdout; logs go to stderr).
 pub trait Report {
@@ -111,6 +113,47 @@ pub fn or_unknown(value: Option<f64>, decimals: usize) -> String {
     }
 }
 
+/// CPU seconds per 1,000 of `items`, for tables and JSON lines.
+pub fn per_1k(cpu: Option<Duration>, items: u32) -> Option<f64> {
+    cpu.map(|cpu| cpu.as_secs_f64() * 1000.0 / f64::from(items))
+}
+
+/// The `drained` row of a table: `tasks` in `elapsed`, their rate, and
+/// what the time was measured between (`span`).
+pub fn drained_row(tasks: u32, elapsed: Duration, span: &str) -> String {
+    format!(
+        "  drained     {tasks} tasks in {:.3} s: {:.0} tasks/s ({span})\n",
+        elapsed.as_secs_f64(),
+        per_second(u64::from(tasks), elapsed)
+    )
+}
+
+/// How many tasks each worker session received, `12 / 9 / 11`; with more
+/// than `shown` sessions, only the first `shown` then `/ ... (N sessions)`.
+pub fn received(sessions: &[WorkerStats], shown: usize) -> String {
+    let received: Vec<String> = sessions.iter().map(|s| s.received.to_string()).collect();
+    if received.len() > shown {
+        format!(
+            "{} / ... ({} sessions)",
+            received[..shown].join(" / "),
+            received.len()
+        )
+    } else {
+        received.join(" / ")
+    }
+}
+
+/// The `anomalies` row of a run of [`Workers`](super::workers::Workers):
+/// completions refused and tasks pushed twice; empty when there were none.
+pub fn anomalies_row(sessions: &[WorkerStats], duplicates: u64) -> String {
+    let refused: u64 = sessions.iter().map(|s| s.refused).sum();
+    if refused > 0 || duplicates > 0 {
+        format!("  anomalies   {refused} completions refused, {duplicates} tasks pushed twice\n")
+    } else {
+        String::new()
+    }
+}
+
 /// Builds one JSON object with its keys in insertion order (serde_json's
 /// own map sorts them), starting with `"scenario"`.
 #[derive(Debug, Clone)]
@@ -198,6 +241,30 @@ mod tests {
         );
         let parsed: serde_json::Value = serde_json::from_str(&line).unwrap();
         assert_eq!(parsed["tasks"], 10);
+    }
+
+    #[test]
+    fn worker_rows() {
+        let stats = |received, refused| WorkerStats {
+            received,
+            completed: received - refused,
+            refused,
+        };
+        let sessions: Vec<WorkerStats> = (1..=3).map(|n| stats(n, 0)).collect();
+        assert_eq!(received(&sessions, 8), "1 / 2 / 3");
+        assert_eq!(received(&sessions, 2), "1 / 2 / ... (3 sessions)");
+        assert_eq!(received(&sessions, usize::MAX), "1 / 2 / 3");
+        assert_eq!(anomalies_row(&sessions, 0), "");
+        assert_eq!(
+            anomalies_row(&[stats(4, 1), stats(5, 2)], 1),
+            "  anomalies   3 completions refused, 1 tasks pushed twice\n"
+        );
+        assert_eq!(
+            drained_row(500, Duration::from_millis(250), "first to last"),
+            "  drained     500 tasks in 0.250 s: 2000 tasks/s (first to last)\n"
+        );
+        assert_eq!(per_1k(Some(Duration::from_secs(2)), 4000), Some(0.5));
+        assert_eq!(per_1k(None, 4000), None);
     }
 
     #[test]

@@ -20,8 +20,8 @@ use super::db;
 use super::producer::{set_up_tasks, unique_task_type};
 use super::report::{mib, or_unknown, per_second, round, JsonLine, Report, Summary};
 use super::system::{cpu_between, ensure_open_files, Usage};
-use super::target::{Node, NodeKind, Target};
-use super::workers::{complete, SessionStream};
+use super::target::{parse_lease, Node, NodeKind, Target};
+use super::workers::{complete, end_if_closing, SessionStream};
 use crate::proto::{self, connect_request, connect_response};
 
 /// Sessions being opened at once.
@@ -70,15 +70,6 @@ pub struct SessionsArgs {
     /// Measurement window, once every session holds its leases.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub duration: Duration,
-}
-
-fn parse_lease(text: &str) -> Result<Duration, String> {
-    let lease = humantime::parse_duration(text).map_err(|err| err.to_string())?;
-    if (crate::config::MIN_LEASE..=crate::config::MAX_LEASE).contains(&lease) {
-        Ok(lease)
-    } else {
-        Err("the lease must be between 1s and 1h".into())
-    }
 }
 
 impl SessionsArgs {
@@ -193,11 +184,7 @@ impl Report for SessionsReport {
             ));
         }
         out.push('\n');
-        let whose = match self.node_kind {
-            NodeKind::InProcess => " (in-process: includes the bench clients)",
-            NodeKind::Remote => " (running server: not measured)",
-            NodeKind::Spawned => "",
-        };
+        let whose = self.node_kind.caveat();
         out.push_str(&format!(
             "  server RSS  {} MiB{whose}",
             or_unknown(self.rss_mb(), 1)
@@ -509,13 +496,9 @@ async fn idle(
         tokio::select! {
             message = rx.message() => {
                 let at = Instant::now();
-                let kind = match message {
+                let kind = match end_if_closing(message, index, tx.is_none()) {
                     Ok(Some(message)) => message.kind,
                     Ok(None) => break,
-                    Err(status) if tx.is_none() => {
-                        tracing::debug!(session = index, %status, "session ended while closing");
-                        break;
-                    }
                     Err(status) => bail!("the server ended session {index}: {status}"),
                 };
                 match kind {
@@ -600,7 +583,7 @@ async fn idle(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bench::testing::FreshDatabase;
+    use crate::bench::testing::{on_node, FreshDatabase};
 
     /// A few sessions hold and heartbeat their leases over a short window,
     /// then complete them. Counts only.
@@ -614,10 +597,10 @@ mod tests {
             lease: Duration::from_secs(3),
             duration: Duration::from_millis(1500),
         };
-        let node = Node::start(&args.target, NodeKind::Spawned).await.unwrap();
-        let report = run(&node, &args).await;
-        node.stop().await.unwrap();
-        db.drop_it().await;
+        let report = on_node(db, &args.target, NodeKind::Spawned, async |node| {
+            run(node, &args).await
+        })
+        .await;
 
         let report = report.unwrap();
         assert_eq!(report.close_failure, None);

@@ -24,7 +24,7 @@ use tokio::time::Instant;
 use super::db;
 use super::drain::Workload;
 use super::producer::{unique_task_type, SETUP_BATCH};
-use super::report::{or_unknown, per_second, round, JsonLine, Report};
+use super::report::{drained_row, or_unknown, per_1k, per_second, round, JsonLine, Report};
 use super::system::{cpu_between, Usage};
 use super::target::DEFAULT_DATABASE_URL;
 use crate::config::Config;
@@ -131,19 +131,14 @@ impl Report for SqlOnlyReport {
             ));
         }
         out.push('\n');
-        out.push_str(&format!(
-            "  drained     {} tasks in {:.3} s: {:.0} tasks/s (first claim to last complete)\n",
+        out.push_str(&drained_row(
             args.workload.tasks,
-            self.elapsed.as_secs_f64(),
-            self.rate()
+            self.elapsed,
+            "first claim to last complete",
         ));
         out.push_str(&format!(
             "  bench CPU   {} s per 1,000 tasks (this process, Postgres excluded)\n",
-            or_unknown(
-                self.cpu
-                    .map(|cpu| cpu.as_secs_f64() * 1000.0 / f64::from(args.workload.tasks)),
-                4
-            )
+            or_unknown(per_1k(self.cpu, args.workload.tasks), 4)
         ));
         out
     }

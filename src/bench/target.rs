@@ -75,6 +75,29 @@ pub enum NodeKind {
     Spawned,
 }
 
+impl NodeKind {
+    /// What the node's CPU and memory figures cover, as a note for report
+    /// tables: empty for a spawned node (its own figures).
+    pub fn caveat(self) -> &'static str {
+        match self {
+            NodeKind::InProcess => " (in-process: includes the bench clients)",
+            NodeKind::Remote => " (running server: not measured)",
+            NodeKind::Spawned => "",
+        }
+    }
+}
+
+/// Parses a `--lease` length: a humantime duration the server accepts
+/// (1s to 1h).
+pub fn parse_lease(text: &str) -> Result<Duration, String> {
+    let lease = humantime::parse_duration(text).map_err(|err| err.to_string())?;
+    if (crate::config::MIN_LEASE..=crate::config::MAX_LEASE).contains(&lease) {
+        Ok(lease)
+    } else {
+        Err("the lease must be between 1s and 1h".into())
+    }
+}
+
 impl Target {
     /// An in-process node over `database_url` (for the scenarios' tests).
     #[cfg(test)]

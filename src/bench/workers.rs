@@ -193,6 +193,9 @@ impl SessionStream {
             .heartbeat_interval
             .as_ref()
             .map(std_duration)
+            .filter(|d| !d.is_zero())
+            // A zero interval (from a faulty server) would make the
+            // heartbeat timer panic.
             .unwrap_or(Duration::from_secs(10))
     }
 }
@@ -218,6 +221,23 @@ pub fn complete(lease: &proto::Lease) -> proto::ConnectRequest {
                 result: None,
             },
         )),
+    }
+}
+
+/// A message read off session `index`'s stream, `Ok(None)` at its end. Once
+/// the worker has closed its side (`closing`), an error is how the stream
+/// may end, so it counts as the end too (logged at debug level).
+pub fn end_if_closing(
+    message: Result<Option<proto::ConnectResponse>, tonic::Status>,
+    index: usize,
+    closing: bool,
+) -> Result<Option<proto::ConnectResponse>, tonic::Status> {
+    match message {
+        Err(status) if closing => {
+            tracing::debug!(session = index, %status, "session ended while closing");
+            Ok(None)
+        }
+        other => other,
     }
 }
 
@@ -249,13 +269,9 @@ async fn complete_at_once(
             }
         };
         let at = Instant::now();
-        let kind = match message {
+        let kind = match end_if_closing(message, index, tx.is_none()) {
             Ok(Some(message)) => message.kind,
             Ok(None) => break,
-            Err(status) if tx.is_none() => {
-                tracing::debug!(session = index, %status, "session ended while closing");
-                break;
-            }
             Err(status) => bail!("the server ended the session: {status}"),
         };
         match kind {
