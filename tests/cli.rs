@@ -107,6 +107,11 @@ async fn collect(
     }
 }
 
+/// Runs the binary, which must exit 0 and print one JSON value.
+async fn run_json(server: &str, args: &[&str]) -> Value {
+    run(server, args).await.ok().json()
+}
+
 /// The id in `created <id> <type>`.
 fn created_id(run: &Run) -> String {
     let line = run.stdout.trim();
@@ -154,7 +159,7 @@ async fn create_get_and_list_print_tables_and_json() {
         again.stdout.trim(),
         format!("deduplicated {id} scan_library")
     );
-    let again = run(
+    let again = run_json(
         &addr,
         &[
             "task",
@@ -165,13 +170,11 @@ async fn create_get_and_list_print_tables_and_json() {
             "--json",
         ],
     )
-    .await
-    .ok()
-    .json();
+    .await;
     assert_eq!(again["deduplicated"], true);
     assert_eq!(again["task"]["id"], id.as_str());
 
-    let later = run(
+    let later = run_json(
         &addr,
         &[
             "task",
@@ -182,9 +185,7 @@ async fn create_get_and_list_print_tables_and_json() {
             "--json",
         ],
     )
-    .await
-    .ok()
-    .json();
+    .await;
     assert_eq!(later["deduplicated"], false);
     let later_id = later["task"]["id"].as_str().unwrap().to_owned();
 
@@ -208,10 +209,7 @@ async fn create_get_and_list_print_tables_and_json() {
     }
 
     // get, for scripts: the proto fields by name.
-    let task = run(&addr, &["task", "get", &id, "--json"])
-        .await
-        .ok()
-        .json();
+    let task = run_json(&addr, &["task", "get", &id, "--json"]).await;
     assert_eq!(task["id"], id.as_str());
     assert_eq!(task["task_type"], "scan_library");
     assert_eq!(task["status"], "TASK_STATUS_PENDING");
@@ -239,6 +237,12 @@ async fn create_get_and_list_print_tables_and_json() {
 
     // list, for scripts, filtered.
     let tasks = run(&addr, &["task", "list", "--type", "scan_library", "--json"])
+        .await
+        .ok()
+        .json_lines();
+    assert_eq!(tasks.len(), 1);
+    assert_eq!(tasks[0]["id"], id.as_str());
+    let tasks = run(&addr, &["task", "list", "--library-id", LIBRARY, "--json"])
         .await
         .ok()
         .json_lines();
@@ -492,10 +496,7 @@ async fn cancel_retry_and_purge_change_the_task_and_refuse_what_the_state_forbid
     .await
     .ok();
     assert_eq!(cancelled.stdout.trim(), format!("cancelled {id}"));
-    let task = run(&addr, &["task", "get", &id, "--json"])
-        .await
-        .ok()
-        .json();
+    let task = run_json(&addr, &["task", "get", &id, "--json"]).await;
     assert_eq!(task["status"], "TASK_STATUS_CANCELLED");
     assert!(task["last_error"]
         .as_str()
@@ -508,10 +509,7 @@ async fn cancel_retry_and_purge_change_the_task_and_refuse_what_the_state_forbid
         "{again:?}"
     );
 
-    let retried = run(&addr, &["task", "retry", &id, "--json"])
-        .await
-        .ok()
-        .json();
+    let retried = run_json(&addr, &["task", "retry", &id, "--json"]).await;
     assert_eq!(retried["status"], "TASK_STATUS_PENDING");
     assert_eq!(retried["attempts"], 0);
     let again = run(&addr, &["task", "retry", &id]).await.failed(1);
@@ -520,18 +518,12 @@ async fn cancel_retry_and_purge_change_the_task_and_refuse_what_the_state_forbid
         "{again:?}"
     );
     assert_eq!(
-        run(&addr, &["task", "cancel", &id, "--json"])
-            .await
-            .ok()
-            .json()["status"],
+        run_json(&addr, &["task", "cancel", &id, "--json"]).await["status"],
         "TASK_STATUS_CANCELLED"
     );
 
     // Finished a moment ago: not older than a day, so kept.
-    let kept = run(&addr, &["task", "purge", "--older-than", "1d", "--json"])
-        .await
-        .ok()
-        .json();
+    let kept = run_json(&addr, &["task", "purge", "--older-than", "1d", "--json"]).await;
     assert_eq!(kept, json!({"deleted_count": 0}));
     let kept = run(&addr, &["task", "purge", "--status", "completed,failed"])
         .await
@@ -574,7 +566,7 @@ async fn stats_and_workers_show_the_queue_and_the_sessions() {
     );
     assert_eq!(words(lines[3])[..7], ["*", "3", "0", "0", "0", "0", "3"]);
 
-    let stats = run(&addr, &["stats", "--json"]).await.ok().json();
+    let stats = run_json(&addr, &["stats", "--json"]).await;
     assert_eq!(stats["totals"]["pending"], 3);
     assert_eq!(stats["task_types"][0]["task_type"], "analyze_series");
     assert_eq!(stats["task_types"][0]["counts"]["total"], 2);
@@ -871,6 +863,21 @@ async fn usage_errors_exit_2_before_any_call() {
             ],
             "cannot be used with",
         ),
+        (
+            &["task", "create", "x", "--scheduled-in", "300000000000y"],
+            "--scheduled-in 300000000000years is too far ahead",
+        ),
+        (
+            &[
+                "task",
+                "create",
+                "--from-file",
+                "-",
+                "--library-id",
+                LIBRARY,
+            ],
+            "cannot be used with",
+        ),
         (&["task", "create"], "<TYPE>"),
         (&["task", "get"], "<ID>"),
         (&["task", "list", "--status", "done"], "possible values"),
@@ -935,15 +942,9 @@ async fn a_server_list_uses_the_first_server_that_answers() {
     // The list `leasehold worker` takes, in the environment or in --server.
     let list = format!("{bad},{addr}");
     let id = created_id(&run(&list, &["task", "create", "scan_library"]).await.ok());
-    let stats = run("127.0.0.1:9", &["stats", "--json", "--server", &list])
-        .await
-        .ok()
-        .json();
+    let stats = run_json("127.0.0.1:9", &["stats", "--json", "--server", &list]).await;
     assert_eq!(stats["totals"]["pending"], 1);
-    let task = run(&format!("{addr},{bad}"), &["task", "get", &id, "--json"])
-        .await
-        .ok()
-        .json();
+    let task = run_json(&format!("{addr},{bad}"), &["task", "get", &id, "--json"]).await;
     assert_eq!(task["id"], id.as_str());
 
     // None answers: exit 1 naming every address tried.

@@ -25,6 +25,7 @@
 //! `--server` takes a comma-separated list (`LEASEHOLD_SERVER` too, as for
 //! `leasehold worker`); a command uses the first server that answers.
 
+mod filter;
 mod human;
 pub mod json;
 mod parse;

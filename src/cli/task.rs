@@ -6,7 +6,8 @@ use std::time::{Duration, SystemTime};
 
 use futures_util::TryStreamExt;
 
-use super::parse::{self, Finished, Status};
+use super::filter::{About, Filter};
+use super::parse::{self, Finished};
 use super::{code_name, describe, human, json, note, print_json, print_line, Failure, Options};
 use crate::client::{Client, CreateManyError, NewTask, TaskFilter, MAX_CREATE_BATCH};
 use crate::proto;
@@ -58,17 +59,9 @@ pub struct CreateArgs {
     #[arg(long, value_name = "TIME", value_parser = parse::time)]
     pub scheduled_for: Option<SystemTime>,
 
-    /// Library the task is about (UUID).
-    #[arg(long)]
-    pub library_id: Option<String>,
-
-    /// Series the task is about (UUID).
-    #[arg(long)]
-    pub series_id: Option<String>,
-
-    /// Book the task is about (UUID).
-    #[arg(long)]
-    pub book_id: Option<String>,
+    /// What the task is about.
+    #[command(flatten)]
+    pub about: About,
 
     /// Deduplication key: while a pending or processing task holds it, the
     /// existing task is returned instead.
@@ -111,25 +104,9 @@ pub struct GetArgs {
 /// Arguments of `task list`.
 #[derive(Debug, clap::Args)]
 pub struct ListArgs {
-    /// Only tasks in these statuses (repeat or separate with commas).
-    #[arg(long, value_enum, value_delimiter = ',')]
-    pub status: Vec<Status>,
-
-    /// Only tasks of these types (repeat or separate with commas).
-    #[arg(long = "type", value_name = "TYPE", value_delimiter = ',')]
-    pub task_type: Vec<String>,
-
-    /// Only tasks about this library (UUID).
-    #[arg(long)]
-    pub library_id: Option<String>,
-
-    /// Only tasks about this series (UUID).
-    #[arg(long)]
-    pub series_id: Option<String>,
-
-    /// Only tasks about this book (UUID).
-    #[arg(long)]
-    pub book_id: Option<String>,
+    /// Which tasks.
+    #[command(flatten)]
+    pub filter: Filter,
 
     /// Print at most this many tasks (a note on standard error tells when
     /// there are more).
@@ -211,8 +188,9 @@ pub(super) async fn run(command: TaskCommand) -> Result<(), Failure> {
 
 async fn create(args: CreateArgs) -> Result<(), Failure> {
     let Some(path) = &args.from_file else {
+        let task = new_task(&args)?;
         let client = args.options.connect().await?;
-        let created = client.create(new_task(&args)).await?;
+        let created = client.create(task).await?;
         return print_created(&args.options, &created);
     };
     // Read and checked in full before connecting: a bad line creates
@@ -337,7 +315,9 @@ fn print_created(options: &Options, result: &proto::CreateTaskResponse) -> Resul
     print_line(format_args!("{verb} {id} {task_type}"))
 }
 
-fn new_task(args: &CreateArgs) -> NewTask {
+/// The task of `task create TYPE`; a `--scheduled-in` past the end of
+/// time is a usage error.
+fn new_task(args: &CreateArgs) -> Result<NewTask, Failure> {
     // clap guarantees TYPE unless --from-file is given.
     let mut task = NewTask::new(args.task_type.clone().unwrap_or_default());
     if let Some(params) = &args.params {
@@ -350,24 +330,21 @@ fn new_task(args: &CreateArgs) -> NewTask {
         task = task.max_attempts(max_attempts);
     }
     if let Some(delay) = args.scheduled_in {
-        task = task.scheduled_in(delay);
+        let at = SystemTime::now().checked_add(delay).ok_or_else(|| {
+            Failure::Usage(format!(
+                "--scheduled-in {} is too far ahead",
+                humantime::format_duration(delay)
+            ))
+        })?;
+        task = task.scheduled_for(at);
     }
     if let Some(at) = args.scheduled_for {
         task = task.scheduled_for(at);
     }
-    if let Some(id) = &args.library_id {
-        task = task.library_id(id);
-    }
-    if let Some(id) = &args.series_id {
-        task = task.series_id(id);
-    }
-    if let Some(id) = &args.book_id {
-        task = task.book_id(id);
-    }
     if let Some(key) = &args.dedup_key {
         task = task.dedup_key(key);
     }
-    task
+    Ok(args.about.apply(task))
 }
 
 /// The tasks of a `--from-file` input.
@@ -469,21 +446,11 @@ async fn get(args: GetArgs) -> Result<(), Failure> {
 
 async fn list(args: ListArgs) -> Result<(), Failure> {
     let limit = if args.all { u64::MAX } else { args.limit };
-    let mut filter = TaskFilter::new()
-        .statuses(args.status.iter().map(|s| proto::TaskStatus::from(*s)))
-        .task_types(args.task_type.iter().cloned())
+    let filter = args.filter.apply(
         // One more than printed, to tell whether there are more; big pages
         // for --all.
-        .page_size(limit.saturating_add(1).clamp(1, 1000) as i32);
-    if let Some(id) = &args.library_id {
-        filter = filter.library_id(id);
-    }
-    if let Some(id) = &args.series_id {
-        filter = filter.series_id(id);
-    }
-    if let Some(id) = &args.book_id {
-        filter = filter.book_id(id);
-    }
+        TaskFilter::new().page_size(limit.saturating_add(1).clamp(1, 1000) as i32),
+    );
     let client = args.options.connect().await?;
     let mut tasks = client.list(filter);
     let mut table = human::table(
@@ -580,4 +547,57 @@ async fn purge(args: PurgeArgs) -> Result<(), Failure> {
     }
     let noun = if deleted == 1 { "task" } else { "tasks" };
     print_line(format_args!("purged {deleted} {noun}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{error::ErrorKind, Args, Command};
+
+    use super::*;
+
+    fn create_command() -> Command {
+        CreateArgs::augment_args(Command::new("create"))
+    }
+
+    #[test]
+    fn argument_ids_resolve() {
+        // Panics on an id that names no argument, e.g. in
+        // `conflicts_with_all` or `mut_arg`.
+        create_command().debug_assert();
+        ListArgs::augment_args(Command::new("list")).debug_assert();
+        crate::cli::WatchArgs::augment_args(Command::new("watch")).debug_assert();
+    }
+
+    #[test]
+    fn from_file_conflicts_with_every_field_of_a_task() {
+        for args in [
+            &["x"][..],
+            &["--params", "{}"],
+            &["--priority", "1"],
+            &["--max-attempts", "1"],
+            &["--scheduled-in", "1s"],
+            &["--scheduled-for", "2030-01-01T00:00:00Z"],
+            &["--library-id", "l"],
+            &["--series-id", "s"],
+            &["--book-id", "b"],
+            &["--dedup-key", "k"],
+        ] {
+            let err = create_command()
+                .try_get_matches_from(["create", "--from-file", "-"].iter().chain(args))
+                .unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::ArgumentConflict, "{args:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_delay_past_the_end_of_time_is_a_usage_error() {
+        let matches = create_command()
+            .try_get_matches_from(["create", "x", "--scheduled-in", "300000000000y"])
+            .unwrap();
+        let args = <CreateArgs as clap::FromArgMatches>::from_arg_matches(&matches).unwrap();
+        match new_task(&args) {
+            Err(Failure::Usage(message)) => assert!(message.contains("too far ahead"), "{message}"),
+            other => panic!("{other:?}"),
+        }
+    }
 }

@@ -12,7 +12,7 @@ use std::io::{IsTerminal, Write};
 use futures_util::StreamExt;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use super::parse::Status;
+use super::filter::Filter;
 use super::{human, json, note, print_json, print_line, Failure, Options};
 use crate::client::WatchFilter;
 use crate::proto::{self, watch_tasks_response::Kind, TaskEventKind};
@@ -23,31 +23,17 @@ const MAX_BARS: usize = 16;
 
 /// Arguments of `leasehold watch`.
 #[derive(Debug, clap::Args)]
+#[command(mut_arg("status", |arg| arg.help(
+    "Only events after which the task is in these statuses (repeat or separate with commas)"
+)))]
 pub struct WatchArgs {
-    /// Only events of tasks of these types (repeat or separate with commas).
-    #[arg(long = "type", value_name = "TYPE", value_delimiter = ',')]
-    pub task_type: Vec<String>,
-
-    /// Only events after which the task is in these statuses (repeat or
-    /// separate with commas).
-    #[arg(long, value_enum, value_delimiter = ',')]
-    pub status: Vec<Status>,
+    /// Only events of the tasks these select.
+    #[command(flatten)]
+    pub filter: Filter,
 
     /// Only events of these tasks (UUIDs; repeat or separate with commas).
     #[arg(long = "task-id", value_name = "ID", value_delimiter = ',')]
     pub task_id: Vec<String>,
-
-    /// Only events of tasks about this library (UUID).
-    #[arg(long)]
-    pub library_id: Option<String>,
-
-    /// Only events of tasks about this series (UUID).
-    #[arg(long)]
-    pub series_id: Option<String>,
-
-    /// Only events of tasks about this book (UUID).
-    #[arg(long)]
-    pub book_id: Option<String>,
 
     /// Where the server is, and how to print.
     #[command(flatten)]
@@ -55,19 +41,9 @@ pub struct WatchArgs {
 }
 
 pub(super) async fn run(args: WatchArgs) -> Result<(), Failure> {
-    let mut filter = WatchFilter::new()
-        .task_types(args.task_type.iter().cloned())
-        .statuses(args.status.iter().map(|s| proto::TaskStatus::from(*s)))
-        .task_ids(args.task_id.iter().cloned());
-    if let Some(id) = &args.library_id {
-        filter = filter.library_id(id);
-    }
-    if let Some(id) = &args.series_id {
-        filter = filter.series_id(id);
-    }
-    if let Some(id) = &args.book_id {
-        filter = filter.book_id(id);
-    }
+    let filter = args
+        .filter
+        .apply(WatchFilter::new().task_ids(args.task_id.iter().cloned()));
     let client = args.options.connect().await?;
     let mut events = client.watch(filter).await?;
     // Said once the server has subscribed: every change from now on shows.
