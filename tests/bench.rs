@@ -6,7 +6,7 @@ mod common;
 
 use std::process::{Command, Stdio};
 
-use common::fresh_database_url;
+use common::{drop_database, fresh_database_url};
 
 const BIN: &str = env!("CARGO_BIN_EXE_leasehold");
 
@@ -40,20 +40,6 @@ async fn bench(args: &[&str]) -> serde_json::Value {
     );
     let last = stdout.lines().last().expect("a JSON line");
     serde_json::from_str(last).unwrap_or_else(|err| panic!("{err}: {last}"))
-}
-
-async fn drop_database(name: &str) {
-    let (client, connection) = tokio_postgres::connect(
-        &format!("{}/postgres", common::admin_url()),
-        tokio_postgres::NoTls,
-    )
-    .await
-    .unwrap();
-    tokio::spawn(connection);
-    client
-        .batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
-        .await
-        .unwrap();
 }
 
 #[tokio::test]

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::cluster::{Cluster, PATIENCE};
-use common::{eventually, new_task, register, Session};
+use common::{eventually, get_task, list_sessions, new_task, register, Session};
 use futures_util::FutureExt;
 use leasehold::proto::task_service_client::TaskServiceClient;
 use leasehold::proto::worker_service_client::WorkerServiceClient;
@@ -78,31 +78,13 @@ async fn workers(endpoint: &str) -> WorkerServiceClient<Channel> {
 /// Creates `n` tasks of `task_type` in one CreateTasks call on `endpoint`;
 /// returns their ids.
 async fn create(endpoint: &str, task_type: &str, n: usize) -> Vec<String> {
-    let request = proto::CreateTasksRequest {
-        tasks: (0..n)
-            .map(|i| proto::CreateTaskRequest {
-                params: Some(common::json(json!({ "i": i }))),
-                ..new_task(task_type)
-            })
-            .collect(),
-    };
-    tasks(endpoint)
-        .await
-        .create_tasks(request)
-        .await
-        .unwrap()
-        .into_inner()
-        .results
-        .into_iter()
-        .map(|r| r.task.unwrap().id)
-        .collect()
-}
-
-async fn open(endpoint: &str, register: proto::RegisterWorker) -> Session {
-    let worker = register.worker_id.clone();
-    Session::open(endpoint, register)
-        .await
-        .unwrap_or_else(|status| panic!("{worker} cannot register on {endpoint}: {status:?}"))
+    let batch = (0..n)
+        .map(|i| proto::CreateTaskRequest {
+            params: Some(common::json(json!({ "i": i }))),
+            ..new_task(task_type)
+        })
+        .collect();
+    common::create_batch(&mut tasks(endpoint).await, batch).await
 }
 
 fn task_id(leased: &proto::LeasedTask) -> String {
@@ -305,9 +287,9 @@ async fn tasks_cancels_and_sessions_span_the_nodes() {
         cluster.endpoint(C),
     );
 
-    let mut wa = open(&a, register("worker-a", &["local"], 1)).await;
-    let mut wb = open(&b, register("worker-b", &["spread"], 1)).await;
-    let mut wc = open(&c, register("worker-c", &["spread", "pinned"], 1)).await;
+    let mut wa = Session::connect(&a, register("worker-a", &["local"], 1)).await;
+    let mut wb = Session::connect(&b, register("worker-b", &["spread"], 1)).await;
+    let mut wc = Session::connect(&c, register("worker-c", &["spread", "pinned"], 1)).await;
     let expected: BTreeMap<String, (String, String)> = [
         ("worker-a", &wa.registered),
         ("worker-b", &wb.registered),
@@ -325,12 +307,7 @@ async fn tasks_cancels_and_sessions_span_the_nodes() {
         let listed = eventually(PATIENCE, || {
             let mut client = client.clone();
             async move {
-                let sessions = client
-                    .list_workers(proto::ListWorkersRequest {})
-                    .await
-                    .unwrap()
-                    .into_inner()
-                    .sessions;
+                let sessions = list_sessions(&mut client).await;
                 (sessions.len() == 3).then_some(sessions)
             }
         })
@@ -423,16 +400,7 @@ async fn tasks_cancels_and_sessions_span_the_nodes() {
     assert_eq!(by[task_id(&tc).as_str()], "worker-c");
     assert_eq!(by[local[0].as_str()], "worker-a");
     for endpoint in [&a, &b, &c] {
-        let task = tasks(endpoint)
-            .await
-            .get_task(proto::GetTaskRequest {
-                id: pinned[0].clone(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .task
-            .unwrap();
+        let task = get_task(&mut tasks(endpoint).await, &pinned[0]).await;
         assert_eq!(common::status_of(&task), proto::TaskStatus::Cancelled);
     }
     drop((wa, wb, wc));
@@ -453,7 +421,7 @@ async fn sigterm_drains_sessions_and_workers_finish_elsewhere() {
 
     // A driven worker on B holding one task, and a looping worker on B
     // (falling back to C) completing a stream of others.
-    let mut wb = open(&b, register("worker-b", &["drain"], 1)).await;
+    let mut wb = Session::connect(&b, register("worker-b", &["drain"], 1)).await;
     let node_b = wb.registered.node_id.clone();
     let drain_tasks = create(&a, "drain", 4).await;
     let held = wb.next_task().await;
@@ -499,7 +467,7 @@ async fn sigterm_drains_sessions_and_workers_finish_elsewhere() {
     assert_eq!(exit.code(), Some(0), "B exits 0 after draining: {exit:?}");
 
     // The worker reconnects to C, where the remaining tasks come.
-    let mut wb = open(&c, register("worker-b", &["drain"], 1)).await;
+    let mut wb = Session::connect(&c, register("worker-b", &["drain"], 1)).await;
     let node_c = wb.registered.node_id.clone();
     let mut rest = BTreeSet::new();
     for _ in 0..3 {
@@ -562,7 +530,7 @@ async fn sigkill_loses_nothing_and_every_task_completes_exactly_once() {
 
     // The worker on C is the only one at first: it gets the first three
     // tasks (2 s leases, the node's default) and sits on them.
-    let mut wc = open(&c, register("worker-c", &[], 3)).await;
+    let mut wc = Session::connect(&c, register("worker-c", &[], 3)).await;
     let node_c = wc.registered.node_id.clone();
     assert_eq!(
         wc.registered.lease_duration,

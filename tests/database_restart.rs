@@ -17,7 +17,10 @@ use std::time::Duration;
 use common::*;
 use leasehold::config::Config;
 use leasehold::proto;
+use leasehold::proto::task_service_client::TaskServiceClient;
+use leasehold::proto::worker_service_client::WorkerServiceClient;
 use tokio::time::Instant;
+use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -30,6 +33,8 @@ const CALL_DEADLINE: Duration = Duration::from_secs(5);
 /// Hard limit on any single call, client side, in case the deadline is
 /// ignored.
 const CALL_LIMIT: Duration = Duration::from_secs(8);
+/// Leases granted in this test: long enough to outlive the outage.
+const LEASE: Duration = Duration::from_secs(600);
 /// How long recovery (or noticing the outage) may take.
 const RECOVERY_LIMIT: Duration = Duration::from_secs(30);
 
@@ -277,6 +282,40 @@ async fn wait_for_health(
     }
 }
 
+/// CreateTask of a `task_type` task, which must succeed in time.
+async fn create(tasks: &mut TaskServiceClient<Channel>, task_type: &str) -> proto::Task {
+    bounded(
+        "CreateTask",
+        tasks.create_task(request(new_task(task_type))),
+    )
+    .await
+    .unwrap_or_else(|status| panic!("CreateTask of {task_type}: {status:?}"))
+    .into_inner()
+    .task
+    .unwrap()
+}
+
+/// AcquireTasks for w1 of `task_type` with a `LEASE` lease, which must
+/// succeed in time and hand out exactly one task.
+async fn lease_one(
+    workers: &mut WorkerServiceClient<Channel>,
+    task_type: &str,
+) -> proto::LeasedTask {
+    let mut leased = bounded(
+        "AcquireTasks",
+        workers.acquire_tasks(request(proto::AcquireTasksRequest {
+            lease_duration: Some(duration(LEASE)),
+            ..acquire("w1", &[task_type], 1)
+        })),
+    )
+    .await
+    .unwrap_or_else(|status| panic!("AcquireTasks of {task_type}: {status:?}"))
+    .into_inner()
+    .tasks;
+    assert_eq!(leased.len(), 1, "one {task_type} task handed out");
+    leased.remove(0)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn server_keeps_serving_across_a_database_restart() {
     let cluster = std::sync::Arc::new(tokio::task::spawn_blocking(Cluster::create).await.unwrap());
@@ -290,34 +329,14 @@ async fn server_keeps_serving_across_a_database_restart() {
     config.poll_interval = Duration::from_secs(60);
     let mut server = TestServer::start_config(config, "leasehold".into()).await;
     let channel = server.channel().await;
-    let mut tasks = proto::task_service_client::TaskServiceClient::new(channel.clone());
-    let mut workers = proto::worker_service_client::WorkerServiceClient::new(channel.clone());
+    let mut tasks = TaskServiceClient::new(channel.clone());
+    let mut workers = WorkerServiceClient::new(channel.clone());
     let mut health = HealthClient::new(channel);
 
     // Before: a task leased to w1 (for long enough to outlive the outage).
-    let lease_duration = Some(duration(Duration::from_secs(600)));
-    let before = bounded(
-        "CreateTask",
-        tasks.create_task(request(new_task("before_restart"))),
-    )
-    .await
-    .unwrap()
-    .into_inner()
-    .task
-    .unwrap();
-    let leased = bounded(
-        "AcquireTasks",
-        workers.acquire_tasks(request(proto::AcquireTasksRequest {
-            lease_duration,
-            ..acquire("w1", &["before_restart"], 1)
-        })),
-    )
-    .await
-    .unwrap()
-    .into_inner()
-    .tasks;
-    assert_eq!(leased.len(), 1);
-    let lease = leased[0].lease.clone().unwrap();
+    let before = create(&mut tasks, "before_restart").await;
+    let leased = lease_one(&mut workers, "before_restart").await;
+    let lease = leased.lease.unwrap();
     assert_eq!(lease.task_id, before.id);
     wait_for_health(&mut health, "", ServingStatus::Serving).await;
 
@@ -353,7 +372,7 @@ async fn server_keeps_serving_across_a_database_restart() {
                 task_id: lease.task_id.clone(),
                 lease_token: lease.lease_token.clone(),
             }],
-            lease_duration,
+            lease_duration: Some(duration(LEASE)),
         })),
     )
     .await;
@@ -407,33 +426,10 @@ async fn server_keeps_serving_across_a_database_restart() {
         Some(json(serde_json::json!({"ok": true})))
     );
 
-    // New work flows again.
-    let after = bounded(
-        "CreateTask",
-        tasks.create_task(request(new_task("after_restart"))),
-    )
-    .await
-    .expect("CreateTask after recovery")
-    .into_inner()
-    .task
-    .unwrap();
-    let leased = bounded(
-        "AcquireTasks",
-        workers.acquire_tasks(request(proto::AcquireTasksRequest {
-            lease_duration,
-            ..acquire("w1", &["after_restart"], 1)
-        })),
-    )
-    .await
-    .expect("AcquireTasks after recovery")
-    .into_inner()
-    .tasks;
-    assert_eq!(
-        leased.len(),
-        1,
-        "the task created after recovery is handed out"
-    );
-    assert_eq!(leased[0].task.as_ref().unwrap().id, after.id);
+    // New work flows again: the task created after recovery is handed out.
+    let after = create(&mut tasks, "after_restart").await;
+    let leased = lease_one(&mut workers, "after_restart").await;
+    assert_eq!(leased.task.as_ref().unwrap().id, after.id);
 
     wait_for_health(&mut health, "", ServingStatus::Serving).await;
     wait_for_health(

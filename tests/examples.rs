@@ -13,14 +13,14 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::status_of;
+use common::{get_task, list_sessions, status_of};
 use leasehold::api::convert::struct_to_json;
 use leasehold::proto::task_service_client::TaskServiceClient;
 use leasehold::proto::worker_service_client::WorkerServiceClient;
 use leasehold::proto::{self, TaskStatus};
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{ChildStderr, Command};
+use tokio::process::{Child, ChildStderr, Command};
 use tokio::sync::watch;
 use tonic::transport::Channel;
 
@@ -117,19 +117,11 @@ async fn exercise(language: &'static str, mut worker: Command) {
 
     let worker_id = format!("{language}-{}", uuid::Uuid::new_v4().simple());
     let servers = format!("{},{}", node_a.addr(), node_b.addr());
-    let mut child = worker
+    worker
         .args(["--server", &servers, "--worker-id", &worker_id])
         .args(["--task-types", TASK_TYPE, "--slots", "4"])
-        .args(["--lease-seconds", LEASE_SECONDS])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap_or_else(|err| {
-            panic!("cannot start the {language} worker ({err}): run .ci/tools.sh first")
-        });
-    let mut log = WorkerLog::capture(child.stderr.take().unwrap(), language);
+        .args(["--lease-seconds", LEASE_SECONDS]);
+    let (mut child, mut log) = spawn(language, &mut worker);
     log.wait_for(&format!("node={node_a_id}")).await;
 
     // Pushed tasks complete with the handler's result, and a failure travels
@@ -180,7 +172,7 @@ async fn exercise(language: &'static str, mut worker: Command) {
     wait_status(&tasks, &long, TaskStatus::Processing).await;
     server.running.take().unwrap().shutdown().await.unwrap();
     assert_eq!(
-        status_of(&get(&mut tasks, &long).await),
+        status_of(&get_task(&mut tasks, &long).await),
         TaskStatus::Processing,
         "the long task is still running once node A has stopped"
     );
@@ -208,12 +200,8 @@ async fn exercise(language: &'static str, mut worker: Command) {
         let mut workers = workers.clone();
         let worker_id = worker_id.clone();
         async move {
-            let sessions: Vec<_> = workers
-                .list_workers(proto::ListWorkersRequest {})
+            let sessions: Vec<_> = list_sessions(&mut workers)
                 .await
-                .unwrap()
-                .into_inner()
-                .sessions
                 .into_iter()
                 .filter(|s| s.worker_id == worker_id)
                 .collect();
@@ -229,7 +217,7 @@ async fn exercise(language: &'static str, mut worker: Command) {
     );
 
     // Nothing was sent for the cancelled task, and it stays cancelled.
-    let task = get(&mut tasks, &doomed).await;
+    let task = get_task(&mut tasks, &doomed).await;
     assert_eq!(status_of(&task), TaskStatus::Cancelled);
     assert!(
         !log.contains(&format!("task {doomed}: outcome"))
@@ -264,23 +252,16 @@ async fn one_slot_then_sigterm(language: &'static str, worker: fn() -> Command) 
     let server = common::TestServer::start().await;
     let mut tasks = server.tasks().await;
     let worker_id = format!("{language}-{}", uuid::Uuid::new_v4().simple());
-    let mut child = worker()
+    let mut worker = worker();
+    worker
         .args([
             "--server",
             server.running.as_ref().unwrap().addr().to_string().as_str(),
         ])
         .args(["--worker-id", &worker_id, "--task-types", TASK_TYPE])
         .args(["--slots", "1", "--lease-seconds", LEASE_SECONDS])
-        .args(["--drain-seconds", &DRAIN_SECONDS.to_string()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap_or_else(|err| {
-            panic!("cannot start the {language} worker ({err}): run .ci/tools.sh first")
-        });
-    let mut log = WorkerLog::capture(child.stderr.take().unwrap(), language);
+        .args(["--drain-seconds", &DRAIN_SECONDS.to_string()]);
+    let (mut child, mut log) = spawn(language, &mut worker);
     log.wait_for("registered on").await;
 
     // An error text over the server's 65,536 characters: the worker cuts it
@@ -329,12 +310,27 @@ async fn one_slot_then_sigterm(language: &'static str, worker: fn() -> Command) 
         "the running task had the drain timeout to finish"
     );
     log.wait_for(&format!("task {long} released")).await;
-    let task = get(&mut tasks, &long).await;
+    let task = get_task(&mut tasks, &long).await;
     assert_eq!(status_of(&task), TaskStatus::Pending, "given back");
     assert_eq!(task.attempts, created.attempts, "a release uses no attempt");
     assert_eq!(task.locked_by, None);
 
     server.stop().await;
+}
+
+/// Starts the worker, killed when dropped, its log captured.
+fn spawn(language: &'static str, worker: &mut Command) -> (Child, WorkerLog) {
+    let mut child = worker
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|err| {
+            panic!("cannot start the {language} worker ({err}): run .ci/tools.sh first")
+        });
+    let log = WorkerLog::capture(child.stderr.take().unwrap(), language);
+    (child, log)
 }
 
 async fn create(tasks: &mut TaskServiceClient<Channel>, params: serde_json::Value) -> String {
@@ -360,16 +356,6 @@ async fn create_task(
         .unwrap()
 }
 
-async fn get(tasks: &mut TaskServiceClient<Channel>, id: &str) -> proto::Task {
-    tasks
-        .get_task(proto::GetTaskRequest { id: id.to_owned() })
-        .await
-        .unwrap()
-        .into_inner()
-        .task
-        .unwrap()
-}
-
 /// Polls the task until it is in `status`.
 async fn wait_status(
     tasks: &TaskServiceClient<Channel>,
@@ -379,7 +365,7 @@ async fn wait_status(
     common::eventually(LIMIT, || {
         let mut tasks = tasks.clone();
         async move {
-            let task = get(&mut tasks, id).await;
+            let task = get_task(&mut tasks, id).await;
             (status_of(&task) == status).then_some(task)
         }
     })

@@ -6,8 +6,10 @@ mod common;
 use std::collections::HashSet;
 use std::time::{Duration, SystemTime};
 
-use common::{acquire, duration, json, new_task, status_of, TestServer};
+use common::{acquire, acquire_tasks, duration, get_task, json, new_task, status_of, TestServer};
+use leasehold::proto::worker_service_client::WorkerServiceClient;
 use leasehold::proto::{self, TaskStatus};
+use tonic::transport::Channel;
 use tonic::Code;
 
 /// Creates one task and leases it; returns the leased task.
@@ -20,14 +22,7 @@ async fn create_and_lease(
     server.tasks().await.create_task(req).await.unwrap();
     let mut claim = acquire("worker-1", &[&task_type], 1);
     claim.lease_duration = Some(duration(lease));
-    let mut tasks = server
-        .workers()
-        .await
-        .acquire_tasks(claim)
-        .await
-        .unwrap()
-        .into_inner()
-        .tasks;
+    let mut tasks = acquire_tasks(&mut server.workers().await, claim).await;
     assert_eq!(tasks.len(), 1, "one task leased");
     tasks.remove(0)
 }
@@ -84,14 +79,11 @@ async fn claims_follow_priority_then_schedule_then_creation() {
             .into_inner();
         ids.insert(created.task.unwrap().id, name);
     }
-    let leased = server
-        .workers()
-        .await
-        .acquire_tasks(acquire("w", &["analyze_book"], 10))
-        .await
-        .unwrap()
-        .into_inner()
-        .tasks;
+    let leased = acquire_tasks(
+        &mut server.workers().await,
+        acquire("w", &["analyze_book"], 10),
+    )
+    .await;
     let order: Vec<&str> = leased
         .iter()
         .map(|l| ids[&l.task.as_ref().unwrap().id])
@@ -126,20 +118,10 @@ async fn future_and_other_type_tasks_are_not_handed_out() {
         .unwrap();
     tasks.create_task(new_task("purge_deleted")).await.unwrap();
     let mut workers = server.workers().await;
-    let got = workers
-        .acquire_tasks(acquire("w", &["scan_library"], 10))
-        .await
-        .unwrap()
-        .into_inner()
-        .tasks;
+    let got = acquire_tasks(&mut workers, acquire("w", &["scan_library"], 10)).await;
     assert!(got.is_empty(), "a future task must wait: {got:?}");
     // Empty task_types means any type: only the due one comes.
-    let got = workers
-        .acquire_tasks(acquire("w", &[], 10))
-        .await
-        .unwrap()
-        .into_inner()
-        .tasks;
+    let got = acquire_tasks(&mut workers, acquire("w", &[], 10)).await;
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].task.as_ref().unwrap().task_type, "purge_deleted");
     server.stop().await;
@@ -162,12 +144,11 @@ async fn concurrent_acquirers_lease_every_task_exactly_once() {
         handles.push(tokio::spawn(async move {
             let mut seen = Vec::new();
             loop {
-                let got = workers
-                    .acquire_tasks(acquire(&format!("w{w}"), &["generate_thumbnail"], 25))
-                    .await
-                    .unwrap()
-                    .into_inner()
-                    .tasks;
+                let got = acquire_tasks(
+                    &mut workers,
+                    acquire(&format!("w{w}"), &["generate_thumbnail"], 25),
+                )
+                .await;
                 if got.is_empty() {
                     return seen;
                 }
@@ -268,15 +249,7 @@ async fn heartbeat_extends_held_leases_and_reports_lost_and_cancelled_ones() {
     assert!(new_until > old_until + Duration::from_secs(500));
     assert!(states[1].locked_until.is_none());
     // The row agrees with the answer.
-    let stored = server
-        .tasks()
-        .await
-        .get_task(proto::GetTaskRequest { id: held_id })
-        .await
-        .unwrap()
-        .into_inner()
-        .task
-        .unwrap();
+    let stored = get_task(&mut server.tasks().await, &held_id).await;
     assert_eq!(stored.locked_until, states[0].locked_until);
     server.stop().await;
 }
@@ -450,14 +423,11 @@ async fn expired_leases_are_reclaimed_within_500ms_and_fail_at_max_attempts() {
     assert!(row.get::<_, bool>(3));
 
     // The task goes to the next worker as attempt 2.
-    let again = server
-        .workers()
-        .await
-        .acquire_tasks(acquire("worker-2", &["scan_library"], 1))
-        .await
-        .unwrap()
-        .into_inner()
-        .tasks;
+    let again = acquire_tasks(
+        &mut server.workers().await,
+        acquire("worker-2", &["scan_library"], 1),
+    )
+    .await;
     assert_eq!(again[0].lease.as_ref().unwrap().attempt, 2);
 
     // No attempts left: failed.
@@ -490,6 +460,51 @@ async fn expired_leases_are_reclaimed_within_500ms_and_fail_at_max_attempts() {
     server.stop().await;
 }
 
+/// The database's clock just before and just after a call: the `now()` of
+/// the call's statement lies between the two.
+struct Between {
+    before: SystemTime,
+    after: SystemTime,
+}
+
+impl Between {
+    /// Asserts that `scheduled_for` is `now() + delay` for some delay in
+    /// `min..=max`, without a tolerance for how long the call took: the
+    /// reading before bounds the delay from above, the one after from below.
+    fn assert_delay(&self, scheduled_for: SystemTime, min: Duration, max: Duration) {
+        let at_most = scheduled_for.duration_since(self.before).unwrap();
+        let at_least = scheduled_for.duration_since(self.after).unwrap();
+        assert!(
+            at_most >= min && at_least <= max,
+            "delay between {at_least:?} and {at_most:?}, expected {min:?} to {max:?}"
+        );
+    }
+}
+
+/// FailTask with `request`, timed by the database's clock.
+async fn fail_timed(
+    sql: &tokio_postgres::Client,
+    workers: &mut WorkerServiceClient<Channel>,
+    request: proto::FailTaskRequest,
+) -> (proto::Task, Between) {
+    let clock = || async {
+        sql.query_one("SELECT clock_timestamp()", &[])
+            .await
+            .unwrap()
+            .get::<_, SystemTime>(0)
+    };
+    let before = clock().await;
+    let task = workers
+        .fail_task(request)
+        .await
+        .unwrap()
+        .into_inner()
+        .task
+        .unwrap();
+    let after = clock().await;
+    (task, Between { before, after })
+}
+
 #[tokio::test]
 async fn failures_back_off_or_fail_for_good() {
     let server = TestServer::start_with(|c| {
@@ -499,20 +514,20 @@ async fn failures_back_off_or_fail_for_good() {
     .await;
     let sql = server.sql().await;
     let mut workers = server.workers().await;
-    let delay_of = |id: String| {
+    let row_of = |id: String| {
         let sql = &sql;
         async move {
             let id = uuid::Uuid::parse_str(&id).unwrap();
             let row = sql
                 .query_one(
-                    "SELECT status, EXTRACT(EPOCH FROM scheduled_for - now())::float8, last_error FROM task WHERE id = $1",
+                    "SELECT status, scheduled_for, last_error FROM task WHERE id = $1",
                     &[&id],
                 )
                 .await
                 .unwrap();
             (
                 row.get::<_, String>(0),
-                row.get::<_, f64>(1),
+                row.get::<_, SystemTime>(1),
                 row.get::<_, Option<String>>(2),
             )
         }
@@ -531,35 +546,31 @@ async fn failures_back_off_or_fail_for_good() {
     // Backoff: base 10 s for attempt 1, with jitter in [0.5, 1).
     let leased = create_and_lease(&server, new_task("analyze_book"), Duration::from_secs(60)).await;
     let (id, token) = lease_of(&leased);
-    let task = workers
-        .fail_task(fail(id.clone(), token, false, None))
-        .await
-        .unwrap()
-        .into_inner()
-        .task
-        .unwrap();
+    let (task, failed) = fail_timed(&sql, &mut workers, fail(id.clone(), token, false, None)).await;
     assert_eq!(status_of(&task), TaskStatus::Pending);
     assert_eq!(task.last_error.as_deref(), Some("decoder crashed"));
     assert!(task.locked_by.is_none() && task.locked_until.is_none());
-    let (status, delay, error) = delay_of(id).await;
+    let (status, scheduled_for, error) = row_of(id).await;
     assert_eq!(status, "pending");
-    assert!((4.0..10.5).contains(&delay), "delay {delay}");
+    failed.assert_delay(
+        scheduled_for,
+        Duration::from_secs(5),
+        Duration::from_secs(10),
+    );
     assert_eq!(error.as_deref(), Some("decoder crashed"));
 
     // retry_after overrides the backoff (and the cap).
     let leased = create_and_lease(&server, new_task("analyze_book"), Duration::from_secs(60)).await;
     let (id, token) = lease_of(&leased);
-    workers
-        .fail_task(fail(
-            id.clone(),
-            token,
-            false,
-            Some(Duration::from_secs(100)),
-        ))
-        .await
-        .unwrap();
-    let (_, delay, _) = delay_of(id).await;
-    assert!((98.0..=100.5).contains(&delay), "delay {delay}");
+    let retry_after = Duration::from_secs(100);
+    let (_, failed) = fail_timed(
+        &sql,
+        &mut workers,
+        fail(id.clone(), token, false, Some(retry_after)),
+    )
+    .await;
+    let (_, scheduled_for, _) = row_of(id).await;
+    failed.assert_delay(scheduled_for, retry_after, retry_after);
 
     // Permanent: failed at once, whatever attempts are left.
     let leased = create_and_lease(&server, new_task("analyze_book"), Duration::from_secs(60)).await;
@@ -622,12 +633,7 @@ async fn release_returns_the_task_without_using_an_attempt() {
     let again = workers.release_task(request).await.unwrap_err();
     assert_eq!(again.code(), Code::FailedPrecondition);
     // And the task is due at once.
-    let got = workers
-        .acquire_tasks(acquire("w2", &["scan_library"], 1))
-        .await
-        .unwrap()
-        .into_inner()
-        .tasks;
+    let got = acquire_tasks(&mut workers, acquire("w2", &["scan_library"], 1)).await;
     assert_eq!(got[0].lease.as_ref().unwrap().attempt, 1);
     server.stop().await;
 }
@@ -640,12 +646,7 @@ async fn a_long_poll_is_woken_by_a_create_well_before_its_wait() {
     let poll = tokio::spawn(async move {
         let mut request = acquire("sleepy", &["user_plugin_sync"], 1);
         request.wait = Some(duration(Duration::from_secs(30)));
-        workers
-            .acquire_tasks(request)
-            .await
-            .unwrap()
-            .into_inner()
-            .tasks
+        acquire_tasks(&mut workers, request).await
     });
     // Created through a second node: the wake-up crosses Postgres NOTIFY.
     // Starting that node takes longer than the poll needs to park, so the
@@ -689,23 +690,22 @@ async fn a_long_poll_wakes_when_a_scheduled_task_becomes_due_and_times_out_empty
     let mut request = acquire("w", &["refresh_library_metadata"], 1);
     request.wait = Some(duration(Duration::from_secs(30)));
     let started = tokio::time::Instant::now();
-    let got = workers
-        .acquire_tasks(request.clone())
-        .await
-        .unwrap()
-        .into_inner()
-        .tasks;
+    let got = acquire_tasks(&mut workers, request.clone()).await;
     assert_eq!(got.len(), 1);
     assert!(started.elapsed() < Duration::from_secs(10));
 
-    request.wait = Some(duration(Duration::from_millis(200)));
-    let got = workers
-        .acquire_tasks(request)
-        .await
-        .unwrap()
-        .into_inner()
-        .tasks;
+    // Nothing left: the poll waits out its 200 ms, then answers empty (one
+    // that answered at once would not be a long poll).
+    let wait = Duration::from_millis(200);
+    request.wait = Some(duration(wait));
+    let started = tokio::time::Instant::now();
+    let got = acquire_tasks(&mut workers, request).await;
     assert!(got.is_empty());
+    assert!(
+        started.elapsed() >= wait,
+        "answered after {:?}, before its wait",
+        started.elapsed()
+    );
     server.stop().await;
 }
 
@@ -794,12 +794,7 @@ async fn cancel_voids_the_lease_and_retry_starts_over() {
     assert_eq!(status_of(&retried), TaskStatus::Pending);
     assert_eq!(retried.attempts, 0);
     assert!(retried.completed_at.is_none());
-    let got = workers
-        .acquire_tasks(acquire("w", &["scan_library"], 1))
-        .await
-        .unwrap()
-        .into_inner()
-        .tasks;
+    let got = acquire_tasks(&mut workers, acquire("w", &["scan_library"], 1)).await;
     assert_eq!(got[0].task.as_ref().unwrap().id, task_id);
     assert_eq!(got[0].lease.as_ref().unwrap().attempt, 1);
 

@@ -7,7 +7,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{acquire, duration, fresh_database_url, new_task};
+use common::{acquire, acquire_tasks, duration, fresh_database_url, new_task};
 use leasehold::proto::task_service_client::TaskServiceClient;
 use leasehold::proto::worker_service_client::WorkerServiceClient;
 
@@ -61,12 +61,7 @@ async fn migrate_then_serve_and_stop_gracefully_on_sigterm() {
     let mut tasks = TaskServiceClient::new(channel.clone());
     let mut workers = WorkerServiceClient::new(channel);
     tasks.create_task(new_task("scan_library")).await.unwrap();
-    let got = workers
-        .acquire_tasks(acquire("w", &["scan_library"], 1))
-        .await
-        .unwrap()
-        .into_inner()
-        .tasks;
+    let got = acquire_tasks(&mut workers, acquire("w", &["scan_library"], 1)).await;
     assert_eq!(got.len(), 1);
 
     // A long poll is in flight when the signal arrives: it must get its

@@ -6,24 +6,9 @@ mod common;
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use common::{new_task, register, status_of, Session, TestServer};
+use common::{get_task, list_sessions, new_task, register, status_of, Session, TestServer};
 use leasehold::proto::{self, connect_request::Kind as Req, connect_response::Kind as Resp};
 use tonic::Code;
-
-async fn create_many(server: &TestServer, task_type: &str, n: usize) -> Vec<String> {
-    let batch = (0..n).map(|_| new_task(task_type)).collect();
-    server
-        .tasks()
-        .await
-        .create_tasks(proto::CreateTasksRequest { tasks: batch })
-        .await
-        .unwrap()
-        .into_inner()
-        .results
-        .into_iter()
-        .map(|r| r.task.unwrap().id)
-        .collect()
-}
 
 fn task_id(leased: &proto::LeasedTask) -> String {
     leased.lease.as_ref().unwrap().task_id.clone()
@@ -32,9 +17,8 @@ fn task_id(leased: &proto::LeasedTask) -> String {
 #[tokio::test]
 async fn a_created_task_is_pushed_to_an_idle_session() {
     let server = TestServer::start_with(|c| c.poll_interval = Duration::from_secs(60)).await;
-    let mut worker = Session::open(&server.endpoint(), register("w1", &["scan_library"], 2))
-        .await
-        .unwrap();
+    let mut worker =
+        Session::connect(&server.endpoint(), register("w1", &["scan_library"], 2)).await;
     assert_eq!(
         worker.registered.heartbeat_interval,
         Some(prost_types::Duration {
@@ -77,10 +61,10 @@ async fn a_created_task_is_pushed_to_an_idle_session() {
 #[tokio::test]
 async fn slots_are_never_exceeded_and_each_outcome_frees_one() {
     let server = TestServer::start().await;
-    let mut worker = Session::open(&server.endpoint(), register("w1", &["analyze_book"], 3))
-        .await
-        .unwrap();
-    let ids: HashSet<String> = create_many(&server, "analyze_book", 20)
+    let mut worker =
+        Session::connect(&server.endpoint(), register("w1", &["analyze_book"], 3)).await;
+    let ids: HashSet<String> = server
+        .create_many("analyze_book", 20)
         .await
         .into_iter()
         .collect();
@@ -129,12 +113,11 @@ async fn work_is_spread_across_free_sessions() {
     let mut workers = Vec::new();
     for i in 0..4 {
         workers.push(
-            Session::open(
+            Session::connect(
                 &endpoint,
                 register(&format!("w{i}"), &["generate_thumbnail"], 10),
             )
-            .await
-            .unwrap(),
+            .await,
         );
     }
     // Due a moment from now: a dispatch pass that began while the sessions
@@ -181,29 +164,15 @@ async fn work_is_spread_across_free_sessions() {
 async fn a_lease_survives_a_broken_stream_and_is_reattached_by_heartbeat() {
     let server = TestServer::start().await;
     let endpoint = server.endpoint();
-    let mut first = Session::open(&endpoint, register("w1", &["scan_library"], 1))
-        .await
-        .unwrap();
-    create_many(&server, "scan_library", 1).await;
+    let mut first = Session::connect(&endpoint, register("w1", &["scan_library"], 1)).await;
+    server.create_many("scan_library", 1).await;
     let leased = first.next_task().await;
     let lease = leased.lease.clone().unwrap();
     first.close();
 
     // The stream is gone; the lease is not.
-    let mut second = Session::open(&endpoint, register("w1", &["scan_library"], 1))
-        .await
-        .unwrap();
-    let task = server
-        .tasks()
-        .await
-        .get_task(proto::GetTaskRequest {
-            id: lease.task_id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .task
-        .unwrap();
+    let mut second = Session::connect(&endpoint, register("w1", &["scan_library"], 1)).await;
+    let task = get_task(&mut server.tasks().await, &lease.task_id).await;
     assert_eq!(status_of(&task), proto::TaskStatus::Processing);
 
     second
@@ -224,7 +193,7 @@ async fn a_lease_survives_a_broken_stream_and_is_reattached_by_heartbeat() {
     }
     // Re-attached: it fills the session's one slot, and an empty heartbeat
     // now covers it.
-    create_many(&server, "scan_library", 1).await;
+    server.create_many("scan_library", 1).await;
     second
         .send(Req::Heartbeat(proto::SessionHeartbeat { leases: vec![] }))
         .await;
@@ -249,10 +218,9 @@ async fn a_lease_survives_a_broken_stream_and_is_reattached_by_heartbeat() {
 #[tokio::test]
 async fn cancel_is_pushed_and_a_stale_completion_on_the_stream_is_refused() {
     let server = TestServer::start().await;
-    let mut worker = Session::open(&server.endpoint(), register("w1", &["scan_library"], 2))
-        .await
-        .unwrap();
-    create_many(&server, "scan_library", 2).await;
+    let mut worker =
+        Session::connect(&server.endpoint(), register("w1", &["scan_library"], 2)).await;
+    server.create_many("scan_library", 2).await;
     let a = worker.next_task().await;
     let b = worker.next_task().await;
 
@@ -282,15 +250,7 @@ async fn cancel_is_pushed_and_a_stale_completion_on_the_stream_is_refused() {
     worker.complete(&forged, serde_json::json!({})).await;
     let ack = worker.next_ack().await;
     assert_eq!(ack.status, proto::AckStatus::LeaseLost as i32);
-    let stored = server
-        .tasks()
-        .await
-        .get_task(proto::GetTaskRequest { id: task_id(&b) })
-        .await
-        .unwrap()
-        .into_inner()
-        .task
-        .unwrap();
+    let stored = get_task(&mut server.tasks().await, &task_id(&b)).await;
     assert_eq!(status_of(&stored), proto::TaskStatus::Processing);
 
     // A malformed outcome is answered, and the session goes on.
@@ -312,16 +272,15 @@ async fn cancel_is_pushed_and_a_stale_completion_on_the_stream_is_refused() {
 #[tokio::test]
 async fn a_reclaimed_lease_is_taken_back_from_its_silent_session() {
     let server = TestServer::start().await;
-    let mut silent = Session::open(
+    let mut silent = Session::connect(
         &server.endpoint(),
         proto::RegisterWorker {
             lease_duration: Some(common::duration(Duration::from_secs(1))),
             ..register("silent", &["purge_deleted"], 1)
         },
     )
-    .await
-    .unwrap();
-    create_many(&server, "purge_deleted", 1).await;
+    .await;
+    server.create_many("purge_deleted", 1).await;
     let leased = silent.next_task().await;
     // No heartbeat: the reclaimer takes it back and the session hears so.
     match silent.next().await.unwrap() {
@@ -342,9 +301,7 @@ async fn a_reclaimed_lease_is_taken_back_from_its_silent_session() {
 async fn protocol_violations_end_only_the_offending_stream() {
     let server = TestServer::start().await;
     let endpoint = server.endpoint();
-    let mut good = Session::open(&endpoint, register("good", &["scan_library"], 1))
-        .await
-        .unwrap();
+    let mut good = Session::connect(&endpoint, register("good", &["scan_library"], 1)).await;
 
     let early = Session::open_with_first(
         &endpoint,
@@ -368,9 +325,7 @@ async fn protocol_violations_end_only_the_offending_stream() {
         .unwrap();
     assert!(too_many.message().contains("register.slots"));
 
-    let mut twice = Session::open(&endpoint, register("twice", &["other"], 1))
-        .await
-        .unwrap();
+    let mut twice = Session::connect(&endpoint, register("twice", &["other"], 1)).await;
     twice
         .send(Req::Register(register("twice", &["other"], 1)))
         .await;
@@ -381,7 +336,7 @@ async fn protocol_violations_end_only_the_offending_stream() {
     assert_eq!(status.code(), Code::FailedPrecondition);
 
     // The well-behaved session never noticed.
-    create_many(&server, "scan_library", 1).await;
+    server.create_many("scan_library", 1).await;
     good.next_task().await;
     server.stop().await;
 }
@@ -391,21 +346,19 @@ async fn tasks_and_cancels_cross_nodes() {
     let server = TestServer::start_with(|c| c.poll_interval = Duration::from_secs(60)).await;
     let node_b = server.another_node().await;
     let node_c = server.another_node().await;
-    let mut on_b = Session::open(
+    let mut on_b = Session::connect(
         &format!("http://{}", node_b.addr()),
         register("b", &["scan_library"], 5),
     )
-    .await
-    .unwrap();
-    let mut on_c = Session::open(
+    .await;
+    let mut on_c = Session::connect(
         &format!("http://{}", node_c.addr()),
         register("c", &["analyze_book"], 5),
     )
-    .await
-    .unwrap();
+    .await;
     // Created on node A, pushed by B and C.
-    create_many(&server, "scan_library", 1).await;
-    create_many(&server, "analyze_book", 1).await;
+    server.create_many("scan_library", 1).await;
+    server.create_many("analyze_book", 1).await;
     let b_task = on_b.next_task().await;
     let c_task = on_c.next_task().await;
     assert_eq!(b_task.task.unwrap().task_type, "scan_library");
@@ -429,14 +382,7 @@ async fn tasks_and_cancels_cross_nodes() {
     let listed = common::eventually(Duration::from_secs(10), || {
         let server = &server;
         async move {
-            let sessions = server
-                .workers()
-                .await
-                .list_workers(proto::ListWorkersRequest {})
-                .await
-                .unwrap()
-                .into_inner()
-                .sessions;
+            let sessions = list_sessions(&mut server.workers().await).await;
             (sessions.len() == 2).then_some(sessions)
         }
     })
@@ -466,13 +412,12 @@ async fn a_watcher_sees_the_whole_life_of_a_task() {
         .await
         .unwrap()
         .into_inner();
-    let mut worker = Session::open(
+    let mut worker = Session::connect(
         &format!("http://{}", node_b.addr()),
         register("w", &["analyze_series"], 1),
     )
-    .await
-    .unwrap();
-    let id = create_many(&server, "analyze_series", 1).await.remove(0);
+    .await;
+    let id = server.create_many("analyze_series", 1).await.remove(0);
     let leased = worker.next_task().await;
     let lease = leased.lease.clone().unwrap();
     worker
@@ -489,15 +434,7 @@ async fn a_watcher_sees_the_whole_life_of_a_task() {
         let server = &server;
         let id = id.clone();
         async move {
-            let task = server
-                .tasks()
-                .await
-                .get_task(proto::GetTaskRequest { id })
-                .await
-                .unwrap()
-                .into_inner()
-                .task
-                .unwrap();
+            let task = get_task(&mut server.tasks().await, &id).await;
             task.progress.is_some().then_some(task)
         }
     })
@@ -559,15 +496,14 @@ async fn a_stalled_watcher_does_not_slow_workers_and_learns_what_it_missed() {
         .await
         .unwrap()
         .into_inner();
-    let mut worker = Session::open(
+    let mut worker = Session::connect(
         &server.endpoint(),
         register("w", &["generate_thumbnail"], 100),
     )
-    .await
-    .unwrap();
+    .await;
     let total = 6000;
     for _ in 0..(total / 1000) {
-        create_many(&server, "generate_thumbnail", 1000).await;
+        server.create_many("generate_thumbnail", 1000).await;
     }
     let mut completed = 0;
     while completed < total {
@@ -590,11 +526,11 @@ async fn a_stalled_watcher_does_not_slow_workers_and_learns_what_it_missed() {
     assert_eq!(count, total as i64);
 
     // 3 events per task went past a buffer of a few thousand: the watcher
-    // is told how many it lost, then gets events again.
-    let mut missed = 0;
-    let mut events_after = 0;
-    let mut events_before = 0;
-    while missed == 0 || events_after == 0 {
+    // is told how many it lost, then gets events again, and what it got and
+    // what it was told it lost add up to every event.
+    let expected = 3 * total as u64;
+    let (mut missed, mut events_before, mut events_after) = (0, 0, 0);
+    while events_before + missed + events_after < expected {
         let item = tokio::time::timeout(Duration::from_secs(10), stalled.message())
             .await
             .unwrap_or_else(|_| {
@@ -602,17 +538,20 @@ async fn a_stalled_watcher_does_not_slow_workers_and_learns_what_it_missed() {
             })
             .unwrap()
             .unwrap();
-        if missed == 0 {
-            events_before += 1;
-        }
         match item.kind {
             Some(proto::watch_tasks_response::Kind::Missed(m)) => missed += m.count,
             Some(proto::watch_tasks_response::Kind::Event(_)) if missed > 0 => events_after += 1,
-            Some(proto::watch_tasks_response::Kind::Event(_)) => {}
+            Some(proto::watch_tasks_response::Kind::Event(_)) => events_before += 1,
             None => panic!("empty item"),
         }
     }
-    assert!(missed > 0);
+    assert!(missed > 0, "the stalled watcher lost nothing");
+    assert!(events_after > 0, "no events after the loss");
+    assert_eq!(
+        events_before + missed + events_after,
+        expected,
+        "{events_before} events, then missed {missed}, then {events_after}"
+    );
     drop(stalled);
     server.stop().await;
 }
@@ -620,10 +559,9 @@ async fn a_stalled_watcher_does_not_slow_workers_and_learns_what_it_missed() {
 #[tokio::test]
 async fn shutdown_drains_sessions_and_accepts_their_outcomes() {
     let server = TestServer::start_with(|c| c.drain_grace = Duration::from_secs(10)).await;
-    let mut worker = Session::open(&server.endpoint(), register("w", &["scan_library"], 2))
-        .await
-        .unwrap();
-    create_many(&server, "scan_library", 1).await;
+    let mut worker =
+        Session::connect(&server.endpoint(), register("w", &["scan_library"], 2)).await;
+    server.create_many("scan_library", 1).await;
     let leased = worker.next_task().await;
     let mut tasks = server.tasks().await;
     let mut server = server;
@@ -659,10 +597,9 @@ async fn shutdown_drains_sessions_and_accepts_their_outcomes() {
 #[tokio::test]
 async fn a_stale_outcome_from_elsewhere_does_not_free_the_holders_slot() {
     let server = TestServer::start().await;
-    let mut worker = Session::open(&server.endpoint(), register("w", &["analyze_book"], 1))
-        .await
-        .unwrap();
-    create_many(&server, "analyze_book", 1).await;
+    let mut worker =
+        Session::connect(&server.endpoint(), register("w", &["analyze_book"], 1)).await;
+    server.create_many("analyze_book", 1).await;
     let held = worker.next_task().await;
     // A late worker (or anyone) sends an outcome with a token that is not
     // the current one: refused, and the session still holds its lease.
@@ -677,7 +614,7 @@ async fn a_stale_outcome_from_elsewhere_does_not_free_the_holders_slot() {
         .await
         .unwrap_err();
     assert_eq!(refused.code(), Code::FailedPrecondition);
-    create_many(&server, "analyze_book", 1).await;
+    server.create_many("analyze_book", 1).await;
     worker
         .send(Req::Heartbeat(proto::SessionHeartbeat { leases: vec![] }))
         .await;

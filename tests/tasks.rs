@@ -6,7 +6,9 @@ mod common;
 use std::collections::HashSet;
 use std::time::{Duration, SystemTime};
 
-use common::{acquire, json, new_task, status_of, TestServer};
+use common::{
+    acquire, acquire_tasks, create_batch, get_task, json, new_task, status_of, TestServer,
+};
 use leasehold::proto::{self, TaskStatus};
 use tonic::Code;
 
@@ -38,15 +40,7 @@ async fn create_returns_the_full_task_and_get_reads_it_back() {
     assert!(task.started_at.is_none() && task.completed_at.is_none());
     assert!(task.locked_by.is_none() && task.locked_until.is_none() && task.result.is_none());
 
-    let got = tasks
-        .get_task(proto::GetTaskRequest {
-            id: task.id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .task
-        .unwrap();
+    let got = get_task(&mut tasks, &task.id).await;
     assert_eq!(got, task);
     let missing = tasks
         .get_task(proto::GetTaskRequest {
@@ -92,12 +86,8 @@ async fn concurrent_creates_with_one_dedup_key_make_one_row() {
 
     // Once the holder is finished, the key is free again.
     let mut workers = server.workers().await;
-    let leased = workers
-        .acquire_tasks(acquire("w", &["scan_library"], 1))
+    let leased = acquire_tasks(&mut workers, acquire("w", &["scan_library"], 1))
         .await
-        .unwrap()
-        .into_inner()
-        .tasks
         .remove(0);
     let lease = leased.lease.unwrap();
     workers
@@ -207,15 +197,7 @@ async fn paging_returns_every_task_once_newest_first_while_the_table_changes() {
     let server = TestServer::start().await;
     let mut tasks = server.tasks().await;
     let batch = (0..1000).map(|_| new_task("analyze_book")).collect();
-    let originals: Vec<String> = tasks
-        .create_tasks(proto::CreateTasksRequest { tasks: batch })
-        .await
-        .unwrap()
-        .into_inner()
-        .results
-        .into_iter()
-        .map(|r| r.task.unwrap().id)
-        .collect();
+    let originals = create_batch(&mut tasks, batch).await;
 
     let mut seen = Vec::new();
     let mut token = String::new();
@@ -272,12 +254,12 @@ async fn list_filters_by_status_type_and_subject() {
         .await
         .unwrap();
     tasks.create_task(new_task("purge_deleted")).await.unwrap();
-    server
-        .workers()
-        .await
-        .acquire_tasks(acquire("w", &["purge_deleted"], 1))
-        .await
-        .unwrap();
+    let leased = acquire_tasks(
+        &mut server.workers().await,
+        acquire("w", &["purge_deleted"], 1),
+    )
+    .await;
+    assert_eq!(leased.len(), 1);
 
     let list = |req: proto::ListTasksRequest| {
         let mut tasks = tasks.clone();
@@ -337,20 +319,15 @@ async fn tasks_in(server: &TestServer, task_type: &str, n: usize, status: TaskSt
     let mut tasks = server.tasks().await;
     let mut workers = server.workers().await;
     let batch = (0..n).map(|_| new_task(task_type)).collect();
-    let created = tasks
-        .create_tasks(proto::CreateTasksRequest { tasks: batch })
-        .await
-        .unwrap()
-        .into_inner()
-        .results;
+    let created = create_batch(&mut tasks, batch).await;
     if status == TaskStatus::Pending {
         return;
     }
     if status == TaskStatus::Cancelled {
-        for c in created {
+        for id in created {
             tasks
                 .cancel_task(proto::CancelTaskRequest {
-                    id: c.task.unwrap().id,
+                    id,
                     reason: String::new(),
                 })
                 .await
@@ -361,14 +338,10 @@ async fn tasks_in(server: &TestServer, task_type: &str, n: usize, status: TaskSt
     let mut leased = Vec::new();
     while leased.len() < n {
         let want = (n - leased.len()).min(1000) as i32;
-        leased.extend(
-            workers
-                .acquire_tasks(acquire("w", &[task_type], want))
-                .await
-                .unwrap()
-                .into_inner()
-                .tasks,
-        );
+        let got = acquire_tasks(&mut workers, acquire("w", &[task_type], want)).await;
+        // Nothing leased would loop forever: fail instead.
+        assert!(!got.is_empty(), "{} of {n} tasks leased", leased.len());
+        leased.extend(got);
     }
     for l in leased {
         let lease = l.lease.unwrap();
@@ -533,12 +506,7 @@ async fn a_node_vacuums_the_task_table_past_its_dead_row_threshold() {
     };
     tasks.create_tasks(batch).await.unwrap();
     // Each lease and each completion leaves a dead row version behind.
-    let leased = workers
-        .acquire_tasks(acquire("w", &["vacuum_me"], 40))
-        .await
-        .unwrap()
-        .into_inner()
-        .tasks;
+    let leased = acquire_tasks(&mut workers, acquire("w", &["vacuum_me"], 40)).await;
     assert_eq!(leased.len(), 40);
     for task in &leased {
         let lease = task.lease.as_ref().unwrap();

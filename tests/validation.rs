@@ -10,8 +10,9 @@ mod common;
 use std::future::Future;
 use std::time::Duration;
 
-use common::{acquire, duration, json, new_task, TestServer};
+use common::{acquire, acquire_tasks, duration, json, new_task, TestServer};
 use leasehold::proto;
+use leasehold::proto::task_service_client::TaskServiceClient;
 use leasehold::proto::worker_service_client::WorkerServiceClient;
 use prost_types::value::Kind;
 use prost_types::{ListValue, Struct, Value};
@@ -62,7 +63,7 @@ async fn reject_all<N, Req, Resp, Fut>(
                     status.message()
                 );
                 assert!(
-                    status.message().contains(field),
+                    names_field(status.message(), field),
                     "{case}: message {:?} does not name the field",
                     status.message()
                 );
@@ -74,6 +75,25 @@ async fn reject_all<N, Req, Resp, Fut>(
             "{case}: the task table changed"
         );
     }
+}
+
+/// Whether `message` (`<field path>: <what is wrong>`) is about `field`: it
+/// starts with it, as the whole path or a prefix of it. Merely containing
+/// it is not enough (`id` is in "invalid").
+fn names_field(message: &str, field: &str) -> bool {
+    message
+        .strip_prefix(field)
+        .is_some_and(|rest| rest.starts_with([':', '.', '[']))
+}
+
+/// `reject_all`'s call: `method` on a clone of the client `client`.
+macro_rules! rpc {
+    ($client:ident, $method:ident) => {
+        |r| {
+            let mut c = $client.clone();
+            async move { c.$method(r).await }
+        }
+    };
 }
 
 /// `base` with one change.
@@ -247,23 +267,31 @@ fn create_cases(base: &proto::CreateTaskRequest) -> Vec<(&'static str, proto::Cr
     cases
 }
 
-#[tokio::test]
-async fn create_task_rejects_each_invalid_field() {
+/// A server holding one task, with SQL and TaskService clients: a row
+/// already there, so "unchanged" is more than "still empty".
+async fn start_with_a_task() -> (
+    TestServer,
+    tokio_postgres::Client,
+    TaskServiceClient<Channel>,
+) {
     let server = start().await;
     let sql = server.sql().await;
-    let tasks = server.tasks().await;
-    // A row already there, so "unchanged" is more than "still empty".
-    tasks
-        .clone()
-        .create_task(new_task("existing"))
-        .await
-        .unwrap();
+    let mut tasks = server.tasks().await;
+    tasks.create_task(new_task("existing")).await.unwrap();
+    (server, sql, tasks)
+}
+
+#[tokio::test]
+async fn create_task_rejects_each_invalid_field() {
+    let (server, sql, tasks) = start_with_a_task().await;
 
     let base = valid_create();
-    reject_all(&sql, "CreateTask", create_cases(&base), |r| {
-        let mut c = tasks.clone();
-        async move { c.create_task(r).await }
-    })
+    reject_all(
+        &sql,
+        "CreateTask",
+        create_cases(&base),
+        rpc!(tasks, create_task),
+    )
     .await;
     assert_eq!(server.task_count().await, 1);
 
@@ -276,14 +304,7 @@ async fn create_task_rejects_each_invalid_field() {
 
 #[tokio::test]
 async fn create_tasks_rejects_the_whole_batch() {
-    let server = start().await;
-    let sql = server.sql().await;
-    let tasks = server.tasks().await;
-    tasks
-        .clone()
-        .create_task(new_task("existing"))
-        .await
-        .unwrap();
+    let (server, sql, tasks) = start_with_a_task().await;
 
     let base = valid_create();
     let filler = || new_task("filler");
@@ -316,11 +337,7 @@ async fn create_tasks_rejects_the_whole_batch() {
     for (field, bad) in create_cases(&base) {
         cases.push((format!("tasks[3].{field}"), batch(bad)));
     }
-    reject_all(&sql, "CreateTasks", cases, |r| {
-        let mut c = tasks.clone();
-        async move { c.create_tasks(r).await }
-    })
-    .await;
+    reject_all(&sql, "CreateTasks", cases, rpc!(tasks, create_tasks)).await;
     assert_eq!(server.task_count().await, 1);
 
     // The same batch with the base entry in the middle is valid.
@@ -343,9 +360,9 @@ struct Fixture {
 async fn lease_one(workers: &mut WorkerServiceClient<Channel>, task_type: &str) -> proto::Lease {
     let mut req = acquire("w1", &[task_type], 1);
     req.lease_duration = Some(duration(HOUR));
-    let resp = workers.acquire_tasks(req).await.unwrap().into_inner();
-    assert_eq!(resp.tasks.len(), 1);
-    resp.tasks[0].lease.clone().unwrap()
+    let leased = acquire_tasks(workers, req).await;
+    assert_eq!(leased.len(), 1);
+    leased[0].lease.clone().unwrap()
 }
 
 async fn fixture(server: &TestServer) -> Fixture {
@@ -385,11 +402,7 @@ async fn task_admin_calls_reject_each_invalid_field() {
     // GetTask
     let get = proto::GetTaskRequest { id: real.clone() };
     let cases = uuid_cases("id", &real, &get, |r, v| r.id = v);
-    reject_all(&sql, "GetTask", cases, |r| {
-        let mut c = tasks.clone();
-        async move { c.get_task(r).await }
-    })
-    .await;
+    reject_all(&sql, "GetTask", cases, rpc!(tasks, get_task)).await;
 
     // ListTasks
     let list = proto::ListTasksRequest {
@@ -424,11 +437,7 @@ async fn task_admin_calls_reject_each_invalid_field() {
     cases.extend(uuid_cases("book_id", &real, &list, |r, v| {
         r.book_id = Some(v)
     }));
-    reject_all(&sql, "ListTasks", cases, |r| {
-        let mut c = tasks.clone();
-        async move { c.list_tasks(r).await }
-    })
-    .await;
+    reject_all(&sql, "ListTasks", cases, rpc!(tasks, list_tasks)).await;
 
     // CancelTask: on the leased task, so a missed check would cancel it.
     let cancel = proto::CancelTaskRequest {
@@ -439,20 +448,12 @@ async fn task_admin_calls_reject_each_invalid_field() {
     for v in ["r".repeat(1001), "r\0".into(), "r\u{1b}[0m".into()] {
         cases.push(("reason", with(&cancel, |r| r.reason = v)));
     }
-    reject_all(&sql, "CancelTask", cases, |r| {
-        let mut c = tasks.clone();
-        async move { c.cancel_task(r).await }
-    })
-    .await;
+    reject_all(&sql, "CancelTask", cases, rpc!(tasks, cancel_task)).await;
 
     // RetryTask
     let retry = proto::RetryTaskRequest { id: real.clone() };
     let cases = uuid_cases("id", &real, &retry, |r, v| r.id = v);
-    reject_all(&sql, "RetryTask", cases, |r| {
-        let mut c = tasks.clone();
-        async move { c.retry_task(r).await }
-    })
-    .await;
+    reject_all(&sql, "RetryTask", cases, rpc!(tasks, retry_task)).await;
 
     // PurgeTasks: a missed check would delete the completed task (or the
     // pending and processing ones).
@@ -480,11 +481,7 @@ async fn task_admin_calls_reject_each_invalid_field() {
     for t in bad_timestamps() {
         cases.push(("completed_before", with(&purge, |r| r.completed_before = t)));
     }
-    reject_all(&sql, "PurgeTasks", cases, |r| {
-        let mut c = tasks.clone();
-        async move { c.purge_tasks(r).await }
-    })
-    .await;
+    reject_all(&sql, "PurgeTasks", cases, rpc!(tasks, purge_tasks)).await;
 
     // Every base request is valid.
     let mut c = tasks.clone();
@@ -539,11 +536,7 @@ async fn worker_calls_reject_each_invalid_field() {
     for d in bad_lease_durations() {
         cases.push(("lease_duration", with(&acq, |r| r.lease_duration = d)));
     }
-    reject_all(&sql, "AcquireTasks", cases, |r| {
-        let mut c = workers.clone();
-        async move { c.acquire_tasks(r).await }
-    })
-    .await;
+    reject_all(&sql, "AcquireTasks", cases, rpc!(workers, acquire_tasks)).await;
 
     // Heartbeat: a missed check would renew the real lease.
     let renewal = proto::LeaseRenewal {
@@ -573,11 +566,7 @@ async fn worker_calls_reject_each_invalid_field() {
         let req = with(&hb, |r| r.leases[1].lease_token = v);
         cases.push(("leases[1].lease_token".into(), req));
     }
-    reject_all(&sql, "Heartbeat", cases, |r| {
-        let mut c = workers.clone();
-        async move { c.heartbeat(r).await }
-    })
-    .await;
+    reject_all(&sql, "Heartbeat", cases, rpc!(workers, heartbeat)).await;
 
     // CompleteTask
     let complete = proto::CompleteTaskRequest {
@@ -592,11 +581,7 @@ async fn worker_calls_reject_each_invalid_field() {
     for p in bad_payloads() {
         cases.push(("result", with(&complete, |r| r.result = Some(p))));
     }
-    reject_all(&sql, "CompleteTask", cases, |r| {
-        let mut c = workers.clone();
-        async move { c.complete_task(r).await }
-    })
-    .await;
+    reject_all(&sql, "CompleteTask", cases, rpc!(workers, complete_task)).await;
 
     // FailTask
     let fail = proto::FailTaskRequest {
@@ -622,11 +607,7 @@ async fn worker_calls_reject_each_invalid_field() {
     ] {
         cases.push(("retry_after", with(&fail, |r| r.retry_after = d)));
     }
-    reject_all(&sql, "FailTask", cases, |r| {
-        let mut c = workers.clone();
-        async move { c.fail_task(r).await }
-    })
-    .await;
+    reject_all(&sql, "FailTask", cases, rpc!(workers, fail_task)).await;
 
     // ReleaseTask
     let release = proto::ReleaseTaskRequest {
@@ -637,11 +618,7 @@ async fn worker_calls_reject_each_invalid_field() {
     cases.extend(uuid_cases("lease_token", &token, &release, |r, v| {
         r.lease_token = v
     }));
-    reject_all(&sql, "ReleaseTask", cases, |r| {
-        let mut c = workers.clone();
-        async move { c.release_task(r).await }
-    })
-    .await;
+    reject_all(&sql, "ReleaseTask", cases, rpc!(workers, release_task)).await;
 
     // Every base request is valid (fail and release share the lease fields
     // with complete, so the lease is used up by complete).

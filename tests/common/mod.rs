@@ -119,6 +119,12 @@ impl TestServer {
             .get(0)
     }
 
+    /// Creates `n` tasks of `task_type` in one call; returns their ids.
+    pub async fn create_many(&self, task_type: &str, n: usize) -> Vec<String> {
+        let batch = (0..n).map(|_| new_task(task_type)).collect();
+        create_batch(&mut self.tasks().await, batch).await
+    }
+
     /// Stops the server and drops its database.
     pub async fn stop(mut self) {
         if let Some(running) = self.running.take() {
@@ -156,6 +162,58 @@ pub fn new_task(task_type: &str) -> proto::CreateTaskRequest {
         task_type: task_type.to_owned(),
         ..Default::default()
     }
+}
+
+/// Creates `batch` in one CreateTasks call; returns the ids in request order.
+pub async fn create_batch(
+    tasks: &mut TaskServiceClient<Channel>,
+    batch: Vec<proto::CreateTaskRequest>,
+) -> Vec<String> {
+    tasks
+        .create_tasks(proto::CreateTasksRequest { tasks: batch })
+        .await
+        .unwrap()
+        .into_inner()
+        .results
+        .into_iter()
+        .map(|r| r.task.unwrap().id)
+        .collect()
+}
+
+/// GetTask: the task `id`, which must exist.
+pub async fn get_task(tasks: &mut TaskServiceClient<Channel>, id: &str) -> proto::Task {
+    tasks
+        .get_task(proto::GetTaskRequest { id: id.to_owned() })
+        .await
+        .unwrap()
+        .into_inner()
+        .task
+        .unwrap()
+}
+
+/// AcquireTasks, which must succeed: the tasks it leased.
+pub async fn acquire_tasks(
+    workers: &mut WorkerServiceClient<Channel>,
+    request: proto::AcquireTasksRequest,
+) -> Vec<proto::LeasedTask> {
+    workers
+        .acquire_tasks(request)
+        .await
+        .unwrap()
+        .into_inner()
+        .tasks
+}
+
+/// ListWorkers, which must succeed: the sessions listed.
+pub async fn list_sessions(
+    workers: &mut WorkerServiceClient<Channel>,
+) -> Vec<proto::WorkerSession> {
+    workers
+        .list_workers(proto::ListWorkersRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .sessions
 }
 
 /// An `AcquireTasksRequest` for `worker_id`.
@@ -232,12 +290,20 @@ impl Session {
         Self::open_with_first(endpoint, proto::connect_request::Kind::Register(register)).await
     }
 
+    /// Opens a session the server must accept; fails the test naming the
+    /// worker, the endpoint and the status otherwise.
+    pub async fn connect(endpoint: &str, register: proto::RegisterWorker) -> Session {
+        let worker = register.worker_id.clone();
+        Self::open(endpoint, register)
+            .await
+            .unwrap_or_else(|status| panic!("{worker} cannot register on {endpoint}: {status:?}"))
+    }
+
     /// Opens a stream whose first message is `first` (for protocol tests).
     pub async fn open_with_first(
         endpoint: &str,
         first: proto::connect_request::Kind,
     ) -> Result<Session, tonic::Status> {
-        use leasehold::proto::worker_service_client::WorkerServiceClient;
         let (tx, rx) = tokio::sync::mpsc::channel(1024);
         tx.send(proto::ConnectRequest { kind: Some(first) })
             .await
