@@ -195,9 +195,8 @@ impl Service {
         &self,
         leases: Vec<LeaseRef>,
         duration: Duration,
-    ) -> Result<Vec<(Uuid, LeaseState)>> {
-        let states = self.dispatcher.heartbeat(None, leases, duration).await?;
-        Ok(states.into_iter().map(|(l, s)| (l.task_id, s)).collect())
+    ) -> Result<Vec<(LeaseRef, LeaseState)>> {
+        Ok(self.dispatcher.heartbeat(None, leases, duration).await?)
     }
 
     /// Renews leases on a session: the listed ones (re-attaching them to it),
@@ -206,17 +205,16 @@ impl Service {
         &self,
         session: &Arc<Session>,
         leases: Vec<LeaseRef>,
-    ) -> Result<Vec<(Uuid, LeaseState)>> {
+    ) -> Result<Vec<(LeaseRef, LeaseState)>> {
         let leases = if leases.is_empty() {
             session.leases()
         } else {
             leases
         };
-        let states = self
+        Ok(self
             .dispatcher
             .heartbeat(Some(session), leases, session.spec.lease_duration)
-            .await?;
-        Ok(states.into_iter().map(|(l, s)| (l.task_id, s)).collect())
+            .await?)
     }
 
     /// Completes a leased task.

@@ -236,6 +236,7 @@ async fn cancel_is_pushed_and_a_stale_completion_on_the_stream_is_refused() {
     match worker.next().await.unwrap() {
         Some(Resp::Cancel(cancel)) => {
             assert_eq!(cancel.task_id, task_id(&a));
+            assert_eq!(cancel.lease_token, a.lease.as_ref().unwrap().lease_token);
             assert_eq!(cancel.reason, proto::CancelReason::Cancelled as i32);
         }
         other => panic!("expected cancel, got {other:?}"),
@@ -250,6 +251,38 @@ async fn cancel_is_pushed_and_a_stale_completion_on_the_stream_is_refused() {
     worker.complete(&forged, serde_json::json!({})).await;
     let ack = worker.next_ack().await;
     assert_eq!(ack.status, proto::AckStatus::LeaseLost as i32);
+    // Answers name the lease they are about, so a worker can tell them
+    // from answers about another lease of the same task.
+    assert_eq!(ack.lease_token, forged.lease.as_ref().unwrap().lease_token);
+    let renewal = |leased: &proto::LeasedTask| proto::LeaseRenewal {
+        task_id: task_id(leased),
+        lease_token: leased.lease.as_ref().unwrap().lease_token.clone(),
+    };
+    worker
+        .send(Req::Heartbeat(proto::SessionHeartbeat {
+            leases: vec![renewal(&forged), renewal(&b)],
+        }))
+        .await;
+    match worker.next().await.unwrap() {
+        Some(Resp::HeartbeatAck(answer)) => {
+            let states: Vec<(String, i32)> = answer
+                .leases
+                .iter()
+                .map(|l| (l.lease_token.clone(), l.status))
+                .collect();
+            assert_eq!(
+                states,
+                vec![
+                    (
+                        renewal(&forged).lease_token,
+                        proto::LeaseStatus::Lost as i32
+                    ),
+                    (renewal(&b).lease_token, proto::LeaseStatus::Held as i32),
+                ]
+            );
+        }
+        other => panic!("expected a heartbeat answer, got {other:?}"),
+    }
     let stored = get_task(&mut server.tasks().await, &task_id(&b)).await;
     assert_eq!(status_of(&stored), proto::TaskStatus::Processing);
 

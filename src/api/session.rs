@@ -162,9 +162,10 @@ impl Served {
                             undelivered = lease_of(&task);
                             connect_response::Kind::Task(convert::leased_to_proto(&task))
                         }
-                        Some(Push::Cancel { task_id, reason }) => {
+                        Some(Push::Cancel { lease, reason }) => {
                             connect_response::Kind::Cancel(proto::CancelLease {
-                                task_id: task_id.to_string(),
+                                task_id: lease.task_id.to_string(),
+                                lease_token: lease.lease_token.to_string(),
                                 reason: match reason {
                                     CancelReason::Cancelled => proto::CancelReason::Cancelled,
                                     CancelReason::LeaseReclaimed => proto::CancelReason::LeaseReclaimed,
@@ -240,7 +241,7 @@ impl Served {
                             proto::HeartbeatResponse {
                                 leases: states
                                     .into_iter()
-                                    .map(|(id, s)| lease_state(id, s))
+                                    .map(|(lease, s)| lease_state(lease, s))
                                     .collect(),
                             },
                         )),
@@ -254,6 +255,7 @@ impl Served {
                     permit,
                     out,
                     req.task_id.clone(),
+                    req.lease_token.clone(),
                     proto::OutcomeKind::Complete,
                     async move {
                         let lease = lease_ref(&req.task_id, &req.lease_token)?;
@@ -267,6 +269,7 @@ impl Served {
                     permit,
                     out,
                     req.task_id.clone(),
+                    req.lease_token.clone(),
                     proto::OutcomeKind::Fail,
                     async move {
                         let lease = lease_ref(&req.task_id, &req.lease_token)?;
@@ -280,6 +283,7 @@ impl Served {
                     permit,
                     out,
                     req.task_id.clone(),
+                    req.lease_token.clone(),
                     proto::OutcomeKind::Release,
                     async move {
                         let lease = lease_ref(&req.task_id, &req.lease_token)?;
@@ -292,6 +296,7 @@ impl Served {
                     permit,
                     out,
                     req.task_id.clone(),
+                    req.lease_token.clone(),
                     proto::OutcomeKind::Progress,
                     async move {
                         let lease = lease_ref(&req.task_id, &req.lease_token)?;
@@ -311,14 +316,15 @@ impl Served {
 }
 
 /// A lease state on the wire.
-pub(crate) fn lease_state(id: uuid::Uuid, state: LeaseState) -> proto::LeaseState {
+pub(crate) fn lease_state(lease: LeaseRef, state: LeaseState) -> proto::LeaseState {
     let (status, locked_until) = match state {
         LeaseState::Held(until) => (proto::LeaseStatus::Held, Some(convert::timestamp(until))),
         LeaseState::Lost => (proto::LeaseStatus::Lost, None),
         LeaseState::Cancelled => (proto::LeaseStatus::Cancelled, None),
     };
     proto::LeaseState {
-        task_id: id.to_string(),
+        task_id: lease.task_id.to_string(),
+        lease_token: lease.lease_token.to_string(),
         status: status as i32,
         locked_until,
     }
@@ -330,6 +336,7 @@ fn spawn_outcome(
     permit: tokio::sync::OwnedSemaphorePermit,
     out: Out,
     task_id: String,
+    lease_token: String,
     kind: proto::OutcomeKind,
     outcome: impl std::future::Future<Output = Result<crate::task::Task, Error>> + Send + 'static,
 ) {
@@ -337,7 +344,7 @@ fn spawn_outcome(
         let _permit = permit;
         let outcome = outcome.await;
         if kind != proto::OutcomeKind::Progress || outcome.is_err() {
-            send_ack(&out, task_id, kind, outcome).await;
+            send_ack(&out, task_id, lease_token, kind, outcome).await;
         }
     });
 }
@@ -345,6 +352,7 @@ fn spawn_outcome(
 async fn send_ack(
     out: &Out,
     task_id: String,
+    lease_token: String,
     kind: proto::OutcomeKind,
     outcome: Result<crate::task::Task, Error>,
 ) {
@@ -378,6 +386,7 @@ async fn send_ack(
         .send(Box::new(respond(connect_response::Kind::Ack(
             proto::OutcomeAck {
                 task_id,
+                lease_token,
                 kind: kind as i32,
                 status: status as i32,
                 message,

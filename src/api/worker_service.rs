@@ -103,7 +103,7 @@ impl WorkerService for WorkerApi {
         Ok(Response::new(proto::HeartbeatResponse {
             leases: states
                 .into_iter()
-                .map(|(id, state)| session::lease_state(id, state))
+                .map(|(lease, state)| session::lease_state(lease, state))
                 .collect(),
         }))
     }

@@ -429,9 +429,6 @@ struct Held {
     /// The handler's token is a child of this one: a handler that cancels
     /// its own token (say, through a drop guard) stops nothing here.
     cancel: CancellationToken,
-    /// Heartbeats of this session that named this lease and are not
-    /// answered yet.
-    unanswered: u32,
 }
 
 /// A handler ready to start.
@@ -453,8 +450,8 @@ struct Finished {
 struct Pending {
     kind: OutcomeKind,
     message: connect_request::Kind,
-    /// Times sent on this session and not answered yet.
-    sent: u32,
+    /// The lease the outcome is about; answers name it.
+    lease_token: String,
     /// Whether this is already the stand-in for an outcome the server
     /// refused as invalid (so a second refusal gives up).
     fallback: bool,
@@ -477,14 +474,6 @@ struct Runner {
     slots: usize,
     held: HashMap<String, Held>,
     pending: HashMap<String, Pending>,
-    /// Per task, answers still due for heartbeats that named a lease of it
-    /// that is gone (finished, lost, superseded): such an answer says
-    /// nothing about the current lease. Answers arrive in any order, so
-    /// they are counted, not matched.
-    stale_heartbeats: HashMap<String, u32>,
-    /// Per task, acknowledgements still due for outcomes of a superseded
-    /// lease (acknowledgements name the task, not the lease).
-    stale_acks: HashMap<String, u32>,
     running: JoinSet<Finished>,
     /// Handlers of held leases waiting for a free slot, in arrival order.
     waiting: std::collections::VecDeque<Ready>,
@@ -525,8 +514,6 @@ impl Runner {
             slots,
             held: HashMap::new(),
             pending: HashMap::new(),
-            stale_heartbeats: HashMap::new(),
-            stale_acks: HashMap::new(),
             running: JoinSet::new(),
             waiting: std::collections::VecDeque::new(),
             progress_tx,
@@ -634,14 +621,9 @@ impl Runner {
         self.pending.clear();
     }
 
-    /// Takes a lease out of `held`, keeping count of the heartbeat answers
-    /// still due for it.
+    /// Takes a lease out of `held`.
     fn forget(&mut self, task_id: &str) -> Option<Held> {
-        let held = self.held.remove(task_id)?;
-        if held.unanswered > 0 {
-            *self.stale_heartbeats.entry(task_id.to_owned()).or_default() += held.unanswered;
-        }
-        Some(held)
+        self.held.remove(task_id)
     }
 
     /// Queues an outcome until the server acknowledges it, and returns the
@@ -657,7 +639,7 @@ impl Runner {
             Pending {
                 kind,
                 message: message.clone(),
-                sent: 0,
+                lease_token: lease_token_of(&message).unwrap_or_default().to_owned(),
                 fallback: false,
             },
         );
@@ -740,17 +722,6 @@ impl Runner {
             .unwrap_or(Duration::from_secs(10))
             .min(MAX_HEARTBEAT_INTERVAL);
 
-        // Answers to messages of the old stream never come.
-        self.stale_heartbeats.clear();
-        self.stale_acks.clear();
-        for held in self.held.values_mut() {
-            held.unanswered = 0;
-        }
-        for pending in self.pending.values_mut() {
-            pending.sent = 0;
-        }
-        // Re-attach what an earlier session left running, and repeat every
-        // outcome the server has not acknowledged.
         // Drain first: registering wakes the dispatcher, and a draining
         // worker wants nothing pushed.
         let mut opening = Vec::new();
@@ -797,7 +768,8 @@ impl Runner {
                                 AckNext::Send(message) => out.push(message),
                             },
                             connect_response::Kind::Cancel(cancel) => {
-                                if let Some(held) = self.forget(&cancel.task_id) {
+                                let current = self.holds(&cancel.task_id, &cancel.lease_token);
+                                if let Some(held) = current.then(|| self.forget(&cancel.task_id)).flatten() {
                                     tracing::info!(task_id = %cancel.task_id, reason = ?cancel.reason(), "task taken away; cancelling its handler");
                                     held.cancel.cancel();
                                 }
@@ -871,23 +843,13 @@ impl Runner {
         }
     }
 
-    /// Sends `messages` in order, counting the outcomes among them as sent.
-    /// False if the stream is closed.
+    /// Sends `messages` in order. False if the stream is closed.
     async fn send_all(
         &mut self,
         tx: &mpsc::Sender<proto::ConnectRequest>,
         messages: Vec<connect_request::Kind>,
     ) -> bool {
         for message in messages {
-            let task_id = match &message {
-                connect_request::Kind::Complete(m) => Some(&m.task_id),
-                connect_request::Kind::Fail(m) => Some(&m.task_id),
-                connect_request::Kind::Release(m) => Some(&m.task_id),
-                _ => None,
-            };
-            if let Some(pending) = task_id.and_then(|id| self.pending.get_mut(id)) {
-                pending.sent += 1;
-            }
             if tx.send(request(message)).await.is_err() {
                 return false;
             }
@@ -915,13 +877,10 @@ impl Runner {
                 old.cancel.cancel();
             }
         }
-        if let Some(old) = self.pending.remove(&task.id) {
-            // The server handed the task out again, so the outcome of the
-            // old lease is moot; its answers must not settle the new one.
-            if old.sent > 0 {
-                *self.stale_acks.entry(task.id.clone()).or_default() += old.sent;
-            }
-        }
+        // The server handed the task out again, so the outcome of an old
+        // lease is moot (answers name their lease, so a late one settles
+        // nothing of the new lease).
+        self.pending.remove(&task.id);
         if self.drain_deadline.is_some() || self.held.len() >= 2 * self.slots {
             // Pushed while draining, or far beyond the slots (a new session
             // is dealt tasks before it has re-attached the leases it still
@@ -955,7 +914,6 @@ impl Runner {
             Held {
                 lease_token: lease.lease_token.clone(),
                 cancel: cancel.clone(),
-                unanswered: 0,
             },
         );
         let ready = Ready {
@@ -1082,25 +1040,15 @@ impl Runner {
     /// Heartbeats naming every held lease explicitly, so that leases taken
     /// on an earlier session are re-attached to this one; split to the
     /// server's per-heartbeat limit.
-    fn heartbeat(&mut self) -> Vec<connect_request::Kind> {
-        let stale = &self.stale_heartbeats;
+    fn heartbeat(&self) -> Vec<connect_request::Kind> {
         let leases: Vec<proto::LeaseRenewal> = self
             .held
-            .iter_mut()
-            // While answers about an earlier lease of the task are due, a
-            // new answer could not be told apart from them: wait.
-            .filter(|(task_id, _)| !stale.contains_key(*task_id))
-            .map(|(task_id, held)| {
-                held.unanswered += 1;
-                proto::LeaseRenewal {
-                    task_id: task_id.clone(),
-                    lease_token: held.lease_token.clone(),
-                }
+            .iter()
+            .map(|(task_id, held)| proto::LeaseRenewal {
+                task_id: task_id.clone(),
+                lease_token: held.lease_token.clone(),
             })
             .collect();
-        if leases.is_empty() {
-            return Vec::new();
-        }
         leases
             .chunks(MAX_HEARTBEAT_LEASES)
             .map(|chunk| {
@@ -1111,29 +1059,29 @@ impl Runner {
             .collect()
     }
 
+    /// Stops the handlers of leases a heartbeat found gone. Each answer
+    /// names its lease, so one about an earlier lease of a task (answers
+    /// may arrive in any order) leaves a newer lease alone.
     fn heartbeat_ack(&mut self, ack: proto::HeartbeatResponse) {
         for lease in ack.leases {
             let status = LeaseStatus::try_from(lease.status).unwrap_or(LeaseStatus::Unspecified);
-            if let Some(stale) = self.stale_heartbeats.get_mut(&lease.task_id) {
-                // Possibly about a lease that is gone; the next heartbeat
-                // tells for sure.
-                *stale -= 1;
-                if *stale == 0 {
-                    self.stale_heartbeats.remove(&lease.task_id);
-                }
+            if !matches!(status, LeaseStatus::Lost | LeaseStatus::Cancelled) {
                 continue;
             }
-            let Some(held) = self.held.get_mut(&lease.task_id) else {
-                continue;
-            };
-            held.unanswered = held.unanswered.saturating_sub(1);
-            if matches!(status, LeaseStatus::Lost | LeaseStatus::Cancelled) {
+            if self.holds(&lease.task_id, &lease.lease_token) {
                 if let Some(held) = self.forget(&lease.task_id) {
                     tracing::warn!(task_id = %lease.task_id, ?status, "lease gone; cancelling its handler");
                     held.cancel.cancel();
                 }
             }
         }
+    }
+
+    /// Whether `lease_token` is the lease held on `task_id`.
+    fn holds(&self, task_id: &str, lease_token: &str) -> bool {
+        self.held
+            .get(task_id)
+            .is_some_and(|held| held.lease_token == lease_token)
     }
 
     /// Settles an acknowledged outcome.
@@ -1144,20 +1092,14 @@ impl Runner {
             tracing::debug!(task_id = %ack.task_id, ?status, message = %ack.message, "progress refused");
             return AckNext::Nothing;
         }
-        if let Some(stale) = self.stale_acks.get_mut(&ack.task_id) {
-            *stale -= 1;
-            if *stale == 0 {
-                self.stale_acks.remove(&ack.task_id);
-            }
-            return AckNext::Nothing;
-        }
         let Some(pending) = self.pending.get_mut(&ack.task_id) else {
             return AckNext::Nothing;
         };
-        if pending.kind != kind {
+        // An answer about another message (an earlier lease's outcome, or
+        // the outcome this one replaced) settles nothing.
+        if pending.kind != kind || pending.lease_token != ack.lease_token {
             return AckNext::Nothing;
         }
-        pending.sent = pending.sent.saturating_sub(1);
         match status {
             AckStatus::Unavailable => return AckNext::Later(ack.task_id),
             AckStatus::Ok => {}
@@ -1269,6 +1211,16 @@ fn after(delay: Duration) -> Instant {
     let now = Instant::now();
     now.checked_add(delay)
         .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600))
+}
+
+/// The lease an outcome message is about.
+fn lease_token_of(message: &connect_request::Kind) -> Option<&str> {
+    match message {
+        connect_request::Kind::Complete(m) => Some(&m.lease_token),
+        connect_request::Kind::Fail(m) => Some(&m.lease_token),
+        connect_request::Kind::Release(m) => Some(&m.lease_token),
+        _ => None,
+    }
 }
 
 fn request(kind: connect_request::Kind) -> proto::ConnectRequest {

@@ -536,7 +536,7 @@ impl Dispatcher {
             // lease on the same task is not touched.
             if let Some(session) = session.filter(|_| self.forget(lease)) {
                 tracing::info!(task_id = %task_id, session_id = %session.id, ?reason, "pushing cancel");
-                session.push(Push::Cancel { task_id, reason });
+                session.push(Push::Cancel { lease, reason });
             }
         }
     }

@@ -43,7 +43,10 @@ pub enum Push {
     /// A task leased to the session.
     Task(Box<Task>),
     /// Stop working on a task.
-    Cancel { task_id: Uuid, reason: CancelReason },
+    Cancel {
+        lease: LeaseRef,
+        reason: CancelReason,
+    },
     /// The node is shutting down; outcomes are accepted for `grace`.
     Drain { grace: Duration },
     /// End the stream.
