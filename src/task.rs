@@ -188,9 +188,9 @@ pub struct ListFilter {
     pub library_id: Option<Uuid>,
     pub series_id: Option<Uuid>,
     pub book_id: Option<Uuid>,
-    /// Only tasks created before this position (exclusive); `None` is the
-    /// first page.
-    pub before_seq: Option<i64>,
+    /// Only tasks created before this one (exclusive; task ids are
+    /// time-ordered); `None` is the first page.
+    pub before_id: Option<Uuid>,
     pub limit: i64,
 }
 
@@ -198,8 +198,9 @@ pub struct ListFilter {
 #[derive(Debug, Clone)]
 pub struct Page {
     pub tasks: Vec<Task>,
-    /// Position to continue from, when more rows may follow.
-    pub next_seq: Option<i64>,
+    /// The last task of the page, to continue from when more rows may
+    /// follow.
+    pub next_id: Option<Uuid>,
 }
 
 /// Counts of one task type (or of all tasks) per status.

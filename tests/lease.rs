@@ -104,6 +104,63 @@ async fn claims_follow_priority_then_schedule_then_creation() {
     server.stop().await;
 }
 
+/// Takers of some types merge their types' claim orders: priority, then
+/// schedule, then creation across the types they run, never a task of
+/// another type however far ahead it is, and a type named twice is walked
+/// once.
+#[tokio::test]
+async fn a_claim_for_several_types_keeps_claim_order_across_them() {
+    let server = TestServer::start().await;
+    let mut tasks = server.tasks().await;
+    // A backlog of another type, ahead of everything in claim order.
+    let backlog = (0..300)
+        .map(|_| proto::CreateTaskRequest {
+            priority: 980,
+            ..new_task("user_plugin_sync")
+        })
+        .collect();
+    common::create_batch(&mut tasks, backlog).await;
+    let specs = [
+        ("thumb-1", "generate_thumbnail", 400),
+        ("scan-1", "scan_library", 600),
+        ("thumb-2", "generate_thumbnail", 400),
+        ("analyze-1", "analyze_book", 500),
+        ("scan-2", "scan_library", 600),
+    ];
+    let mut names = std::collections::HashMap::new();
+    for (name, task_type, priority) in specs {
+        let created = tasks
+            .create_task(proto::CreateTaskRequest {
+                priority,
+                ..new_task(task_type)
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        names.insert(created.task.unwrap().id, name);
+    }
+    let mut workers = server.workers().await;
+    let types = [
+        "generate_thumbnail",
+        "scan_library",
+        "analyze_book",
+        "scan_library",
+    ];
+    let first = acquire_tasks(&mut workers, acquire("w", &types, 4)).await;
+    let order: Vec<&str> = first
+        .iter()
+        .map(|l| names[&l.task.as_ref().unwrap().id])
+        .collect();
+    assert_eq!(order, ["scan-1", "scan-2", "analyze-1", "thumb-1"]);
+    let rest = acquire_tasks(&mut workers, acquire("w", &types, 10)).await;
+    let order: Vec<&str> = rest
+        .iter()
+        .map(|l| names[&l.task.as_ref().unwrap().id])
+        .collect();
+    assert_eq!(order, ["thumb-2"], "each task once, none of another type");
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn future_and_other_type_tasks_are_not_handed_out() {
     let server = TestServer::start().await;

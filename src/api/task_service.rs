@@ -134,7 +134,7 @@ impl TaskService for TaskApi {
             library_id: validate::opt_uuid("library_id", req.library_id.as_deref())?,
             series_id: validate::opt_uuid("series_id", req.series_id.as_deref())?,
             book_id: validate::opt_uuid("book_id", req.book_id.as_deref())?,
-            before_seq: validate::page_token("page_token", &req.page_token)?,
+            before_id: validate::page_token("page_token", &req.page_token)?,
             limit: if page_size == 0 {
                 validate::DEFAULT_PAGE_SIZE
             } else {
@@ -145,7 +145,7 @@ impl TaskService for TaskApi {
         Ok(Response::new(proto::ListTasksResponse {
             tasks: page.tasks.iter().map(convert::task_to_proto).collect(),
             next_page_token: page
-                .next_seq
+                .next_id
                 .map(validate::page_token_encode)
                 .unwrap_or_default(),
         }))

@@ -302,20 +302,29 @@ pub fn range64(field: &str, value: i64) -> Result<i64> {
     Ok(value)
 }
 
-/// Encodes a listing position as an opaque page token.
-pub fn page_token_encode(seq: i64) -> String {
-    format!("v1.{seq:x}")
+/// Encodes a listing position (the last task of a page) as an opaque page
+/// token.
+pub fn page_token_encode(last: Uuid) -> String {
+    format!("v2.{}", last.simple())
 }
 
 /// Decodes a page token; empty means the first page.
-pub fn page_token(field: &str, value: &str) -> Result<Option<i64>> {
+pub fn page_token(field: &str, value: &str) -> Result<Option<Uuid>> {
     if value.is_empty() {
         return Ok(None);
     }
+    if value.starts_with("v1.") {
+        // Earlier versions' tokens held a creation number; listings now go
+        // by task id, so such a token cannot be resumed.
+        return Err(Error::invalid(
+            field,
+            "is a token of an earlier server version: list again from the first page",
+        ));
+    }
     value
-        .strip_prefix("v1.")
-        .and_then(|hex| i64::from_str_radix(hex, 16).ok())
-        .filter(|seq| *seq > 0)
+        .strip_prefix("v2.")
+        .filter(|hex| hex.len() == 32)
+        .and_then(|hex| Uuid::try_parse(hex).ok())
         .map(Some)
         .ok_or_else(|| Error::invalid(field, "is not a token returned by ListTasks"))
 }
@@ -370,13 +379,18 @@ mod tests {
 
     #[test]
     fn page_tokens_round_trip_and_reject_garbage() {
+        let last = Uuid::now_v7();
         assert_eq!(
-            page_token("p", &page_token_encode(1234)).unwrap(),
-            Some(1234)
+            page_token("p", &page_token_encode(last)).unwrap(),
+            Some(last)
         );
         assert_eq!(page_token("p", "").unwrap(), None);
-        assert!(page_token("p", "v1.zz").is_err());
+        assert!(page_token("p", "v2.zz").is_err());
+        assert!(page_token("p", "v2.1234").is_err());
+        assert!(page_token("p", &format!("v2.{}", last.hyphenated())).is_err());
         assert!(page_token("p", "1234").is_err());
+        let old = page_token("p", "v1.4d2").unwrap_err().to_string();
+        assert!(old.contains("earlier server version"), "{old}");
     }
 
     #[test]

@@ -62,7 +62,8 @@ pub(crate) const STATEMENTS: &[&str] = &[
     TASK_INSERT_MANY,
     TASK_GET,
     TASK_GET_LIVE_BY_DEDUP,
-    TASK_CLAIM,
+    TASK_CLAIM_ANY,
+    TASK_CLAIM_TYPED,
     TASK_NEXT_DUE,
     LEASE_EXTEND,
     LEASE_STATE,
@@ -112,33 +113,64 @@ const TASK_GET_LIVE_BY_DEDUP: &str = concat!(
     " FROM task WHERE dedup_key = ANY($1::text[]) AND status IN ('pending', 'processing')"
 );
 
-// The pending index serves the ORDER BY; SKIP LOCKED lets concurrent
+// The pending indexes serve the ORDER BY; SKIP LOCKED lets concurrent
 // claimers take disjoint rows without waiting on each other. One statement
 // serves many takers: `$2` holds one worker id per slot, and the n-th task in
 // claim order goes to the n-th slot, so a node fills every waiting session
-// of a group in one round trip.
+// of a group in one round trip. `$1` names the task types the takers run
+// (empty: any); the two claim statements below differ only in how they find
+// the candidates.
 //
 // Batch statements read their per-row inputs by position (`$2[n]`) rather
 // than joining an `unnest` of them: the prepared statements soon run with
 // a generic plan, which guesses ten rows for an `unnest` and joins it with
 // a nested loop, so a join on the position costs n x n comparisons (a
 // 700-task claim spent 120 of its 130 ms there).
-const TASK_CLAIM: &str = concat!(
-    "WITH picked AS ( \
-       SELECT id, row_number() OVER (ORDER BY priority DESC, scheduled_for, seq) AS n FROM ( \
-         SELECT id, priority, scheduled_for, seq FROM task \
-         WHERE status = 'pending' AND scheduled_for <= now() \
-           AND (cardinality($1::text[]) = 0 OR task_type = ANY($1::text[])) \
-         ORDER BY priority DESC, scheduled_for, seq \
-         LIMIT cardinality($2::text[]) FOR UPDATE SKIP LOCKED) p) \
-     UPDATE task t SET status = 'processing', attempts = t.attempts + 1, \
-       locked_by = ($2::text[])[picked.n], locked_until = now() + $3 * interval '1 millisecond', \
-       started_at = now(), lease_token = gen_random_uuid(), progress_current = NULL, \
-       progress_total = NULL, progress_message = NULL, progress_updated_at = NULL \
-     FROM picked \
-     WHERE t.id = picked.id \
-     RETURNING picked.n, ",
-    t_columns!()
+macro_rules! claim {
+    ($candidates:expr) => {
+        concat!(
+            "WITH picked AS ( \
+               SELECT id, row_number() OVER (ORDER BY priority DESC, scheduled_for, seq) AS n \
+               FROM (",
+            $candidates,
+            ") p) \
+             UPDATE task t SET status = 'processing', attempts = t.attempts + 1, \
+               locked_by = ($2::text[])[picked.n], \
+               locked_until = now() + $3 * interval '1 millisecond', \
+               started_at = now(), lease_token = gen_random_uuid(), progress_current = NULL, \
+               progress_total = NULL, progress_message = NULL, progress_updated_at = NULL \
+             FROM picked \
+             WHERE t.id = picked.id \
+             RETURNING picked.n, ",
+            t_columns!()
+        )
+    };
+}
+
+// Takers of any type walk the pending index in claim order. (`$1` is empty
+// here; the comparison only gives the parameter its type.)
+const TASK_CLAIM_ANY: &str = claim!(
+    "SELECT id, priority, scheduled_for, seq FROM task \
+     WHERE status = 'pending' AND scheduled_for <= now() AND $1::text[] = '{}' \
+     ORDER BY priority DESC, scheduled_for, seq \
+     LIMIT cardinality($2::text[]) FOR UPDATE SKIP LOCKED"
+);
+
+// Takers of some types walk the per-type pending index once per type and
+// merge: walking the shared index instead would step over every pending
+// task of other types that comes first in claim order (a backlog of 100,000
+// high-priority tasks no taker of this group runs, on every claim). Each
+// type locks at most as many rows as there are slots; the surplus of a
+// multi-type claim is unlocked at its commit.
+const TASK_CLAIM_TYPED: &str = claim!(
+    "SELECT c.id, c.priority, c.scheduled_for, c.seq \
+     FROM (SELECT DISTINCT unnest($1::text[])) AS k(task_type) CROSS JOIN LATERAL ( \
+       SELECT id, priority, scheduled_for, seq FROM task \
+       WHERE status = 'pending' AND task_type = k.task_type AND scheduled_for <= now() \
+       ORDER BY priority DESC, scheduled_for, seq \
+       LIMIT cardinality($2::text[]) FOR UPDATE SKIP LOCKED) c \
+     ORDER BY c.priority DESC, c.scheduled_for, c.seq \
+     LIMIT cardinality($2::text[])"
 );
 
 const CLAIM_PLAN: &str = "SET LOCAL enable_bitmapscan = off; SET LOCAL enable_sort = off; \
@@ -255,8 +287,8 @@ const TASK_LIST: &str = concat!(
        AND ($3::uuid IS NULL OR library_id = $3) \
        AND ($4::uuid IS NULL OR series_id = $4) \
        AND ($5::uuid IS NULL OR book_id = $5) \
-       AND ($6::int8 IS NULL OR seq < $6) \
-     ORDER BY seq DESC LIMIT $7"
+       AND ($6::uuid IS NULL OR id < $6) \
+     ORDER BY id DESC LIMIT $7"
 );
 
 const TASK_PURGE: &str = "WITH doomed AS ( \
@@ -549,7 +581,13 @@ impl Store {
         announce: Option<Announce<'_>>,
     ) -> Result<Vec<(usize, Task)>> {
         let mut client = self.client().await?;
-        let stmt = client.prepare_cached(TASK_CLAIM).await?;
+        let stmt = client
+            .prepare_cached(if claim.task_types.is_empty() {
+                TASK_CLAIM_ANY
+            } else {
+                TASK_CLAIM_TYPED
+            })
+            .await?;
         // A queue's statistics are stale by nature (a batch of 100,000 tasks
         // arrives long before autovacuum analyzes it); with them the planner
         // may scan and sort every pending row instead of walking the pending
@@ -851,19 +889,19 @@ impl Store {
                     &filter.library_id,
                     &filter.series_id,
                     &filter.book_id,
-                    &filter.before_seq,
+                    &filter.before_id,
                     &(filter.limit + 1),
                 ],
             )
             .await?;
         let mut tasks = tasks_from_rows(&rows)?;
-        let next_seq = if tasks.len() as i64 > filter.limit {
+        let next_id = if tasks.len() as i64 > filter.limit {
             tasks.truncate(filter.limit as usize);
-            tasks.last().map(|t| t.seq)
+            tasks.last().map(|t| t.id)
         } else {
             None
         };
-        Ok(Page { tasks, next_seq })
+        Ok(Page { tasks, next_id })
     }
 
     /// Deletes terminal tasks finished before `before` (now when `None`), in
