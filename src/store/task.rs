@@ -173,17 +173,7 @@ const TASK_CLAIM_TYPED: &str = claim!(
      LIMIT cardinality($2::text[])"
 );
 
-const CLAIM_PLAN: &str = "SET LOCAL enable_bitmapscan = off; SET LOCAL enable_sort = off; \
-     SET LOCAL plan_cache_mode = force_custom_plan";
-
-// Batch statements are planned for the batch at hand. A generic plan (what
-// a prepared statement soon settles on) knows neither how many rows the
-// arrays hold nor how many tasks are processing, and with the statistics
-// of a table that holds a large history it joins the whole input against
-// every processing row per row: completions ran 3-4x slower per task once
-// 400,000 finished rows were present. Planning costs a fraction of a
-// millisecond per statement, which a batch shares.
-const BATCH_PLAN: &str = "SET LOCAL plan_cache_mode = force_custom_plan";
+const CLAIM_PLAN: &str = "SET LOCAL enable_bitmapscan = off; SET LOCAL enable_sort = off";
 
 const TASK_NEXT_DUE: &str =
     "SELECT EXTRACT(EPOCH FROM (min(scheduled_for) - clock_timestamp()))::float8 \
@@ -325,20 +315,6 @@ const NOTIFY: &str = "SELECT pg_notify($1, $2)";
 const LEASE_NEXT_EXPIRY: &str =
     "SELECT EXTRACT(EPOCH FROM (min(locked_until) - clock_timestamp()))::float8 \
      FROM task WHERE status = 'processing'";
-
-/// Runs a batch statement in its own transaction, planned for its inputs
-/// (see `BATCH_PLAN`).
-async fn query_batch(
-    client: &mut deadpool_postgres::Object,
-    stmt: &tokio_postgres::Statement,
-    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
-) -> Result<Vec<Row>> {
-    let tx = client.transaction().await?;
-    tx.batch_execute(BATCH_PLAN).await?;
-    let rows = tx.query(stmt, params).await?;
-    tx.commit().await?;
-    Ok(rows)
-}
 
 /// Rows deleted per purge statement: bounded so one pass never locks much.
 const PURGE_BATCH: i64 = 1000;
@@ -641,12 +617,12 @@ impl Store {
         &self,
         leases: &[(LeaseRef, Duration)],
     ) -> Result<Vec<(Uuid, LeaseState)>> {
-        let mut client = self.client().await?;
+        let client = self.client().await?;
         let stmt = client.prepare_cached(LEASE_EXTEND).await?;
         let ids: Vec<Uuid> = leases.iter().map(|(l, _)| l.task_id).collect();
         let tokens: Vec<Uuid> = leases.iter().map(|(l, _)| l.lease_token).collect();
         let ms: Vec<f64> = leases.iter().map(|(_, d)| millis(*d)).collect();
-        let rows = query_batch(&mut client, &stmt, &[&ids, &tokens, &ms]).await?;
+        let rows = client.query(&stmt, &[&ids, &tokens, &ms]).await?;
         let mut renewed: HashMap<(Uuid, Uuid), SystemTime> = HashMap::with_capacity(rows.len());
         for row in &rows {
             renewed.insert((row.try_get(0)?, row.try_get(1)?), row.try_get(2)?);
@@ -688,7 +664,7 @@ impl Store {
         &self,
         completions: &[(LeaseRef, serde_json::Value)],
     ) -> Result<Vec<Fenced>> {
-        let mut client = self.client().await?;
+        let client = self.client().await?;
         let stmt = client.prepare_cached(TASK_COMPLETE_MANY).await?;
         // Rows are locked in input order (the input drives the join in the
         // plans Postgres makes for these batches): sorted by id, as every
@@ -701,7 +677,7 @@ impl Store {
         let ids: Vec<Uuid> = order.iter().map(|(l, _)| l.task_id).collect();
         let tokens: Vec<Uuid> = order.iter().map(|(l, _)| l.lease_token).collect();
         let results: Vec<&serde_json::Value> = order.iter().map(|(_, r)| r).collect();
-        let rows = query_batch(&mut client, &stmt, &[&ids, &tokens, &results]).await?;
+        let rows = client.query(&stmt, &[&ids, &tokens, &results]).await?;
         let leases: Vec<LeaseRef> = completions.iter().map(|(l, _)| *l).collect();
         self.fenced_many(&client, rows, &leases, |t| t.status == Status::Completed)
             .await
@@ -714,7 +690,7 @@ impl Store {
         failures: &[(LeaseRef, Failure)],
         backoff: Backoff,
     ) -> Result<Vec<Fenced>> {
-        let mut client = self.client().await?;
+        let client = self.client().await?;
         let stmt = client.prepare_cached(TASK_FAIL_MANY).await?;
         let ids: Vec<Uuid> = failures.iter().map(|(l, _)| l.task_id).collect();
         let tokens: Vec<Uuid> = failures.iter().map(|(l, _)| l.lease_token).collect();
@@ -724,20 +700,20 @@ impl Store {
             .map(|(_, f)| f.retry_after.map(millis))
             .collect();
         let errors: Vec<&str> = failures.iter().map(|(_, f)| f.error.as_str()).collect();
-        let rows = query_batch(
-            &mut client,
-            &stmt,
-            &[
-                &ids,
-                &tokens,
-                &permanent,
-                &retry_ms,
-                &errors,
-                &millis(backoff.base),
-                &millis(backoff.max),
-            ],
-        )
-        .await?;
+        let rows = client
+            .query(
+                &stmt,
+                &[
+                    &ids,
+                    &tokens,
+                    &permanent,
+                    &retry_ms,
+                    &errors,
+                    &millis(backoff.base),
+                    &millis(backoff.max),
+                ],
+            )
+            .await?;
         let leases: Vec<LeaseRef> = failures.iter().map(|(l, _)| *l).collect();
         // A repeated fail finds the task failed, or pending with this token
         // still on it (no one has leased it since).
