@@ -122,10 +122,10 @@ const TASK_GET_LIVE_BY_DEDUP: &str = concat!(
 // the candidates.
 //
 // Batch statements read their per-row inputs by position (`$2[n]`) rather
-// than joining an `unnest` of them: the prepared statements soon run with
-// a generic plan, which guesses ten rows for an `unnest` and joins it with
-// a nested loop, so a join on the position costs n x n comparisons (a
-// 700-task claim spent 120 of its 130 ms there).
+// than joining an `unnest` of them on it: such a join is n x n comparisons
+// whenever the planner picks a nested loop for it, as generic plans (which
+// guess ten rows for an `unnest`) did: a 700-task claim spent 120 of its
+// 130 ms there.
 macro_rules! claim {
     ($candidates:expr) => {
         concat!(
