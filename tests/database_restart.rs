@@ -457,11 +457,7 @@ async fn server_keeps_serving_across_a_database_restart() {
     // Give the poll a moment to be waiting (not needed for correctness: an
     // insert that comes first is simply claimed at once).
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let (sql, connection) =
-        tokio_postgres::connect(&cluster.url("leasehold"), tokio_postgres::NoTls)
-            .await
-            .unwrap();
-    tokio::spawn(connection);
+    let sql = common::connect_sql(&cluster.url("leasehold")).await;
     sql.execute(
         "INSERT INTO task (id, task_type) VALUES (gen_random_uuid(), 'notified')",
         &[],

@@ -150,11 +150,7 @@ impl Cluster {
 
     /// A direct connection to the cluster's database.
     pub async fn sql(&self) -> tokio_postgres::Client {
-        let (client, connection) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls)
-            .await
-            .unwrap();
-        tokio::spawn(connection);
-        client
+        super::connect_sql(&self.url).await
     }
 }
 

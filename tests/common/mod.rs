@@ -102,11 +102,7 @@ impl TestServer {
 
     /// A direct connection to the test database.
     pub async fn sql(&self) -> tokio_postgres::Client {
-        let (client, connection) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls)
-            .await
-            .unwrap();
-        tokio::spawn(connection);
-        client
+        connect_sql(&self.url).await
     }
 
     /// Number of rows in the task table.
@@ -143,14 +139,20 @@ pub async fn channel_to(endpoint: &str) -> Channel {
         .unwrap()
 }
 
-/// Drops a test database, disconnecting whatever is still attached.
-pub async fn drop_database(name: &str) {
-    let (client, connection) =
-        tokio_postgres::connect(&format!("{}/postgres", admin_url()), tokio_postgres::NoTls)
-            .await
-            .unwrap();
+/// A direct connection to the database at `url`, its connection task
+/// spawned.
+pub async fn connect_sql(url: &str) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
     tokio::spawn(connection);
     client
+}
+
+/// Drops a test database, disconnecting whatever is still attached.
+pub async fn drop_database(name: &str) {
+    connect_sql(&format!("{}/postgres", admin_url()))
+        .await
         .batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
         .await
         .unwrap();
