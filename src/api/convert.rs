@@ -98,7 +98,9 @@ pub fn timestamp(t: SystemTime) -> prost_types::Timestamp {
 /// A duration as a protobuf `Duration`.
 pub fn duration(d: Duration) -> prost_types::Duration {
     prost_types::Duration {
-        seconds: d.as_secs() as i64,
+        // Saturates: a duration past i64 seconds (`Duration::MAX`, meant as
+        // "never") must not wrap into a negative one.
+        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
         nanos: d.subsec_nanos() as i32,
     }
 }
@@ -251,6 +253,12 @@ pub fn stats_to_proto(stats: &Stats) -> proto::GetStatsResponse {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_past_i64_seconds_saturate() {
+        assert_eq!(duration(Duration::MAX).seconds, i64::MAX);
+        assert_eq!(duration(Duration::from_millis(1500)).nanos, 500_000_000);
+    }
 
     #[test]
     fn json_round_trips_through_struct() {

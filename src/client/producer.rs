@@ -21,7 +21,7 @@ use crate::proto::{
 
 /// Most tasks one CreateTasks call accepts; [`Client::create_many`] splits
 /// larger inputs into calls of this size.
-pub const MAX_CREATE_BATCH: usize = 10_000;
+pub const MAX_CREATE_BATCH: usize = crate::api::validate::MAX_BATCH;
 
 /// A client of the task and worker services of one server.
 ///
@@ -393,7 +393,7 @@ impl CreateManyError {
         // Indexes are within the failed call, which starts right after the
         // created entries (a refusal before any call names input indexes
         // and has nothing created).
-        Some((self.created.len() + index, rest))
+        Some((self.created.len().checked_add(index)?, rest))
     }
 }
 
@@ -493,8 +493,19 @@ impl NewTask {
     }
 
     /// Not handed out before `delay` from now (this machine's clock).
-    pub fn scheduled_in(self, delay: Duration) -> Self {
-        self.scheduled_for(SystemTime::now() + delay)
+    pub fn scheduled_in(mut self, delay: Duration) -> Self {
+        match SystemTime::now().checked_add(delay) {
+            Some(at) => self.scheduled_for(at),
+            // Past the end of this machine's time: a timestamp the server
+            // refuses with an error naming `scheduled_for`.
+            None => {
+                self.request.scheduled_for = Some(prost_types::Timestamp {
+                    seconds: i64::MAX,
+                    nanos: 0,
+                });
+                self
+            }
+        }
     }
 
     /// The library the task is about (a UUID).
@@ -696,6 +707,17 @@ mod tests {
         let status = err.status().unwrap();
         assert_eq!(status.code(), tonic::Code::InvalidArgument);
         assert_eq!(status.message(), "tasks[3].params: must be a JSON object");
+    }
+
+    #[test]
+    fn a_delay_past_the_end_of_time_is_refused_by_the_server_not_a_panic() {
+        let request = NewTask::new("t")
+            .scheduled_in(Duration::MAX)
+            .into_request(None)
+            .unwrap();
+        let err = crate::api::validate::timestamp("scheduled_for", request.scheduled_for.as_ref())
+            .unwrap_err();
+        assert!(err.to_string().starts_with("scheduled_for:"), "{err}");
     }
 
     #[test]

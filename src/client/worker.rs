@@ -32,6 +32,7 @@ use tonic::transport::Channel;
 use tonic::Code;
 
 use super::{endpoint, from_struct, to_struct, Error, Result};
+use crate::api::{convert, validate};
 use crate::proto::{
     self, connect_request, connect_response, worker_service_client::WorkerServiceClient, AckStatus,
     LeaseStatus, OutcomeKind,
@@ -497,10 +498,10 @@ const DRAIN_LINGER: Duration = Duration::from_millis(300);
 const HANDLER_EXIT_WAIT: Duration = Duration::from_secs(10);
 
 /// The server's limit on a fail message, in characters.
-const MAX_ERROR_CHARS: usize = 65_536;
+const MAX_ERROR_CHARS: usize = validate::ERROR_MAX_CHARS;
 
 /// The server's limit on leases per heartbeat.
-const MAX_HEARTBEAT_LEASES: usize = 10_000;
+const MAX_HEARTBEAT_LEASES: usize = validate::MAX_HEARTBEAT_LEASES;
 
 /// The longest heartbeat interval honoured, whatever the server says.
 const MAX_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(3600);
@@ -672,7 +673,11 @@ impl Runner {
                     lease_token,
                     error: clean_error(error.message, MAX_ERROR_CHARS),
                     permanent: error.permanent,
-                    retry_after: error.retry_after.map(crate::api::convert::duration),
+                    // The server refuses a longer delay; the longest it
+                    // takes is closer to what was asked than its backoff.
+                    retry_after: error
+                        .retry_after
+                        .map(|d| convert::duration(d.min(validate::MAX_RETRY_AFTER))),
                 }),
             ),
         };
