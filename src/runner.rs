@@ -21,6 +21,7 @@
 //! task id, so its logs are not lost.
 
 use std::collections::VecDeque;
+use std::io::Write as _;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -31,6 +32,9 @@ use crate::client::{TaskContext, TaskError, Worker, DEFAULT_SERVER};
 
 /// How much of stderr a failure keeps.
 const STDERR_TAIL_BYTES: usize = 4096;
+
+/// Longest piece of a stderr line relayed at once.
+const STDERR_LINE_BYTES: u64 = 8192;
 
 /// Largest stdout read as the result; more fails the attempt (the server
 /// refuses results over its payload limit anyway).
@@ -188,7 +192,7 @@ impl CommandSpec {
         // wait for the output only so long.
         let (stdout, tail) = tokio::select! {
             output = async { (out.await, err.await) } => output,
-            () = tokio::time::sleep(self.kill_grace + Duration::from_secs(1)) => {
+            () = tokio::time::sleep(self.kill_grace.saturating_add(Duration::from_secs(1))) => {
                 return Err(TaskError::retry(
                     "the command exited, but a process it started keeps its output open",
                 ));
@@ -200,11 +204,8 @@ impl CommandSpec {
             .map_err(|e| TaskError::retry(format!("reading stdout: {e}")))?
             .map_err(|e| TaskError::retry(format!("reading stdout: {e}")))?;
 
-        if over_limit {
-            return Err(TaskError::retry(format!(
-                "stdout is larger than {STDOUT_LIMIT_BYTES} bytes"
-            )));
-        }
+        // A failed command's exit status and stderr say more than the size
+        // of what it printed.
         if !status.success() {
             let how = match (status.code(), exit_signal(&status)) {
                 (Some(code), _) => format!("exit code {code}"),
@@ -217,6 +218,11 @@ impl CommandSpec {
             } else {
                 format!("command failed with {how}: {tail}")
             }));
+        }
+        if over_limit {
+            return Err(TaskError::retry(format!(
+                "stdout is larger than {STDOUT_LIMIT_BYTES} bytes"
+            )));
         }
         if stdout.iter().all(u8::is_ascii_whitespace) {
             return Ok(serde_json::json!({}));
@@ -231,7 +237,10 @@ impl CommandSpec {
     async fn stop_group(&self, group: i32, leader: Option<&mut Child>) {
         signal_group(group, libc::SIGTERM);
         let now = tokio::time::Instant::now();
-        let deadline = now.checked_add(self.kill_grace).unwrap_or(now);
+        // A grace too long for an Instant is as good as forever, not none.
+        let deadline = now
+            .checked_add(self.kill_grace)
+            .unwrap_or_else(|| now + Duration::from_secs(365 * 24 * 3600));
         if let Some(leader) = leader {
             let _ = tokio::time::timeout_at(deadline, leader.wait()).await;
         }
@@ -326,13 +335,30 @@ fn exit_signal(_: &std::process::ExitStatus) -> Option<i32> {
 /// id, and returns its last few kilobytes.
 async fn copy_stderr(stderr: tokio::process::ChildStderr, task_id: String) -> String {
     // Split on bytes, not lines: output that is not UTF-8 must still be
-    // read to the end, or the command would block on a full pipe.
-    let mut lines = BufReader::new(stderr).split(b'\n');
+    // read to the end, or the command would block on a full pipe. A line
+    // longer than STDERR_LINE_BYTES is relayed in pieces, so a command that
+    // never writes a newline holds no more than that in memory.
+    let mut reader = BufReader::new(stderr);
+    let mut bytes = Vec::new();
     let mut tail: VecDeque<String> = VecDeque::new();
     let mut tail_len = 0;
-    while let Ok(Some(bytes)) = lines.next_segment().await {
+    loop {
+        bytes.clear();
+        match (&mut reader)
+            .take(STDERR_LINE_BYTES)
+            .read_until(b'\n', &mut bytes)
+            .await
+        {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+        if bytes.last() == Some(&b'\n') {
+            bytes.pop();
+        }
         let line = String::from_utf8_lossy(&bytes).into_owned();
-        eprintln!("[{task_id}] {line}");
+        // Not eprintln!: it panics when our stderr is closed, and this task
+        // must keep reading or the command blocks on its pipe.
+        let _ = writeln!(std::io::stderr().lock(), "[{task_id}] {line}");
         tail_len += line.len() + 1;
         tail.push_back(line);
         while tail_len > STDERR_TAIL_BYTES && tail.len() > 1 {
