@@ -299,7 +299,7 @@ async fn shutdown_drains_finishes_in_flight_tasks_and_releases_the_rest() {
     assert_eq!(started, both);
 
     running.shutdown.shutdown();
-    // A task created during the drain is not taken.
+    // A task created during the drain is not taken (never started, below).
     let late = create(&client, NewTask::new("export_series")).await;
     assert_eq!(
         recv(&mut rx, "the stuck handler's token").await,
@@ -307,6 +307,9 @@ async fn shutdown_drains_finishes_in_flight_tasks_and_releases_the_rest() {
     );
     // It stops after its drain timeout.
     running.stopped().await;
+    while let Ok((id, _)) = rx.try_recv() {
+        assert_ne!(id, late, "a task created during the drain was started");
+    }
 
     let task = client.get(&quick).await.unwrap();
     assert_eq!(
@@ -367,12 +370,12 @@ async fn a_worker_whose_node_is_killed_reconnects_and_completes_held_tasks_once(
 
     // The worker registers on A (first in its list) before any task exists.
     let client_a = Client::connect(&a).await.unwrap();
-    eventually(PATIENCE, || async {
+    let first_node = eventually(PATIENCE, || async {
         let sessions = client_a.workers().await.unwrap();
         sessions
-            .iter()
-            .any(|s| s.worker_id == "survivor")
-            .then_some(())
+            .into_iter()
+            .find(|s| s.worker_id == "survivor")
+            .map(|s| s.node_id)
     })
     .await;
     let mut ids = Vec::new();
@@ -387,12 +390,13 @@ async fn a_worker_whose_node_is_killed_reconnects_and_completes_held_tasks_once(
     cluster.signal(0, "KILL");
     cluster.exited(0).await;
 
-    // The worker is back, on B.
+    // The worker is back, on B: a session on another node than the first
+    // (A's own session stays listed until A's row is seen as dead).
     eventually(PATIENCE, || async {
         let sessions = client_b.workers().await.unwrap_or_default();
         sessions
             .iter()
-            .any(|s| s.worker_id == "survivor")
+            .any(|s| s.worker_id == "survivor" && s.node_id != first_node)
             .then_some(())
     })
     .await;
