@@ -61,6 +61,7 @@ pub(crate) const STATEMENTS: &[&str] = &[
     TASK_INSERT,
     TASK_INSERT_MANY,
     TASK_GET,
+    TASK_GET_MANY,
     TASK_GET_LIVE_BY_DEDUP,
     TASK_CLAIM_ANY,
     TASK_CLAIM_TYPED,
@@ -106,6 +107,12 @@ const TASK_INSERT_MANY: &str = concat!(
 );
 
 const TASK_GET: &str = concat!("SELECT ", columns!(), " FROM task WHERE id = $1");
+
+const TASK_GET_MANY: &str = concat!(
+    "SELECT ",
+    columns!(),
+    " FROM task WHERE id = ANY($1::uuid[])"
+);
 
 const TASK_GET_LIVE_BY_DEDUP: &str = concat!(
     "SELECT ",
@@ -199,10 +206,14 @@ const LEASE_STATE: &str = "SELECT id, status, lease_token FROM task WHERE id = A
 // Completions and failures are written in batches (group commit): one
 // statement for every outcome that arrived together.
 const TASK_COMPLETE_MANY: &str = concat!(
-    "UPDATE task t SET status = 'completed', result = r.result, completed_at = now(), \
-       locked_until = NULL \
-     FROM unnest($1::uuid[], $2::uuid[], $3::jsonb[]) AS r(id, token, result) \
-     WHERE t.id = r.id AND t.lease_token = r.token AND t.status = 'processing' \
+    "WITH locked AS ( \
+       SELECT t.id, r.n FROM unnest($1::uuid[]) WITH ORDINALITY AS r(id, n) \
+       JOIN task t ON t.id = r.id ORDER BY t.id FOR UPDATE OF t) \
+     UPDATE task t SET status = 'completed', result = ($3::jsonb[])[locked.n], \
+       completed_at = now(), locked_until = NULL \
+     FROM locked \
+     WHERE t.id = locked.id AND t.lease_token = ($2::uuid[])[locked.n] \
+       AND t.status = 'processing' \
      RETURNING ",
     t_columns!()
 );
@@ -315,6 +326,23 @@ const NOTIFY: &str = "SELECT pg_notify($1, $2)";
 const LEASE_NEXT_EXPIRY: &str =
     "SELECT EXTRACT(EPOCH FROM (min(locked_until) - clock_timestamp()))::float8 \
      FROM task WHERE status = 'processing'";
+
+/// What a fenced write that matched no row means, given the task as it is
+/// now (`None`: no such task): already applied by an earlier call with the
+/// same token, or refused because the lease is gone.
+fn verdict(
+    task: Option<Task>,
+    lease: LeaseRef,
+    already_applied: &impl Fn(&Task) -> bool,
+) -> Fenced {
+    match task {
+        None => Fenced::NotFound,
+        Some(task) if task.lease_token == Some(lease.lease_token) && already_applied(&task) => {
+            Fenced::Applied(Box::new(task))
+        }
+        Some(task) => Fenced::Stale(task.status),
+    }
+}
 
 /// Rows deleted per purge statement: bounded so one pass never locks much.
 const PURGE_BATCH: i64 = 1000;
@@ -666,17 +694,9 @@ impl Store {
     ) -> Result<Vec<Fenced>> {
         let client = self.client().await?;
         let stmt = client.prepare_cached(TASK_COMPLETE_MANY).await?;
-        // Rows are locked in input order (the input drives the join in the
-        // plans Postgres makes for these batches): sorted by id, as every
-        // batch is, two batches over the same tasks queue up instead of
-        // deadlocking. Should a plan ever lock in another order, Postgres
-        // detects the deadlock and fails one whole batch, which its callers
-        // get as an error and retry; nothing is half applied.
-        let mut order: Vec<&(LeaseRef, serde_json::Value)> = completions.iter().collect();
-        order.sort_by_key(|(l, _)| l.task_id);
-        let ids: Vec<Uuid> = order.iter().map(|(l, _)| l.task_id).collect();
-        let tokens: Vec<Uuid> = order.iter().map(|(l, _)| l.lease_token).collect();
-        let results: Vec<&serde_json::Value> = order.iter().map(|(_, r)| r).collect();
+        let ids: Vec<Uuid> = completions.iter().map(|(l, _)| l.task_id).collect();
+        let tokens: Vec<Uuid> = completions.iter().map(|(l, _)| l.lease_token).collect();
+        let results: Vec<&serde_json::Value> = completions.iter().map(|(_, r)| r).collect();
         let rows = client.query(&stmt, &[&ids, &tokens, &results]).await?;
         let leases: Vec<LeaseRef> = completions.iter().map(|(l, _)| *l).collect();
         self.fenced_many(&client, rows, &leases, |t| t.status == Status::Completed)
@@ -767,15 +787,11 @@ impl Store {
             return Ok(Fenced::Applied(Box::new(Task::from_row(&row)?)));
         }
         let stmt = client.prepare_cached(TASK_GET).await?;
-        let Some(row) = client.query_opt(&stmt, &[&lease.task_id]).await? else {
-            return Ok(Fenced::NotFound);
+        let task = match client.query_opt(&stmt, &[&lease.task_id]).await? {
+            Some(row) => Some(Task::from_row(&row)?),
+            None => None,
         };
-        let task = Task::from_row(&row)?;
-        if task.lease_token == Some(lease.lease_token) && already_applied(&task) {
-            Ok(Fenced::Applied(Box::new(task)))
-        } else {
-            Ok(Fenced::Stale(task.status))
-        }
+        Ok(verdict(task, lease, already_applied))
     }
 
     /// Outcomes of a batch of fenced writes: the rows written, by task id,
@@ -792,16 +808,37 @@ impl Store {
             let task = Task::from_row(row)?;
             written.insert(task.id, task);
         }
-        let mut outcomes = Vec::with_capacity(leases.len());
-        for lease in leases {
-            match written.get(&lease.task_id) {
-                Some(task) if task.lease_token == Some(lease.lease_token) => {
-                    outcomes.push(Fenced::Applied(Box::new(task.clone())));
-                }
-                _ => outcomes.push(self.fenced(client, None, *lease, &already_applied).await?),
+        let written_by = |lease: &LeaseRef| {
+            written
+                .get(&lease.task_id)
+                .filter(|task| task.lease_token == Some(lease.lease_token))
+        };
+        // The leases that matched nothing are read back in one statement
+        // (after a reclaim, a whole batch of late outcomes can miss).
+        let missed: Vec<Uuid> = leases
+            .iter()
+            .filter(|lease| written_by(lease).is_none())
+            .map(|lease| lease.task_id)
+            .collect();
+        let mut current: HashMap<Uuid, Task> = HashMap::new();
+        if !missed.is_empty() {
+            let stmt = client.prepare_cached(TASK_GET_MANY).await?;
+            for row in client.query(&stmt, &[&missed]).await? {
+                let task = Task::from_row(&row)?;
+                current.insert(task.id, task);
             }
         }
-        Ok(outcomes)
+        Ok(leases
+            .iter()
+            .map(|lease| match written_by(lease) {
+                Some(task) => Fenced::Applied(Box::new(task.clone())),
+                None => verdict(
+                    current.get(&lease.task_id).cloned(),
+                    *lease,
+                    &already_applied,
+                ),
+            })
+            .collect())
     }
 
     /// Sends a notification on `channel` to every listening node.
