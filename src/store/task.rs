@@ -14,6 +14,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, SystemTime};
 
+use tokio_postgres::error::SqlState;
 use tokio_postgres::Row;
 use uuid::Uuid;
 
@@ -205,15 +206,17 @@ const LEASE_STATE: &str = "SELECT id, status, lease_token FROM task WHERE id = A
 
 // Completions and failures are written in batches (group commit): one
 // statement for every outcome that arrived together.
+//
+// Completions, the hottest batch, skip the `locked` pass (a row-lock record
+// per task, 15-25 % of `sql-only` throughput): they lock rows in the order
+// the plan visits them, which can cross a heartbeat's id order. Postgres
+// then aborts one of the two as a deadlock victim, and `deadlock_retried`
+// runs it again.
 const TASK_COMPLETE_MANY: &str = concat!(
-    "WITH locked AS ( \
-       SELECT t.id, r.n FROM unnest($1::uuid[]) WITH ORDINALITY AS r(id, n) \
-       JOIN task t ON t.id = r.id ORDER BY t.id FOR UPDATE OF t) \
-     UPDATE task t SET status = 'completed', result = ($3::jsonb[])[locked.n], \
-       completed_at = now(), locked_until = NULL \
-     FROM locked \
-     WHERE t.id = locked.id AND t.lease_token = ($2::uuid[])[locked.n] \
-       AND t.status = 'processing' \
+    "UPDATE task t SET status = 'completed', result = r.result, completed_at = now(), \
+       locked_until = NULL \
+     FROM unnest($1::uuid[], $2::uuid[], $3::jsonb[]) AS r(id, token, result) \
+     WHERE t.id = r.id AND t.lease_token = r.token AND t.status = 'processing' \
      RETURNING ",
     t_columns!()
 );
@@ -326,6 +329,41 @@ const NOTIFY: &str = "SELECT pg_notify($1, $2)";
 const LEASE_NEXT_EXPIRY: &str =
     "SELECT EXTRACT(EPOCH FROM (min(locked_until) - clock_timestamp()))::float8 \
      FROM task WHERE status = 'processing'";
+
+/// A statement parameter, borrowed for `'a`.
+type Param<'a> = dyn tokio_postgres::types::ToSql + Sync + 'a;
+
+/// Times a batch write is run when Postgres keeps choosing it as the victim
+/// of a deadlock.
+const DEADLOCK_ATTEMPTS: u32 = 3;
+
+/// Runs a batch write again when Postgres aborted it as the victim of a
+/// deadlock with another batch over the same tasks (see
+/// `TASK_COMPLETE_MANY`). Each is one statement in its own transaction, so
+/// an aborted run applied nothing and running it again is safe.
+async fn deadlock_retried<T, Fut>(
+    mut write: impl FnMut() -> Fut,
+) -> std::result::Result<T, tokio_postgres::Error>
+where
+    Fut: std::future::Future<Output = std::result::Result<T, tokio_postgres::Error>>,
+{
+    let mut attempt = 1;
+    loop {
+        match write().await {
+            Err(err)
+                if err.code() == Some(&SqlState::T_R_DEADLOCK_DETECTED)
+                    && attempt < DEADLOCK_ATTEMPTS =>
+            {
+                tracing::warn!(
+                    attempt,
+                    "batch write chosen as a deadlock victim; running it again"
+                );
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
+}
 
 /// What a fenced write that matched no row means, given the task as it is
 /// now (`None`: no such task): already applied by an earlier call with the
@@ -650,7 +688,8 @@ impl Store {
         let ids: Vec<Uuid> = leases.iter().map(|(l, _)| l.task_id).collect();
         let tokens: Vec<Uuid> = leases.iter().map(|(l, _)| l.lease_token).collect();
         let ms: Vec<f64> = leases.iter().map(|(_, d)| millis(*d)).collect();
-        let rows = client.query(&stmt, &[&ids, &tokens, &ms]).await?;
+        let params: [&Param<'_>; 3] = [&ids, &tokens, &ms];
+        let rows = deadlock_retried(|| client.query(&stmt, &params)).await?;
         let mut renewed: HashMap<(Uuid, Uuid), SystemTime> = HashMap::with_capacity(rows.len());
         for row in &rows {
             renewed.insert((row.try_get(0)?, row.try_get(1)?), row.try_get(2)?);
@@ -694,10 +733,15 @@ impl Store {
     ) -> Result<Vec<Fenced>> {
         let client = self.client().await?;
         let stmt = client.prepare_cached(TASK_COMPLETE_MANY).await?;
-        let ids: Vec<Uuid> = completions.iter().map(|(l, _)| l.task_id).collect();
-        let tokens: Vec<Uuid> = completions.iter().map(|(l, _)| l.lease_token).collect();
-        let results: Vec<&serde_json::Value> = completions.iter().map(|(_, r)| r).collect();
-        let rows = client.query(&stmt, &[&ids, &tokens, &results]).await?;
+        // Sorted by id: when the plan is driven by the input (small
+        // batches), rows are locked in the order heartbeats lock them.
+        let mut order: Vec<&(LeaseRef, serde_json::Value)> = completions.iter().collect();
+        order.sort_by_key(|(l, _)| l.task_id);
+        let ids: Vec<Uuid> = order.iter().map(|(l, _)| l.task_id).collect();
+        let tokens: Vec<Uuid> = order.iter().map(|(l, _)| l.lease_token).collect();
+        let results: Vec<&serde_json::Value> = order.iter().map(|(_, r)| r).collect();
+        let params: [&Param<'_>; 3] = [&ids, &tokens, &results];
+        let rows = deadlock_retried(|| client.query(&stmt, &params)).await?;
         let leases: Vec<LeaseRef> = completions.iter().map(|(l, _)| *l).collect();
         self.fenced_many(&client, rows, &leases, |t| t.status == Status::Completed)
             .await
@@ -720,20 +764,9 @@ impl Store {
             .map(|(_, f)| f.retry_after.map(millis))
             .collect();
         let errors: Vec<&str> = failures.iter().map(|(_, f)| f.error.as_str()).collect();
-        let rows = client
-            .query(
-                &stmt,
-                &[
-                    &ids,
-                    &tokens,
-                    &permanent,
-                    &retry_ms,
-                    &errors,
-                    &millis(backoff.base),
-                    &millis(backoff.max),
-                ],
-            )
-            .await?;
+        let (base, max) = (millis(backoff.base), millis(backoff.max));
+        let params: [&Param<'_>; 7] = [&ids, &tokens, &permanent, &retry_ms, &errors, &base, &max];
+        let rows = deadlock_retried(|| client.query(&stmt, &params)).await?;
         let leases: Vec<LeaseRef> = failures.iter().map(|(l, _)| *l).collect();
         // A repeated fail finds the task failed, or pending with this token
         // still on it (no one has leased it since).
