@@ -122,10 +122,7 @@ impl Dispatcher {
                 2,
                 move |items: Vec<(LeaseRef, Duration)>| {
                     let store = store.clone();
-                    async move {
-                        let answers = store.lease_extend(&items).await?;
-                        Ok(answers.into_iter().map(|(_, state)| state).collect())
-                    }
+                    async move { store.lease_extend(&items).await }
                 },
             )
         };

@@ -679,10 +679,7 @@ impl Store {
 
     /// Renews leases, each by its own duration, in one statement; one answer
     /// per lease, in input order.
-    pub async fn lease_extend(
-        &self,
-        leases: &[(LeaseRef, Duration)],
-    ) -> Result<Vec<(Uuid, LeaseState)>> {
+    pub async fn lease_extend(&self, leases: &[(LeaseRef, Duration)]) -> Result<Vec<LeaseState>> {
         let client = self.client().await?;
         let stmt = client.prepare_cached(LEASE_EXTEND).await?;
         let ids: Vec<Uuid> = leases.iter().map(|(l, _)| l.task_id).collect();
@@ -694,18 +691,19 @@ impl Store {
         for row in &rows {
             renewed.insert((row.try_get(0)?, row.try_get(1)?), row.try_get(2)?);
         }
-        let mut answers: Vec<(Uuid, LeaseState)> = leases
+        let mut answers: Vec<LeaseState> = leases
             .iter()
             .map(|(l, _)| match renewed.get(&(l.task_id, l.lease_token)) {
-                Some(until) => (l.task_id, LeaseState::Held(*until)),
-                None => (l.task_id, LeaseState::Lost),
+                Some(until) => LeaseState::Held(*until),
+                None => LeaseState::Lost,
             })
             .collect();
         if renewed.len() < leases.len() {
             let missed: Vec<Uuid> = answers
                 .iter()
-                .filter(|(_, s)| *s == LeaseState::Lost)
-                .map(|(id, _)| *id)
+                .zip(leases)
+                .filter(|(s, _)| **s == LeaseState::Lost)
+                .map(|(_, (l, _))| l.task_id)
                 .collect();
             let stmt = client.prepare_cached(LEASE_STATE).await?;
             let mut cancelled: HashSet<(Uuid, Uuid)> = HashSet::new();
@@ -716,8 +714,10 @@ impl Store {
                     }
                 }
             }
-            for ((id, state), (lease, _)) in answers.iter_mut().zip(leases) {
-                if *state == LeaseState::Lost && cancelled.contains(&(*id, lease.lease_token)) {
+            for (state, (lease, _)) in answers.iter_mut().zip(leases) {
+                if *state == LeaseState::Lost
+                    && cancelled.contains(&(lease.task_id, lease.lease_token))
+                {
                     *state = LeaseState::Cancelled;
                 }
             }
