@@ -2,9 +2,10 @@
 //! `task create` (what the new task is about), `task list` and `watch`
 //! (which tasks they show), and how they reach the client's builders.
 
-use super::parse::Status;
+use crate::api::convert::status_to_proto;
 use crate::client::{NewTask, TaskFilter, WatchFilter};
 use crate::proto::TaskStatus;
+use crate::task::Status;
 
 /// `--library-id`, `--series-id`, `--book-id`: what a task is about
 /// ([`Filter`] words their help as filters).
@@ -64,7 +65,7 @@ impl Filter {
     /// `target` narrowed by every filter given.
     pub(super) fn apply<T: Filters>(&self, target: T) -> T {
         let target = target
-            .statuses(self.status.iter().map(|s| TaskStatus::from(*s)).collect())
+            .statuses(self.status.iter().map(|s| status_to_proto(*s)).collect())
             .task_types(self.task_type.clone());
         self.about.apply(target)
     }

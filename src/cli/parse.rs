@@ -8,54 +8,24 @@ use serde_json::Value;
 
 use crate::api::validate;
 use crate::client::NewTask;
-use crate::proto::TaskStatus;
+use crate::task::Status;
 
-/// A task status, as typed on the command line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Status {
-    /// Waiting to be leased.
-    Pending,
-    /// Leased to a worker.
-    Processing,
-    /// Completed by a worker.
-    Completed,
-    /// Failed for good.
-    Failed,
-    /// Cancelled by an operator.
-    Cancelled,
-}
+/// Task statuses are typed as the server stores them (`pending`, ...).
+impl clap::ValueEnum for Status {
+    fn value_variants<'a>() -> &'a [Self] {
+        &Status::ALL
+    }
 
-impl From<Status> for TaskStatus {
-    fn from(status: Status) -> Self {
-        match status {
-            Status::Pending => TaskStatus::Pending,
-            Status::Processing => TaskStatus::Processing,
-            Status::Completed => TaskStatus::Completed,
-            Status::Failed => TaskStatus::Failed,
-            Status::Cancelled => TaskStatus::Cancelled,
-        }
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        Some(clap::builder::PossibleValue::new(self.as_str()))
     }
 }
 
 /// A terminal status, the only kind `task purge` deletes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Finished {
-    /// Completed by a worker.
-    Completed,
-    /// Failed for good.
-    Failed,
-    /// Cancelled by an operator.
-    Cancelled,
-}
-
-impl From<Finished> for TaskStatus {
-    fn from(status: Finished) -> Self {
-        match status {
-            Finished::Completed => TaskStatus::Completed,
-            Finished::Failed => TaskStatus::Failed,
-            Finished::Cancelled => TaskStatus::Cancelled,
-        }
-    }
+pub fn finished() -> impl clap::builder::TypedValueParser<Value = Status> {
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(Status::TERMINAL.map(Status::as_str))
+        .try_map(|s: String| Status::parse(&s).ok_or("not a task status"))
 }
 
 /// A JSON object (`--params '{"mode": "deep"}'`).

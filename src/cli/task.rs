@@ -7,10 +7,11 @@ use std::time::{Duration, SystemTime};
 use futures_util::TryStreamExt;
 
 use super::filter::{About, Filter};
-use super::parse::{self, Finished};
+use super::parse;
 use super::{code_name, describe, human, json, note, print_json, print_line, Failure, Options};
 use crate::client::{Client, CreateManyError, NewTask, TaskFilter, MAX_CREATE_BATCH};
 use crate::proto;
+use crate::task::Status;
 
 /// Tasks `task list` prints unless told otherwise.
 const DEFAULT_LIMIT: u64 = 100;
@@ -158,8 +159,8 @@ pub struct RetryArgs {
 pub struct PurgeArgs {
     /// Only tasks in these statuses (repeat or separate with commas);
     /// default all three.
-    #[arg(long, value_enum, value_delimiter = ',')]
-    pub status: Vec<Finished>,
+    #[arg(long, value_parser = parse::finished(), value_delimiter = ',')]
+    pub status: Vec<Status>,
 
     /// Only tasks that finished before this time (UTC, RFC 3339); default
     /// now.
@@ -539,7 +540,11 @@ async fn purge(args: PurgeArgs) -> Result<(), Failure> {
         })?),
         (None, None) => None,
     };
-    let statuses: Vec<proto::TaskStatus> = args.status.iter().map(|s| (*s).into()).collect();
+    let statuses: Vec<proto::TaskStatus> = args
+        .status
+        .iter()
+        .map(|s| crate::api::convert::status_to_proto(*s))
+        .collect();
     let client = args.options.connect().await?;
     let deleted = client.purge(completed_before, &statuses).await?;
     if args.options.json {
