@@ -6,7 +6,9 @@ mod common;
 use std::collections::HashSet;
 use std::time::{Duration, SystemTime};
 
-use common::{acquire, acquire_tasks, duration, get_task, json, new_task, status_of, TestServer};
+use common::{
+    acquire, acquire_tasks, duration, fail_task, get_task, json, new_task, status_of, TestServer,
+};
 use leasehold::proto::worker_service_client::WorkerServiceClient;
 use leasehold::proto::{self, TaskStatus};
 use tonic::transport::Channel;
@@ -408,20 +410,8 @@ async fn a_retried_complete_or_fail_with_the_same_token_succeeds_again() {
         retry_after: Some(duration(Duration::from_secs(3600))),
         ..Default::default()
     };
-    let first = workers
-        .fail_task(request.clone())
-        .await
-        .unwrap()
-        .into_inner()
-        .task
-        .unwrap();
-    let second = workers
-        .fail_task(request)
-        .await
-        .unwrap()
-        .into_inner()
-        .task
-        .unwrap();
+    let first = fail_task(&mut workers, request.clone()).await;
+    let second = fail_task(&mut workers, request).await;
     assert_eq!(first, second);
     assert_eq!(status_of(&first), TaskStatus::Pending);
     server.stop().await;
@@ -551,13 +541,7 @@ async fn fail_timed(
             .get::<_, SystemTime>(0)
     };
     let before = clock().await;
-    let task = workers
-        .fail_task(request)
-        .await
-        .unwrap()
-        .into_inner()
-        .task
-        .unwrap();
+    let task = fail_task(workers, request).await;
     let after = clock().await;
     (task, Between { before, after })
 }
@@ -632,13 +616,7 @@ async fn failures_back_off_or_fail_for_good() {
     // Permanent: failed at once, whatever attempts are left.
     let leased = create_and_lease(&server, new_task("analyze_book"), Duration::from_secs(60)).await;
     let (id, token) = lease_of(&leased);
-    let task = workers
-        .fail_task(fail(id, token, true, None))
-        .await
-        .unwrap()
-        .into_inner()
-        .task
-        .unwrap();
+    let task = fail_task(&mut workers, fail(id, token, true, None)).await;
     assert_eq!(status_of(&task), TaskStatus::Failed);
     assert!(task.completed_at.is_some());
     assert_eq!(task.attempts, 1);
@@ -655,13 +633,7 @@ async fn failures_back_off_or_fail_for_good() {
     )
     .await;
     let (id, token) = lease_of(&leased);
-    let task = workers
-        .fail_task(fail(id, token, false, None))
-        .await
-        .unwrap()
-        .into_inner()
-        .task
-        .unwrap();
+    let task = fail_task(&mut workers, fail(id, token, false, None)).await;
     assert_eq!(status_of(&task), TaskStatus::Failed);
     server.stop().await;
 }

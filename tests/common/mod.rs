@@ -193,6 +193,20 @@ pub async fn get_task(tasks: &mut TaskServiceClient<Channel>, id: &str) -> proto
         .unwrap()
 }
 
+/// FailTask, which must succeed: the task after it.
+pub async fn fail_task(
+    workers: &mut WorkerServiceClient<Channel>,
+    request: proto::FailTaskRequest,
+) -> proto::Task {
+    workers
+        .fail_task(request)
+        .await
+        .unwrap()
+        .into_inner()
+        .task
+        .unwrap()
+}
+
 /// AcquireTasks, which must succeed: the tasks it leased.
 pub async fn acquire_tasks(
     workers: &mut WorkerServiceClient<Channel>,
