@@ -2,7 +2,7 @@
 //! answers. No SQL here, and no policy beyond the wire contract's limits.
 
 pub mod convert;
-mod session;
+pub(crate) mod session;
 mod task_service;
 pub mod validate;
 mod worker_service;

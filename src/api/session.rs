@@ -48,7 +48,12 @@ fn respond(kind: connect_response::Kind) -> Result<proto::ConnectResponse, Statu
     Ok(proto::ConnectResponse { kind: Some(kind) })
 }
 
-fn spec(register: &proto::RegisterWorker, default_lease: Duration) -> Result<SessionSpec, Error> {
+/// The session a `register` asks for, checked field by field (the Rust
+/// `Worker` runs the same checks when it is built).
+pub(crate) fn spec(
+    register: &proto::RegisterWorker,
+    default_lease: Duration,
+) -> Result<SessionSpec, Error> {
     let mut task_types = validate::task_types("register.task_types", &register.task_types)?;
     task_types.sort();
     task_types.dedup();

@@ -321,6 +321,12 @@ impl WorkerBuilder {
             lease_duration: self.lease_duration.map(crate::api::convert::duration),
             labels: self.labels,
         };
+        // The server's own checks of a registration, so that a worker id,
+        // slot count, lease or label it would refuse fails here and not at
+        // the first connection. (The default lease is only a placeholder:
+        // the server picks its own when none is given.)
+        crate::api::session::spec(&register, crate::config::MIN_LEASE)
+            .map_err(|err| Error::InvalidConfig(err.to_string()))?;
         Ok(Worker {
             register,
             channels,
@@ -1270,5 +1276,35 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
     match deadline {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn builder(worker_id: &str) -> WorkerBuilder {
+        Worker::builder(worker_id)
+            .server("http://127.0.0.1:1")
+            .handler("scan_library", |_| async { Ok(serde_json::json!({})) })
+    }
+
+    fn refused(builder: WorkerBuilder) -> String {
+        match builder.build() {
+            Err(Error::InvalidConfig(message)) => message,
+            Err(other) => panic!("expected InvalidConfig, got {other:?}"),
+            Ok(_) => panic!("built a worker the server would refuse"),
+        }
+    }
+
+    /// What the server would refuse at registration is refused when the
+    /// worker is built, naming the field.
+    #[tokio::test]
+    async fn build_runs_the_servers_registration_checks() {
+        assert!(builder("thumbnailer-1").build().is_ok());
+        assert!(refused(builder("")).starts_with("register.worker_id:"));
+        assert!(refused(builder("w").slots(20_000)).starts_with("register.slots:"));
+        let lease = refused(builder("w").lease_duration(Duration::from_millis(1)));
+        assert!(lease.starts_with("register.lease_duration:"), "{lease}");
     }
 }
