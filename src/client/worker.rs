@@ -984,10 +984,7 @@ impl Runner {
             let Some(ready) = self.waiting.pop_front() else {
                 return;
             };
-            let current = self
-                .held
-                .get(&ready.task_id)
-                .is_some_and(|held| held.lease_token == ready.lease_token);
+            let current = self.holds(&ready.task_id, &ready.lease_token);
             if current {
                 self.spawn(ready);
             }
@@ -999,10 +996,7 @@ impl Runner {
     fn release_waiting(&mut self) -> Vec<connect_request::Kind> {
         let mut out = Vec::new();
         while let Some(ready) = self.waiting.pop_front() {
-            let current = self
-                .held
-                .get(&ready.task_id)
-                .is_some_and(|held| held.lease_token == ready.lease_token);
+            let current = self.holds(&ready.task_id, &ready.lease_token);
             if current {
                 self.forget(&ready.task_id);
                 let message = connect_request::Kind::Release(proto::ReleaseTaskRequest {
@@ -1017,10 +1011,7 @@ impl Runner {
 
     /// The message for a progress report, if its lease is still held.
     fn progress(&self, report: ProgressReport) -> Option<connect_request::Kind> {
-        let current = self
-            .held
-            .get(&report.task_id)
-            .is_some_and(|held| held.lease_token == report.lease_token);
+        let current = self.holds(&report.task_id, &report.lease_token);
         current.then_some(connect_request::Kind::Progress(proto::ReportProgress {
             task_id: report.task_id,
             lease_token: report.lease_token,
