@@ -167,7 +167,7 @@ impl CommandSpec {
         let group = child.id().and_then(|pid| i32::try_from(pid).ok());
         // If this future is dropped (the worker stops and aborts handlers
         // that outlast its wait), nothing of the command may live on.
-        let _guard = group.map(GroupGuard);
+        let mut guard = GroupGuard(group);
 
         let status = tokio::select! {
             status = child.wait() => status,
@@ -186,6 +186,12 @@ impl CommandSpec {
         if let Some(group) = group {
             if group_alive(group) {
                 self.stop_group(group, None).await;
+            }
+            // The group is gone (its leader reaped above): from now on its
+            // id may be reused by an unrelated group, which the guard must
+            // not signal.
+            if !group_alive(group) {
+                guard.disarm();
             }
         }
         // A process that left the group (setsid) may still hold a pipe:
@@ -253,13 +259,21 @@ impl CommandSpec {
     }
 }
 
-/// SIGKILLs what is left of a command's process group when dropped.
-struct GroupGuard(i32);
+/// SIGKILLs what is left of a command's process group when dropped,
+/// unless disarmed.
+struct GroupGuard(Option<i32>);
+
+impl GroupGuard {
+    /// The group is known to be gone: signal nothing.
+    fn disarm(&mut self) {
+        self.0 = None;
+    }
+}
 
 impl Drop for GroupGuard {
     fn drop(&mut self) {
-        if group_alive(self.0) {
-            signal_group(self.0, libc::SIGKILL);
+        if let Some(group) = self.0.filter(|group| group_alive(*group)) {
+            signal_group(group, libc::SIGKILL);
         }
     }
 }
