@@ -9,7 +9,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use common::{register, Session, TestServer};
-use leasehold::proto::{self, connect_request::Kind as Req};
+use leasehold::proto;
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::process::{Child, ChildStderr, ChildStdout, Command};
@@ -690,16 +690,7 @@ async fn watch_prints_the_life_of_a_task_as_json_and_as_lines() {
     run(&addr, &["task", "create", "scan_library"]).await.ok();
     let id = created_id(&run(&addr, &["task", "create", "analyze_series"]).await.ok());
     let leased = worker.next_task().await;
-    let lease = leased.lease.clone().unwrap();
-    worker
-        .send(Req::Progress(proto::ReportProgress {
-            task_id: lease.task_id.clone(),
-            lease_token: lease.lease_token.clone(),
-            current: 40,
-            total: 100,
-            message: "reading pages".into(),
-        }))
-        .await;
+    worker.progress(&leased, 40, 100, "reading pages").await;
     // Progress is stored on its own schedule, and refused once the task
     // completed: the completion waits until the progress has shown.
     let mut kinds = Vec::new();

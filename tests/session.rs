@@ -452,16 +452,7 @@ async fn a_watcher_sees_the_whole_life_of_a_task() {
     .await;
     let id = server.create_many("analyze_series", 1).await.remove(0);
     let leased = worker.next_task().await;
-    let lease = leased.lease.clone().unwrap();
-    worker
-        .send(Req::Progress(proto::ReportProgress {
-            task_id: lease.task_id.clone(),
-            lease_token: lease.lease_token.clone(),
-            current: 40,
-            total: 100,
-            message: "reading pages".into(),
-        }))
-        .await;
+    worker.progress(&leased, 40, 100, "reading pages").await;
     // Progress is visible in GetTask once stored.
     let task = common::eventually(Duration::from_secs(10), || {
         let server = &server;

@@ -393,6 +393,27 @@ impl Session {
         .await;
     }
 
+    /// Reports progress on a leased task.
+    pub async fn progress(
+        &self,
+        leased: &proto::LeasedTask,
+        current: i64,
+        total: i64,
+        message: &str,
+    ) {
+        let lease = leased.lease.as_ref().unwrap();
+        self.send(proto::connect_request::Kind::Progress(
+            proto::ReportProgress {
+                task_id: lease.task_id.clone(),
+                lease_token: lease.lease_token.clone(),
+                current,
+                total,
+                message: message.to_owned(),
+            },
+        ))
+        .await;
+    }
+
     /// Closes the worker's side of the stream and drops it.
     pub fn close(self) {}
 }
