@@ -1,5 +1,7 @@
-//! Compiles the protobuf contract with protox (no system `protoc` needed) and
-//! writes the descriptor set that gRPC server reflection serves.
+//! Compiles the protobuf contract with protox (no system `protoc` needed)
+//! and writes the descriptor set that gRPC server reflection serves. The
+//! server traits are generated only for the `server` feature: clients
+//! compile the messages and client stubs alone.
 
 use std::path::PathBuf;
 
@@ -28,7 +30,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     tonic_prost_build::configure()
         .build_client(true)
-        .build_server(true)
+        .build_server(std::env::var_os("CARGO_FEATURE_SERVER").is_some())
         // `connect` would clash with the `Connect` RPC; clients use `new(channel)`.
         .build_transport(false)
         .compile_fds(fds)?;

@@ -69,9 +69,7 @@ pub struct Config {
     pub vacuum_threshold: u64,
 }
 
-/// Bounds shared by validation and configuration.
-pub(crate) const MIN_LEASE: Duration = Duration::from_secs(1);
-pub(crate) const MAX_LEASE: Duration = Duration::from_secs(3600);
+use crate::wire::limit::{MAX_LEASE, MIN_LEASE};
 
 impl Config {
     /// A configuration with every default, for the given database.

@@ -1,10 +1,18 @@
-//! The domain error, and the one mapping from it to gRPC status codes.
+//! The domain error: why a request was not carried out, classified once.
+//!
+//! Every way of answering a client derives from the variant, in one match
+//! each: [`Error::into_status`] for gRPC calls (and a session stream that
+//! must end), [`Error::into_ack`] for an outcome acknowledged on a session
+//! (and, later, an HTTP status). The message a client sees comes from one
+//! place too ([`Error::public_message`]): internal details go to the log,
+//! never to the client.
 
-use crate::store;
+use crate::model::Status;
+use crate::wire::proto::AckStatus;
 
 /// Why a request was not carried out.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum Error {
+pub(crate) enum Error {
     /// A field is malformed, out of range, or an unknown/UNSPECIFIED enum.
     #[error("{field}: {message}")]
     InvalidArgument {
@@ -16,23 +24,21 @@ pub enum Error {
     /// No such task.
     #[error("{0}")]
     NotFound(String),
-    /// Stale lease token, or a state that does not allow the call.
+    /// A state that does not allow the call, or a call out of protocol order.
     #[error("{0}")]
     FailedPrecondition(String),
-    /// A lease-fenced write found the lease gone; the task is in `status`.
+    /// A lease-fenced write found the lease gone: the token is stale, the
+    /// task was handed to someone else, finished or cancelled.
     #[error("{message}")]
     LeaseLost {
         /// Status of the task now.
-        status: crate::task::Status,
+        status: Status,
         /// What happened, for the client.
         message: String,
     },
-    /// Database down, pool exhausted, or node shutting down.
+    /// Database down, pool exhausted, or node shutting down. Safe to retry.
     #[error("{0}")]
     Unavailable(String),
-    /// Too many requests or streams.
-    #[error("{0}")]
-    ResourceExhausted(String),
     /// A bug. The message is logged, never sent.
     #[error("{0}")]
     Internal(String),
@@ -40,7 +46,7 @@ pub enum Error {
 
 impl Error {
     /// An `InvalidArgument` naming `field`.
-    pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
+    pub(crate) fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
         Error::InvalidArgument {
             field: field.into(),
             message: message.into(),
@@ -48,7 +54,7 @@ impl Error {
     }
 
     /// Prefixes the field of an `InvalidArgument`, e.g. `tasks[3].` + field.
-    pub fn within(self, prefix: &str) -> Self {
+    pub(crate) fn within(self, prefix: &str) -> Self {
         match self {
             Error::InvalidArgument { field, message } => Error::InvalidArgument {
                 field: format!("{prefix}{field}"),
@@ -57,37 +63,74 @@ impl Error {
             other => other,
         }
     }
-}
 
-impl From<store::Error> for Error {
-    fn from(err: store::Error) -> Self {
-        match err {
-            store::Error::Unavailable(msg) => {
-                // The detail (hosts, SQLSTATEs) is for the log only.
-                tracing::warn!(error = %msg, "database unavailable");
-                Error::Unavailable("database unavailable, try again".into())
+    /// The node is draining (shutting down): new sessions and new claims are
+    /// refused so that workers move to another node.
+    pub(crate) fn draining() -> Self {
+        Error::Unavailable("this node is draining: connect to another node".into())
+    }
+
+    /// What the client is told. An internal error's detail is logged here,
+    /// and replaced by a generic message.
+    fn public_message(self) -> String {
+        match self {
+            Error::Internal(detail) => {
+                tracing::error!(error = %detail, "internal error");
+                "internal error".to_owned()
             }
-            store::Error::Conflict(msg) => Error::FailedPrecondition(msg),
-            store::Error::Other(msg) => Error::Internal(msg),
+            other => other.to_string(),
         }
+    }
+
+    /// The gRPC status of a failed call.
+    pub(crate) fn into_status(self) -> tonic::Status {
+        let code = match &self {
+            Error::InvalidArgument { .. } => tonic::Code::InvalidArgument,
+            Error::NotFound(_) => tonic::Code::NotFound,
+            Error::FailedPrecondition(_) | Error::LeaseLost { .. } => {
+                tonic::Code::FailedPrecondition
+            }
+            Error::Unavailable(_) => tonic::Code::Unavailable,
+            Error::Internal(_) => tonic::Code::Internal,
+        };
+        tonic::Status::new(code, self.public_message())
+    }
+
+    /// The acknowledgement of an outcome sent on a session that was not
+    /// recorded, with the message to send along.
+    pub(crate) fn into_ack(self) -> (AckStatus, String) {
+        let status = match &self {
+            Error::LeaseLost {
+                status: Status::Cancelled,
+                ..
+            } => AckStatus::Cancelled,
+            Error::LeaseLost { .. } | Error::FailedPrecondition(_) => AckStatus::LeaseLost,
+            Error::NotFound(_) => AckStatus::NotFound,
+            Error::InvalidArgument { .. } => AckStatus::Invalid,
+            Error::Unavailable(_) | Error::Internal(_) => AckStatus::Unavailable,
+        };
+        (status, self.public_message())
     }
 }
 
 impl From<Error> for tonic::Status {
     fn from(err: Error) -> Self {
+        err.into_status()
+    }
+}
+
+#[cfg(feature = "server")]
+impl From<crate::store::Error> for Error {
+    fn from(err: crate::store::Error) -> Self {
+        use crate::store::Error as Store;
         match err {
-            Error::InvalidArgument { field, message } => {
-                tonic::Status::invalid_argument(format!("{field}: {message}"))
+            Store::Unavailable(msg) => {
+                // The detail (hosts, SQLSTATEs) is for the log only.
+                tracing::warn!(error = %msg, "database unavailable");
+                Error::Unavailable("database unavailable, try again".into())
             }
-            Error::NotFound(msg) => tonic::Status::not_found(msg),
-            Error::FailedPrecondition(msg) => tonic::Status::failed_precondition(msg),
-            Error::LeaseLost { message, .. } => tonic::Status::failed_precondition(message),
-            Error::Unavailable(msg) => tonic::Status::unavailable(msg),
-            Error::ResourceExhausted(msg) => tonic::Status::resource_exhausted(msg),
-            Error::Internal(msg) => {
-                tracing::error!(error = %msg, "internal error");
-                tonic::Status::internal("internal error")
-            }
+            Store::Conflict(msg) => Error::FailedPrecondition(msg),
+            Store::Other(msg) => Error::Internal(msg),
         }
     }
 }
@@ -105,13 +148,36 @@ mod tests {
         assert_eq!(status.message(), "tasks[3].task_type: must not be empty");
     }
 
+    #[cfg(feature = "server")]
     #[test]
     fn store_errors_map_to_codes() {
+        use crate::store;
         let unavailable: tonic::Status = Error::from(store::Error::Unavailable("x".into())).into();
         assert_eq!(unavailable.code(), tonic::Code::Unavailable);
         let internal: tonic::Status =
             Error::from(store::Error::Other("SELECT secret".into())).into();
         assert_eq!(internal.code(), tonic::Code::Internal);
         assert!(!internal.message().contains("SELECT"));
+    }
+
+    #[test]
+    fn acks_and_statuses_follow_the_same_classification() {
+        let lost = |status| Error::LeaseLost {
+            status,
+            message: "gone".into(),
+        };
+        assert_eq!(lost(Status::Cancelled).into_ack().0, AckStatus::Cancelled);
+        assert_eq!(lost(Status::Pending).into_ack().0, AckStatus::LeaseLost);
+        assert_eq!(
+            lost(Status::Cancelled).into_status().code(),
+            tonic::Code::FailedPrecondition
+        );
+        let (status, message) = Error::Internal("SELECT secret".into()).into_ack();
+        assert_eq!(status, AckStatus::Unavailable);
+        assert_eq!(message, "internal error");
+        assert_eq!(
+            Error::draining().into_status().code(),
+            tonic::Code::Unavailable
+        );
     }
 }

@@ -13,7 +13,6 @@
 //! too slowly loses the oldest events and is told how many, and never slows
 //! anyone else.
 
-use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -21,15 +20,9 @@ use std::time::{Duration, SystemTime};
 use serde_json::{json, Value};
 use tokio::sync::broadcast;
 use tokio::time::Instant;
-use uuid::Uuid;
 
-use crate::store::Store;
-use crate::task::{Progress, Status, Task};
-
-/// Channel carrying batches of events.
-pub use crate::store::EVENT_CHANNEL;
-/// Channel on which nodes with watchers announce themselves.
-pub const WATCH_CHANNEL: &str = "leasehold_watch";
+use crate::model::{Event, EventKind, Progress, Status, Task};
+use crate::store::{payloads, Channel, Store};
 
 /// How often a node with watchers announces itself, and how long an
 /// announcement keeps other nodes publishing.
@@ -37,209 +30,93 @@ const WATCH_PING: Duration = Duration::from_secs(5);
 const WATCH_TTL: Duration = Duration::from_secs(15);
 /// Events buffered per watcher before it starts losing the oldest.
 const WATCHER_BUFFER: usize = 4096;
-/// NOTIFY payloads must stay under 8000 bytes.
-const PAYLOAD_LIMIT: usize = 7000;
-/// Error texts in events are cut to this many characters.
-const ERROR_CHARS: usize = 1000;
 
-/// What happened to a task.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EventKind {
-    Created,
-    Leased,
-    Progress,
-    Completed,
-    Failed,
-    Retried,
-    Cancelled,
-    LeaseExpired,
-    Released,
+/// The number an event kind travels as between nodes.
+fn kind_code(kind: EventKind) -> u8 {
+    EventKind::ALL.iter().position(|k| *k == kind).unwrap_or(0) as u8
 }
 
-impl EventKind {
-    const ALL: [EventKind; 9] = [
-        EventKind::Created,
-        EventKind::Leased,
-        EventKind::Progress,
-        EventKind::Completed,
-        EventKind::Failed,
-        EventKind::Retried,
-        EventKind::Cancelled,
-        EventKind::LeaseExpired,
-        EventKind::Released,
-    ];
-
-    fn code(self) -> u8 {
-        Self::ALL.iter().position(|k| *k == self).unwrap_or(0) as u8
-    }
-
-    fn from_code(code: u64) -> Option<Self> {
-        Self::ALL.get(code as usize).copied()
-    }
+fn kind_from_code(code: u64) -> Option<EventKind> {
+    EventKind::ALL.get(code as usize).copied()
 }
 
-/// One change of one task.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Event {
-    pub kind: EventKind,
-    pub task_id: Uuid,
-    pub task_type: String,
-    pub status: Status,
-    pub attempts: i32,
-    pub worker_id: Option<String>,
-    pub progress: Option<Progress>,
-    pub library_id: Option<Uuid>,
-    pub series_id: Option<Uuid>,
-    pub book_id: Option<Uuid>,
-    pub at: SystemTime,
-    pub error: Option<String>,
+/// An event as one line of a notification payload: a compact JSON object.
+fn encode(event: &Event) -> Value {
+    let micros = event
+        .at
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0);
+    let mut v = json!({
+        "k": kind_code(event.kind),
+        "id": event.task_id.to_string(),
+        "ty": event.task_type,
+        "s": event.status.as_str(),
+        "a": event.attempts,
+        "at": micros,
+    });
+    let map = v.as_object_mut().expect("literal object");
+    if let Some(w) = &event.worker_id {
+        map.insert("w".into(), json!(w));
+    }
+    if let Some(p) = &event.progress {
+        map.insert("pc".into(), json!(p.current));
+        map.insert("pt".into(), json!(p.total));
+        map.insert("pm".into(), json!(p.message));
+    }
+    for (key, id) in [
+        ("l", event.library_id),
+        ("se", event.series_id),
+        ("b", event.book_id),
+    ] {
+        if let Some(id) = id {
+            map.insert(key.into(), json!(id.to_string()));
+        }
+    }
+    if let Some(e) = &event.error {
+        map.insert("e".into(), json!(e));
+    }
+    v
 }
 
-impl Event {
-    /// The event `kind` of `task` as it is after the change.
-    pub fn of(kind: EventKind, task: &Task) -> Self {
-        let error = match kind {
-            EventKind::Failed | EventKind::Cancelled | EventKind::LeaseExpired => task
-                .last_error
-                .as_ref()
-                .map(|e| e.chars().take(ERROR_CHARS).collect()),
-            _ => None,
-        };
-        Self {
-            kind,
-            task_id: task.id,
-            task_type: task.task_type.clone(),
-            status: task.status,
-            attempts: task.attempts,
-            worker_id: task.locked_by.clone(),
-            progress: if kind == EventKind::Progress {
-                task.progress.clone()
-            } else {
-                None
-            },
-            library_id: task.library_id,
-            series_id: task.series_id,
-            book_id: task.book_id,
-            at: SystemTime::now(),
-            error,
-        }
-    }
-
-    fn to_json(&self) -> Value {
-        let micros = self
-            .at
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_micros() as u64)
-            .unwrap_or(0);
-        let mut v = json!({
-            "k": self.kind.code(),
-            "id": self.task_id.to_string(),
-            "ty": self.task_type,
-            "s": self.status.as_str(),
-            "a": self.attempts,
-            "at": micros,
-        });
-        let map = v.as_object_mut().expect("literal object");
-        if let Some(w) = &self.worker_id {
-            map.insert("w".into(), json!(w));
-        }
-        if let Some(p) = &self.progress {
-            map.insert("pc".into(), json!(p.current));
-            map.insert("pt".into(), json!(p.total));
-            map.insert("pm".into(), json!(p.message));
-        }
-        for (key, id) in [
-            ("l", self.library_id),
-            ("se", self.series_id),
-            ("b", self.book_id),
-        ] {
-            if let Some(id) = id {
-                map.insert(key.into(), json!(id.to_string()));
-            }
-        }
-        if let Some(e) = &self.error {
-            map.insert("e".into(), json!(e));
-        }
-        v
-    }
-
-    fn from_json(v: &Value) -> Option<Self> {
-        let uuid = |key: &str| {
-            v.get(key)
-                .and_then(Value::as_str)
-                .and_then(|s| s.parse().ok())
-        };
-        let text = |key: &str| v.get(key).and_then(Value::as_str).map(str::to_owned);
-        let at = SystemTime::UNIX_EPOCH + Duration::from_micros(v.get("at")?.as_u64()?);
-        Some(Self {
-            kind: EventKind::from_code(v.get("k")?.as_u64()?)?,
-            task_id: uuid("id")?,
-            task_type: text("ty")?,
-            status: Status::parse(v.get("s")?.as_str()?)?,
-            attempts: v.get("a")?.as_i64()? as i32,
-            worker_id: text("w"),
-            progress: v.get("pc").map(|current| Progress {
-                current: current.as_i64().unwrap_or(0),
-                total: v.get("pt").and_then(Value::as_i64).unwrap_or(0),
-                message: text("pm").unwrap_or_default(),
-                updated_at: Some(at),
-            }),
-            library_id: uuid("l"),
-            series_id: uuid("se"),
-            book_id: uuid("b"),
-            at,
-            error: text("e"),
-        })
-    }
+/// The event a payload line holds; `None` if it is malformed.
+fn decode(v: &Value) -> Option<Event> {
+    let uuid = |key: &str| {
+        v.get(key)
+            .and_then(Value::as_str)
+            .and_then(|s| s.parse().ok())
+    };
+    let text = |key: &str| v.get(key).and_then(Value::as_str).map(str::to_owned);
+    let at = SystemTime::UNIX_EPOCH + Duration::from_micros(v.get("at")?.as_u64()?);
+    Some(Event {
+        kind: kind_from_code(v.get("k")?.as_u64()?)?,
+        task_id: uuid("id")?,
+        task_type: text("ty")?,
+        status: Status::parse(v.get("s")?.as_str()?)?,
+        attempts: v.get("a")?.as_i64()? as i32,
+        worker_id: text("w"),
+        progress: v.get("pc").map(|current| Progress {
+            current: current.as_i64().unwrap_or(0),
+            total: v.get("pt").and_then(Value::as_i64).unwrap_or(0),
+            message: text("pm").unwrap_or_default(),
+            updated_at: Some(at),
+        }),
+        library_id: uuid("l"),
+        series_id: uuid("se"),
+        book_id: uuid("b"),
+        at,
+        error: text("e"),
+    })
 }
 
-/// Events as NOTIFY payloads: one JSON object a line, each payload under
-/// the size Postgres accepts.
-pub fn payloads(events: &[Event]) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut payload = String::new();
-    for event in events {
-        let line = event.to_json().to_string();
-        if !payload.is_empty() && payload.len() + line.len() + 1 > PAYLOAD_LIMIT {
-            out.push(std::mem::take(&mut payload));
-        }
-        if !payload.is_empty() {
-            payload.push('\n');
-        }
-        payload.push_str(&line);
-    }
-    if !payload.is_empty() {
-        out.push(payload);
-    }
-    out
-}
-
-/// Which events a watcher wants; empty parts match everything.
-#[derive(Debug, Clone, Default)]
-pub struct Filter {
-    pub task_types: HashSet<String>,
-    pub statuses: HashSet<Status>,
-    pub task_ids: HashSet<Uuid>,
-    pub library_id: Option<Uuid>,
-    pub series_id: Option<Uuid>,
-    pub book_id: Option<Uuid>,
-}
-
-impl Filter {
-    /// Whether `event` passes every part of the filter.
-    pub fn matches(&self, event: &Event) -> bool {
-        (self.task_types.is_empty() || self.task_types.contains(&event.task_type))
-            && (self.statuses.is_empty() || self.statuses.contains(&event.status))
-            && (self.task_ids.is_empty() || self.task_ids.contains(&event.task_id))
-            && (self.library_id.is_none() || self.library_id == event.library_id)
-            && (self.series_id.is_none() || self.series_id == event.series_id)
-            && (self.book_id.is_none() || self.book_id == event.book_id)
-    }
+/// Events as notification payloads.
+fn event_payloads(events: &[Event]) -> Vec<String> {
+    payloads(events.iter().map(|e| encode(e).to_string()))
 }
 
 /// What a watcher receives.
 #[derive(Debug, Clone)]
-pub enum Delivery {
+pub(crate) enum Delivery {
     Event(Arc<Event>),
     /// This many events were dropped because the watcher fell behind.
     Missed(u64),
@@ -247,7 +124,7 @@ pub enum Delivery {
 
 /// The node's event hub.
 #[derive(Debug, Clone)]
-pub struct Hub {
+pub(crate) struct Hub {
     inner: Arc<Inner>,
 }
 
@@ -261,7 +138,7 @@ struct Inner {
 
 impl Hub {
     /// Starts the hub's watch announcer.
-    pub fn start(store: Store, shutdown: tokio::sync::watch::Receiver<bool>) -> Self {
+    pub(crate) fn start(store: Store, shutdown: tokio::sync::watch::Receiver<bool>) -> Self {
         let (local, _) = broadcast::channel(WATCHER_BUFFER);
         let hub = Self {
             inner: Arc::new(Inner {
@@ -285,12 +162,12 @@ impl Hub {
 
     /// Publishes events, if anyone anywhere is watching, and returns once
     /// they are sent.
-    pub async fn publish(&self, events: Vec<Event>) {
+    pub(crate) async fn publish(&self, events: Vec<Event>) {
         if events.is_empty() || !self.anyone_watching() {
             return;
         }
-        for payload in payloads(&events) {
-            if let Err(err) = self.inner.store.notify(EVENT_CHANNEL, &payload).await {
+        for payload in event_payloads(&events) {
+            if let Err(err) = self.inner.store.notify(Channel::Event, &payload).await {
                 tracing::warn!(error = %err, "cannot publish task events");
             }
         }
@@ -298,7 +175,7 @@ impl Hub {
 
     /// Publishes the events of `kind` for `tasks`, and returns once they are
     /// sent.
-    pub async fn publish_tasks<'a>(
+    pub(crate) async fn publish_tasks<'a>(
         &self,
         kind: EventKind,
         tasks: impl IntoIterator<Item = &'a Task>,
@@ -311,14 +188,17 @@ impl Hub {
 
     /// The payloads announcing `kind` for tasks, for a store write to send
     /// inside its own transaction; `None` when nobody is watching.
-    pub fn announcer(&self, kind: EventKind) -> Option<impl Fn(&[Task]) -> Vec<String> + Sync> {
+    pub(crate) fn announcer(
+        &self,
+        kind: EventKind,
+    ) -> Option<impl Fn(&[Task]) -> Vec<String> + Sync> {
         self.anyone_watching().then_some(move |tasks: &[Task]| {
-            payloads(&tasks.iter().map(|t| Event::of(kind, t)).collect::<Vec<_>>())
+            event_payloads(&tasks.iter().map(|t| Event::of(kind, t)).collect::<Vec<_>>())
         })
     }
 
     /// Handles a payload heard on the event channel.
-    pub fn receive(&self, payload: &str) {
+    pub(crate) fn receive(&self, payload: &str) {
         if self.inner.watchers.load(Ordering::Relaxed) == 0 {
             return;
         }
@@ -326,7 +206,7 @@ impl Hub {
             match serde_json::from_str::<Value>(line)
                 .ok()
                 .as_ref()
-                .and_then(Event::from_json)
+                .and_then(decode)
             {
                 Some(event) => {
                     let _ = self.inner.local.send(Arc::new(event));
@@ -337,7 +217,7 @@ impl Hub {
     }
 
     /// Notes that another node has watchers.
-    pub fn remote_watcher_seen(&self) {
+    pub(crate) fn remote_watcher_seen(&self) {
         *self.inner.remote_until.lock().expect("lock poisoned") = Some(Instant::now() + WATCH_TTL);
     }
 
@@ -345,13 +225,13 @@ impl Hub {
     /// Other nodes are told before this returns, so that they publish the
     /// events of every change that starts after it (notifications reach
     /// each listener in commit order).
-    pub async fn subscribe(&self) -> Subscription {
+    pub(crate) async fn subscribe(&self) -> Subscription {
         let subscription = Subscription {
             rx: self.inner.local.subscribe(),
             hub: self.clone(),
         };
         self.inner.watchers.fetch_add(1, Ordering::Relaxed);
-        if let Err(err) = self.inner.store.notify(WATCH_CHANNEL, "").await {
+        if let Err(err) = self.inner.store.notify(Channel::Watch, "").await {
             tracing::warn!(error = %err, "cannot announce a new watcher");
         }
         subscription
@@ -360,7 +240,7 @@ impl Hub {
     async fn announce_loop(self, mut shutdown: tokio::sync::watch::Receiver<bool>) {
         loop {
             if self.inner.watchers.load(Ordering::Relaxed) > 0 {
-                if let Err(err) = self.inner.store.notify(WATCH_CHANNEL, "").await {
+                if let Err(err) = self.inner.store.notify(Channel::Watch, "").await {
                     tracing::debug!(error = %err, "cannot announce watchers");
                 }
             }
@@ -377,14 +257,14 @@ impl Hub {
 
 /// A watcher's subscription to the node's events.
 #[derive(Debug)]
-pub struct Subscription {
+pub(crate) struct Subscription {
     rx: broadcast::Receiver<Arc<Event>>,
     hub: Hub,
 }
 
 impl Subscription {
     /// The next event or gap marker; `None` when the hub is gone.
-    pub async fn next(&mut self) -> Option<Delivery> {
+    pub(crate) async fn next(&mut self) -> Option<Delivery> {
         match self.rx.recv().await {
             Ok(event) => Some(Delivery::Event(event)),
             Err(broadcast::error::RecvError::Lagged(n)) => Some(Delivery::Missed(n)),
@@ -402,6 +282,7 @@ impl Drop for Subscription {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use uuid::Uuid;
 
     #[test]
     fn events_round_trip_through_json() {
@@ -424,38 +305,8 @@ mod tests {
             at: SystemTime::UNIX_EPOCH + Duration::from_micros(1_700_000_000_123_456),
             error: None,
         };
-        let mut back = Event::from_json(&event.to_json()).unwrap();
+        let mut back = decode(&encode(&event)).unwrap();
         back.progress.as_mut().unwrap().updated_at = None;
         assert_eq!(back, event);
-    }
-
-    #[test]
-    fn filters_combine_with_and() {
-        let task_id = Uuid::now_v7();
-        let event = Event {
-            kind: EventKind::Created,
-            task_id,
-            task_type: "analyze_book".into(),
-            status: Status::Pending,
-            attempts: 0,
-            worker_id: None,
-            progress: None,
-            library_id: None,
-            series_id: None,
-            book_id: None,
-            at: SystemTime::now(),
-            error: None,
-        };
-        let mut filter = Filter::default();
-        assert!(filter.matches(&event));
-        filter.task_types.insert("analyze_book".into());
-        filter.statuses.insert(Status::Pending);
-        assert!(filter.matches(&event));
-        filter.task_ids.insert(Uuid::now_v7());
-        assert!(!filter.matches(&event));
-        filter.task_ids.insert(task_id);
-        assert!(filter.matches(&event));
-        filter.library_id = Some(Uuid::new_v4());
-        assert!(!filter.matches(&event));
     }
 }

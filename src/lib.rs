@@ -1,33 +1,65 @@
 //! Leasehold: a gRPC server that hands out tasks to workers as time-limited
-//! leases, backed by Postgres.
+//! leases, backed by Postgres, and the Rust clients of it.
 //!
-//! Layers, with dependencies pointing one way: [`api`] (tonic services) ->
-//! [`service`] and [`dispatch`] (domain) -> [`store`] (Postgres).
-//! [`maintenance`] uses the store only.
+//! What a build holds is chosen with cargo features, so that a program that
+//! only talks to a server never compiles the server's database stack:
+//!
+//! | feature | adds | on top of |
+//! |---|---|---|
+//! | (none) | [`wire`]: the contract's messages, stubs and limits | tonic, prost |
+//! | `client` | [`client`]: `Client` for producers and operators, `Worker` for handlers | tokio |
+//! | `cli` | the operator commands and the command runner (`leasehold task`, `worker`) | clap |
+//! | `server` (default) | the node: [`server`], its [`config`], `leasehold serve` and `bench` | tokio-postgres, deadpool, refinery |
+//!
+//! A Rust worker or producer depends on
+//! `leasehold = { version = "0.1", default-features = false, features = ["client"] }`.
+//!
+//! Inside the server, dependencies point one way: `api` (tonic services)
+//! -> `coordinator` (the domain) -> `dispatch` -> `store` (the only module
+//! that knows SQL); `maintenance` jobs use the store only; everything
+//! shares the plain data of `model` and the contract of [`wire`].
+//! `ARCHITECTURE.md` has the whole map and the invariants.
 
-pub mod api;
-pub mod bench;
-pub mod cli;
+#![warn(missing_docs)]
+// The contract and the model are shared: what only the server uses of them
+// (answers, events, directory entries) is unused in a client-only build.
+#![cfg_attr(not(feature = "server"), allow(dead_code))]
+
+mod error;
+mod model;
+pub mod wire;
+
+pub use wire::proto;
+
+#[cfg(feature = "client")]
 pub mod client;
-pub mod config;
-pub mod dispatch;
-pub mod error;
-pub mod events;
-pub mod maintenance;
-pub mod runner;
-pub mod server;
-pub mod service;
+#[cfg(feature = "client")]
 pub mod signal;
-pub mod store;
-pub mod task;
+
+#[cfg(feature = "cli")]
+pub mod cli;
+#[cfg(feature = "cli")]
+pub mod runner;
+#[cfg(feature = "cli")]
 pub mod telemetry;
 
-/// Generated protobuf types and gRPC stubs of package `leasehold.v1`.
-pub mod proto {
-    #![allow(missing_docs, clippy::all)]
-    tonic::include_proto!("leasehold.v1");
-
-    /// Encoded descriptor set of the contract, served by reflection.
-    pub const FILE_DESCRIPTOR_SET: &[u8] =
-        tonic::include_file_descriptor_set!("leasehold_descriptor");
-}
+#[cfg(feature = "server")]
+mod api;
+#[cfg(feature = "server")]
+pub mod bench;
+#[cfg(feature = "server")]
+pub mod config;
+#[cfg(feature = "server")]
+mod coordinator;
+#[cfg(feature = "server")]
+mod dispatch;
+#[cfg(feature = "server")]
+mod events;
+#[cfg(feature = "server")]
+mod maintenance;
+#[cfg(feature = "server")]
+pub mod server;
+#[cfg(feature = "server")]
+mod store;
+#[cfg(all(test, feature = "server"))]
+mod testing;

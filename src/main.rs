@@ -83,7 +83,7 @@ fn report(result: anyhow::Result<()>) -> ExitCode {
 }
 
 async fn migrate(config: Config) -> anyhow::Result<()> {
-    leasehold::server::prepare_database(&config).await?;
+    leasehold::server::migrate(&config).await?;
     tracing::info!("database is up to date");
     Ok(())
 }

@@ -1,5 +1,7 @@
-//! Wires a node together: store, migrations, dispatcher, reclaimer, health,
-//! reflection and the two gRPC services, and runs it until shutdown.
+//! Wires a node together: store, migrations, the LISTEN connection, event
+//! hub, dispatcher, coordinator, maintenance jobs, health, reflection and
+//! the two gRPC services, and runs it until shutdown. The only module that
+//! knows how the others fit; none of them knows this one.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -11,14 +13,14 @@ use tonic_health::ServingStatus;
 
 use crate::api::{TaskApi, WorkerApi};
 use crate::config::Config;
+use crate::coordinator::Coordinator;
 use crate::dispatch::{Dispatcher, Settings};
 use crate::events::Hub;
-use crate::maintenance::{Reclaimer, Vacuumer};
-use crate::proto::task_service_server::TaskServiceServer;
-use crate::proto::worker_service_server::WorkerServiceServer;
-use crate::service::Service;
-use crate::store::{self, Store};
-use crate::task::Backoff;
+use crate::maintenance::{Directory, Health, NodeState, Reclaimer, Supervisor, Vacuumer};
+use crate::model::Backoff;
+use crate::store::{self, Listener, Notice, Store};
+use crate::wire::proto::task_service_server::TaskServiceServer;
+use crate::wire::proto::worker_service_server::WorkerServiceServer;
 
 /// Why a node could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -27,8 +29,8 @@ pub enum Error {
     #[error("invalid configuration: {0}")]
     Config(String),
     /// The database could not be prepared.
-    #[error(transparent)]
-    Store(#[from] store::Error),
+    #[error("{0}")]
+    Database(String),
     /// Binding or serving failed.
     #[error("transport: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -50,6 +52,10 @@ const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
 /// Fully qualified service names, as health checks name them.
 const SERVICE_NAMES: [&str; 3] = ["", "leasehold.v1.TaskService", "leasehold.v1.WorkerService"];
 
+/// The prefix of a maintenance job's name in health checks
+/// (`leasehold.maintenance.reclaimer`).
+const JOB_SERVICE_PREFIX: &str = "leasehold.maintenance.";
+
 /// A running node.
 #[derive(Debug)]
 pub struct Running {
@@ -57,6 +63,7 @@ pub struct Running {
     shutdown: watch::Sender<bool>,
     handle: JoinHandle<Result<(), Error>>,
     dispatcher: Dispatcher,
+    maintenance: Supervisor,
     drain_grace: Duration,
 }
 
@@ -78,6 +85,7 @@ impl Running {
     pub async fn shutdown(mut self) -> Result<(), Error> {
         self.dispatcher.drain(self.drain_grace).await;
         let _ = self.shutdown.send(true);
+        self.maintenance.stop().await;
         // A client that stopped reading (a stalled watcher) would hold its
         // stream, and with it the graceful stop, forever: cut it short.
         match tokio::time::timeout(STOP_TIMEOUT, &mut self.handle).await {
@@ -99,14 +107,22 @@ impl Running {
         tokio::select! {
             _ = signal => self.shutdown().await,
             result = &mut self.handle => {
+                let _ = self.shutdown.send(true);
+                self.maintenance.stop().await;
                 result.unwrap_or_else(|err| Err(Error::Io(std::io::Error::other(err))))
             }
         }
     }
 }
 
+impl From<store::Error> for Error {
+    fn from(err: store::Error) -> Self {
+        Error::Database(err.to_string())
+    }
+}
+
 /// Prepares the database (creating it if missing, then migrating).
-pub async fn prepare_database(config: &Config) -> Result<Store, Error> {
+pub(crate) async fn prepare_database(config: &Config) -> Result<Store, Error> {
     config.validate().map_err(Error::Config)?;
     let store = Store::new(&config.database_url, config.db_pool_size, config.db_timeout)?;
     store.database_create_if_missing().await?;
@@ -114,19 +130,25 @@ pub async fn prepare_database(config: &Config) -> Result<Store, Error> {
     Ok(store)
 }
 
+/// Creates the database if it is missing and applies the migrations it
+/// lacks (`leasehold migrate`). Several nodes may do this at once.
+pub async fn migrate(config: &Config) -> Result<(), Error> {
+    prepare_database(config).await.map(drop)
+}
+
 /// Starts a node on `listener` (bound by the caller, so tests can use port
 /// 0) and returns once it accepts calls.
 pub async fn start(config: Config, listener: tokio::net::TcpListener) -> Result<Running, Error> {
     let store = prepare_database(&config).await?;
     let addr = listener.local_addr()?;
+    let node_id = uuid::Uuid::now_v7();
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
 
     let events = Hub::start(store.clone(), shutdown_rx.clone());
     let dispatcher = Dispatcher::start(
         store.clone(),
         Settings {
-            node_id: uuid::Uuid::now_v7(),
-            address: addr.to_string(),
+            node_id,
             poll_interval: config.poll_interval,
             backoff: Backoff {
                 base: config.retry_backoff_base,
@@ -135,47 +157,75 @@ pub async fn start(config: Config, listener: tokio::net::TcpListener) -> Result<
         },
         events.clone(),
         shutdown_rx.clone(),
-        config.db_timeout,
-    )
-    .await;
-    let service = Service::new(store.clone(), dispatcher.clone(), events);
-
-    tokio::spawn(Vacuumer::new(store.clone(), config.vacuum_threshold).run(shutdown_rx.clone()));
-    let (reclaimed_tx, mut reclaimed_rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(
-        Reclaimer::new(store.clone(), config.reclaim_interval, reclaimed_tx)
-            .run(shutdown_rx.clone()),
     );
+    let (notices, listening) = store.listen(shutdown_rx.clone());
+    tokio::spawn(route(notices, dispatcher.clone(), events.clone()));
+    if tokio::time::timeout(config.db_timeout, listening)
+        .await
+        .is_err()
     {
-        let service = service.clone();
+        tracing::warn!("not yet listening for notifications; starting anyway");
+    }
+    let coordinator = Coordinator::new(store.clone(), dispatcher.clone(), events);
+
+    let (reclaimed_tx, mut reclaimed_rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut maintenance = Supervisor::new();
+    maintenance.spawn(Reclaimer::new(
+        store.clone(),
+        config.reclaim_interval,
+        reclaimed_tx,
+    ));
+    if config.vacuum_threshold > 0 {
+        maintenance.spawn(Vacuumer::new(store.clone(), config.vacuum_threshold));
+    }
+    maintenance.spawn(Directory::new(
+        store.clone(),
+        node_id,
+        addr.to_string(),
+        {
+            let dispatcher = dispatcher.clone();
+            move || NodeState {
+                draining: dispatcher.is_draining(),
+                sessions: dispatcher.directory_entries(),
+            }
+        },
+        dispatcher.sessions_changed(),
+    ));
+    {
+        let coordinator = coordinator.clone();
         tokio::spawn(async move {
             while let Some(tasks) = reclaimed_rx.recv().await {
-                service.on_reclaimed(&tasks).await;
+                coordinator.on_reclaimed(&tasks).await;
             }
         });
     }
     // A message must fit the largest payload plus the rest of the request.
     let max_message = (config.max_payload_bytes + 64 * 1024).max(4 * 1024 * 1024);
     let tasks = TaskServiceServer::new(TaskApi::new(
-        service.clone(),
+        coordinator.clone(),
         config.max_payload_bytes,
         shutdown_rx.clone(),
     ))
     .max_decoding_message_size(max_message);
     let workers = WorkerServiceServer::new(WorkerApi::new(
-        service,
+        coordinator,
         config.lease_duration,
         config.max_payload_bytes,
     ))
     .max_decoding_message_size(max_message);
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    tokio::spawn(health_loop(store, health, shutdown_rx.clone()));
+    tokio::spawn(health_loop(
+        store,
+        maintenance.health_board(),
+        health,
+        shutdown_rx.clone(),
+    ));
 
     // Older grpcurl and Python's grpcio-reflection speak only v1alpha.
     let reflection = || {
         tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(crate::wire::proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
     let reflection_v1 = reflection().build_v1()?;
@@ -207,13 +257,37 @@ pub async fn start(config: Config, listener: tokio::net::TcpListener) -> Result<
         shutdown: shutdown_tx,
         handle,
         dispatcher,
+        maintenance,
         drain_grace: config.drain_grace,
     })
 }
 
-/// Reports SERVING only while the database answers.
+/// Routes what the node's LISTEN connection hears: pending tasks wake the
+/// dispatcher (a burst of notifications is one wake-up), revoked leases go
+/// to the sessions holding them, events to the local watchers.
+async fn route(mut notices: Listener, dispatcher: Dispatcher, events: Hub) {
+    while let Some(burst) = notices.next_burst().await {
+        let mut woken = false;
+        for notice in burst {
+            match notice {
+                Notice::Listening | Notice::TasksPending => woken = true,
+                Notice::Revoked(payload) => dispatcher.on_revoke(&payload),
+                Notice::Events(payload) => events.receive(&payload),
+                Notice::WatcherSeen => events.remote_watcher_seen(),
+            }
+        }
+        if woken {
+            dispatcher.wake();
+        }
+    }
+}
+
+/// Reports SERVING only while the database answers, and each maintenance
+/// job as `leasehold.maintenance.<job>`: SERVING while its last pass
+/// succeeded, NOT_SERVING while it fails.
 async fn health_loop(
     store: Store,
+    jobs: crate::maintenance::HealthBoard,
     health: tonic_health::server::HealthReporter,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -234,6 +308,16 @@ async fn health_loop(
             }
             last = Some(status);
         }
+        for (job, state) in jobs.read() {
+            let status = match state {
+                Health::Starting => ServingStatus::Unknown,
+                Health::Healthy { .. } => ServingStatus::Serving,
+                Health::Failing { .. } | Health::Stopped => ServingStatus::NotServing,
+            };
+            health
+                .set_service_status(format!("{JOB_SERVICE_PREFIX}{job}"), status)
+                .await;
+        }
         let stopping = tokio::select! {
             _ = tokio::time::sleep(HEALTH_INTERVAL) => false,
             _ = shutdown.wait_for(|s| *s) => true,
@@ -242,6 +326,14 @@ async fn health_loop(
             for name in SERVICE_NAMES {
                 health
                     .set_service_status(name, ServingStatus::NotServing)
+                    .await;
+            }
+            for (job, _) in jobs.read() {
+                health
+                    .set_service_status(
+                        format!("{JOB_SERVICE_PREFIX}{job}"),
+                        ServingStatus::NotServing,
+                    )
                     .await;
             }
             return;

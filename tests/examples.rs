@@ -14,7 +14,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::{get_task, list_sessions, status_of};
-use leasehold::api::convert::struct_to_json;
+use leasehold::client::from_struct as struct_to_json;
 use leasehold::proto::task_service_client::TaskServiceClient;
 use leasehold::proto::worker_service_client::WorkerServiceClient;
 use leasehold::proto::{self, TaskStatus};

@@ -395,7 +395,7 @@ async fn a_retried_complete_or_fail_with_the_same_token_succeeds_again() {
     assert_eq!(first, second);
     assert_eq!(status_of(&first), TaskStatus::Completed);
     assert_eq!(
-        leasehold::api::convert::struct_to_json(first.result.as_ref().unwrap()).unwrap(),
+        leasehold::client::from_struct(first.result.as_ref().unwrap()).unwrap(),
         serde_json::json!({"files_processed": 812, "books_created": 40, "errors": []})
     );
     assert!(first.completed_at.is_some());

@@ -1,11 +1,14 @@
-//! The gRPC surface: decode and validate requests, call the domain, encode
-//! answers. No SQL here, and no policy beyond the wire contract's limits.
+//! The gRPC surface: each call checks its request into domain input
+//! ([`crate::wire`]'s `request`), calls the [`Coordinator`], and converts
+//! the answer back. No SQL and no policy here: the limits are the wire
+//! contract's, the decisions the coordinator's, and every error reaches the
+//! client through [`crate::error::Error`]'s one mapping.
+//!
+//! [`Coordinator`]: crate::coordinator::Coordinator
 
-pub mod convert;
-pub(crate) mod session;
-mod task_service;
-pub mod validate;
-mod worker_service;
+mod connect;
+mod task;
+mod worker;
 
-pub use task_service::TaskApi;
-pub use worker_service::WorkerApi;
+pub(crate) use task::TaskApi;
+pub(crate) use worker::WorkerApi;

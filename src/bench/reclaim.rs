@@ -136,7 +136,7 @@ async fn measure(
         worker_id: format!("bench-silent-{}", &run[..8]),
         task_types: vec![task_type.clone()],
         slots: args.tasks as i32,
-        lease_duration: Some(crate::api::convert::duration(args.lease)),
+        lease_duration: Some(crate::wire::convert::duration(args.lease)),
         ..Default::default()
     };
     let mut silent = SessionStream::open(endpoint, register, 0)

@@ -291,7 +291,7 @@ async fn measure(
             worker_id: format!("bench-idle-{}-{index}", &run[..8]),
             task_types: vec![task_type.to_owned()],
             slots: leases.max(1) as i32,
-            lease_duration: Some(crate::api::convert::duration(args.lease)),
+            lease_duration: Some(crate::wire::convert::duration(args.lease)),
             ..Default::default()
         };
         let endpoint = endpoint.clone();

@@ -29,8 +29,9 @@ use super::report::{drained_row, or_unknown, per_1k, per_second, round, JsonLine
 use super::system::{cpu_between, Usage};
 use super::target::DEFAULT_DATABASE_URL;
 use crate::config::Config;
+use crate::maintenance::{Supervisor, Vacuumer};
+use crate::model::{Claim, LeaseRef, NewTask};
 use crate::store::{Fenced, Store};
-use crate::task::{Claim, LeaseRef, NewTask};
 
 /// Most tasks claimed by one statement (as the dispatcher's `MAX_CLAIM`).
 pub const MAX_CLAIM: usize = 1000;
@@ -195,7 +196,7 @@ pub async fn run(args: &SqlOnlyArgs) -> anyhow::Result<SqlOnlyReport> {
                 task_type: task_type.clone(),
                 params: serde_json::Value::Object(Default::default()),
                 priority: 0,
-                max_attempts: crate::api::validate::DEFAULT_MAX_ATTEMPTS,
+                max_attempts: crate::wire::limit::DEFAULT_MAX_ATTEMPTS,
                 scheduled_for: None,
                 library_id: None,
                 series_id: None,
@@ -216,15 +217,12 @@ pub async fn run(args: &SqlOnlyArgs) -> anyhow::Result<SqlOnlyReport> {
     // The node's vacuumer, as a node runs it: without it the dead row
     // versions of the run (and of earlier runs) pile up in the indexes the
     // claims walk, and the figure would be that of a table no node keeps.
-    let (stop_vacuum, vacuum_stop) = tokio::sync::watch::channel(false);
-    let vacuumer = tokio::spawn(
-        crate::maintenance::Vacuumer::new(store.clone(), config.vacuum_threshold).run(vacuum_stop),
-    );
+    let mut maintenance = Supervisor::new();
+    maintenance.spawn(Vacuumer::new(store.clone(), config.vacuum_threshold));
     let before = Usage::of(None).ok();
     let outcome = claim_and_complete(&store, &task_type, args).await;
     let after = Usage::of(None).ok();
-    let _ = stop_vacuum.send(true);
-    let _ = vacuumer.await;
+    maintenance.stop().await;
     let (elapsed, claims, completes, refused) = outcome?;
     Ok(SqlOnlyReport {
         args: args.clone(),

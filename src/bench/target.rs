@@ -91,7 +91,7 @@ impl NodeKind {
 /// (1s to 1h).
 pub fn parse_lease(text: &str) -> Result<Duration, String> {
     let lease = humantime::parse_duration(text).map_err(|err| err.to_string())?;
-    if (crate::config::MIN_LEASE..=crate::config::MAX_LEASE).contains(&lease) {
+    if (crate::wire::limit::MIN_LEASE..=crate::wire::limit::MAX_LEASE).contains(&lease) {
         Ok(lease)
     } else {
         Err("the lease must be between 1s and 1h".into())

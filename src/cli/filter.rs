@@ -2,10 +2,10 @@
 //! `task create` (what the new task is about), `task list` and `watch`
 //! (which tasks they show), and how they reach the client's builders.
 
-use crate::api::convert::status_to_proto;
 use crate::client::{NewTask, TaskFilter, WatchFilter};
+use crate::model::Status;
 use crate::proto::TaskStatus;
-use crate::task::Status;
+use crate::wire::convert::status_to_proto;
 
 /// `--library-id`, `--series-id`, `--book-id`: what a task is about
 /// ([`Filter`] words their help as filters).
@@ -51,7 +51,7 @@ impl About {
 pub struct Filter {
     /// Only tasks in these statuses (repeat or separate with commas).
     #[arg(long, value_enum, value_delimiter = ',')]
-    pub status: Vec<Status>,
+    pub(crate) status: Vec<Status>,
 
     /// Only tasks of these types (repeat or separate with commas).
     #[arg(long = "type", value_name = "TYPE", value_delimiter = ',')]

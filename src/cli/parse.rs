@@ -6,9 +6,9 @@ use std::time::{Duration, SystemTime};
 
 use serde_json::Value;
 
-use crate::api::validate;
 use crate::client::NewTask;
-use crate::task::Status;
+use crate::model::Status;
+use crate::wire::request;
 
 /// Task statuses are typed as the server stores them (`pending`, ...).
 impl clap::ValueEnum for Status {
@@ -53,10 +53,10 @@ pub fn time(text: &str) -> Result<SystemTime, String> {
 /// `CreateTaskRequest` (`task_type` required; `params`, `priority`,
 /// `max_attempts`, `scheduled_for` as RFC 3339, `library_id`, `series_id`,
 /// `book_id`, `dedup_key` optional). Unknown fields are rejected, so that a
-/// typo is not silently dropped, and each field gets the server's own
-/// check (the task type's characters, UUIDs, ranges and lengths), so that
-/// a file of several calls is not refused halfway. Only what depends on
-/// the server's configuration — the size limit of `params` — is left to
+/// typo is not silently dropped, and the whole request gets the server's
+/// own checks (the task type's characters, UUIDs, ranges and lengths), so
+/// that a file of several calls is not refused halfway. Only what depends
+/// on the server's configuration — the size limit of `params` — is left to
 /// it.
 pub fn task_line(line: &str) -> Result<NewTask, String> {
     let value: Value =
@@ -80,7 +80,7 @@ pub fn task_line(line: &str) -> Result<NewTask, String> {
         Some(value) => text("task_type", value)?,
         None => return Err("task_type is required".to_owned()),
     };
-    let mut task = NewTask::new(checked(validate::task_type("task_type", &task_type))?);
+    let mut task = NewTask::new(task_type);
     for (key, value) in &fields {
         task = match key.as_str() {
             "task_type" => task,
@@ -89,39 +89,23 @@ pub fn task_line(line: &str) -> Result<NewTask, String> {
                 _ => return Err("params must be a JSON object".to_owned()),
             },
             "priority" => task.priority(int(key, value)?),
-            "max_attempts" => task.max_attempts(checked(validate::range(
-                key,
-                int(key, value)?,
-                0,
-                validate::MAX_ATTEMPTS_LIMIT,
-            ))?),
+            "max_attempts" => task.max_attempts(int(key, value)?),
             "scheduled_for" => {
-                let at = time(&text(key, value)?).map_err(|err| format!("{key}: {err}"))?;
-                checked(validate::timestamp(key, Some(&at.into())))?;
-                task.scheduled_for(at)
+                task.scheduled_for(time(&text(key, value)?).map_err(|err| format!("{key}: {err}"))?)
             }
-            "library_id" | "series_id" | "book_id" => {
-                let id = text(key, value)?;
-                checked(validate::uuid(key, &id))?;
-                match key.as_str() {
-                    "library_id" => task.library_id(id),
-                    "series_id" => task.series_id(id),
-                    _ => task.book_id(id),
-                }
-            }
-            "dedup_key" => {
-                let dedup_key = checked(validate::dedup_key(key, Some(&text(key, value)?)))?;
-                task.dedup_key(dedup_key.unwrap_or_default())
-            }
+            "library_id" => task.library_id(text(key, value)?),
+            "series_id" => task.series_id(text(key, value)?),
+            "book_id" => task.book_id(text(key, value)?),
+            "dedup_key" => task.dedup_key(text(key, value)?),
             other => return Err(format!("unknown field {other:?}")),
         };
     }
+    let request = task
+        .clone()
+        .into_request(None)
+        .map_err(|err| err.to_string())?;
+    request::new_task(&request, usize::MAX).map_err(|err| err.to_string())?;
     Ok(task)
-}
-
-/// A field check of the server's, its error as text (`field: message`).
-fn checked<T>(result: Result<T, crate::error::Error>) -> Result<T, String> {
-    result.map_err(|err| err.to_string())
 }
 
 #[cfg(test)]

@@ -10,8 +10,8 @@ use super::filter::{About, Filter};
 use super::parse;
 use super::{code_name, describe, human, json, note, print_json, print_line, Failure, Options};
 use crate::client::{Client, CreateManyError, NewTask, TaskFilter, MAX_CREATE_BATCH};
+use crate::model::Status;
 use crate::proto;
-use crate::task::Status;
 
 /// Tasks `task list` prints unless told otherwise.
 const DEFAULT_LIMIT: u64 = 100;
@@ -160,7 +160,7 @@ pub struct PurgeArgs {
     /// Only tasks in these statuses (repeat or separate with commas);
     /// default all three.
     #[arg(long, value_parser = parse::finished(), value_delimiter = ',')]
-    pub status: Vec<Status>,
+    pub(crate) status: Vec<Status>,
 
     /// Only tasks that finished before this time (UTC, RFC 3339); default
     /// now.
@@ -543,7 +543,7 @@ async fn purge(args: PurgeArgs) -> Result<(), Failure> {
     let statuses: Vec<proto::TaskStatus> = args
         .status
         .iter()
-        .map(|s| crate::api::convert::status_to_proto(*s))
+        .map(|s| crate::wire::convert::status_to_proto(*s))
         .collect();
     let client = args.options.connect().await?;
     let deleted = client.purge(completed_before, &statuses).await?;

@@ -121,10 +121,10 @@ pub async fn connect(address: &str) -> Result<Channel> {
 /// A JSON object as a protobuf `Struct` (anything but an object becomes an
 /// empty one, as the server stores objects only).
 pub fn to_struct(json: &serde_json::Value) -> prost_types::Struct {
-    crate::api::convert::json_to_struct(json)
+    crate::wire::json::json_to_struct(json)
 }
 
 /// A protobuf `Struct` as a JSON object.
 pub fn from_struct(value: &prost_types::Struct) -> Result<serde_json::Value> {
-    crate::api::convert::struct_to_json(value).map_err(|e| Error::InvalidAnswer(e.0))
+    crate::wire::json::struct_to_json(value).map_err(|e| Error::InvalidAnswer(e.0))
 }

@@ -21,7 +21,7 @@ use crate::proto::{
 
 /// Most tasks one CreateTasks call accepts; [`Client::create_many`] splits
 /// larger inputs into calls of this size.
-pub const MAX_CREATE_BATCH: usize = crate::api::validate::MAX_BATCH;
+pub const MAX_CREATE_BATCH: usize = crate::wire::limit::MAX_BATCH;
 
 /// A client of the task and worker services of one server.
 ///
@@ -535,7 +535,7 @@ impl NewTask {
 
     /// The wire request. `index` is the position within a CreateTasks call,
     /// so that a local rejection names the field as the server would.
-    fn into_request(self, index: Option<usize>) -> Result<proto::CreateTaskRequest> {
+    pub(crate) fn into_request(self, index: Option<usize>) -> Result<proto::CreateTaskRequest> {
         let mut request = self.request;
         match self.params {
             None => {}
@@ -715,7 +715,7 @@ mod tests {
             .scheduled_in(Duration::MAX)
             .into_request(None)
             .unwrap();
-        let err = crate::api::validate::timestamp("scheduled_for", request.scheduled_for.as_ref())
+        let err = crate::wire::field::timestamp("scheduled_for", request.scheduled_for.as_ref())
             .unwrap_err();
         assert!(err.to_string().starts_with("scheduled_for:"), "{err}");
     }

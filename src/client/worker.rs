@@ -32,11 +32,11 @@ use tonic::transport::Channel;
 use tonic::Code;
 
 use super::{endpoint, from_struct, to_struct, Error, Result};
-use crate::api::{convert, validate};
 use crate::proto::{
     self, connect_request, connect_response, worker_service_client::WorkerServiceClient, AckStatus,
     LeaseStatus, OutcomeKind,
 };
+use crate::wire::{convert, limit};
 
 /// What a handler returns: the task's result (a JSON object; anything else
 /// is stored as `{"value": ...}`), or why the attempt failed.
@@ -318,14 +318,14 @@ impl WorkerBuilder {
             worker_id: self.worker_id,
             task_types,
             slots: i32::try_from(self.slots).unwrap_or(i32::MAX),
-            lease_duration: self.lease_duration.map(crate::api::convert::duration),
+            lease_duration: self.lease_duration.map(convert::duration),
             labels: self.labels,
         };
         // The server's own checks of a registration, so that a worker id,
         // slot count, lease or label it would refuse fails here and not at
         // the first connection. (The default lease is only a placeholder:
         // the server picks its own when none is given.)
-        crate::api::session::spec(&register, crate::config::MIN_LEASE)
+        crate::wire::request::register(&register, limit::MIN_LEASE)
             .map_err(|err| Error::InvalidConfig(err.to_string()))?;
         Ok(Worker {
             register,
@@ -504,10 +504,10 @@ const DRAIN_LINGER: Duration = Duration::from_millis(300);
 const HANDLER_EXIT_WAIT: Duration = Duration::from_secs(10);
 
 /// The server's limit on a fail message, in characters.
-const MAX_ERROR_CHARS: usize = validate::ERROR_MAX_CHARS;
+const MAX_ERROR_CHARS: usize = limit::ERROR_MAX_CHARS;
 
 /// The server's limit on leases per heartbeat.
-const MAX_HEARTBEAT_LEASES: usize = validate::MAX_HEARTBEAT_LEASES;
+const MAX_HEARTBEAT_LEASES: usize = limit::MAX_HEARTBEAT_LEASES;
 
 /// The longest heartbeat interval honoured, whatever the server says.
 const MAX_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(3600);
@@ -683,7 +683,7 @@ impl Runner {
                     // takes is closer to what was asked than its backoff.
                     retry_after: error
                         .retry_after
-                        .map(|d| convert::duration(d.min(validate::MAX_RETRY_AFTER))),
+                        .map(|d| convert::duration(d.min(limit::MAX_RETRY_AFTER))),
                 }),
             ),
         };

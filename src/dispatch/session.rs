@@ -9,37 +9,11 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
-use crate::task::{LeaseRef, Task};
-
-/// Why a task was taken away from a session.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CancelReason {
-    /// An operator cancelled the task.
-    Cancelled,
-    /// The lease expired and was reclaimed.
-    LeaseReclaimed,
-}
-
-impl CancelReason {
-    pub(crate) fn code(self) -> char {
-        match self {
-            CancelReason::Cancelled => 'c',
-            CancelReason::LeaseReclaimed => 'r',
-        }
-    }
-
-    pub(crate) fn from_code(code: &str) -> Option<Self> {
-        match code {
-            "c" => Some(CancelReason::Cancelled),
-            "r" => Some(CancelReason::LeaseReclaimed),
-            _ => None,
-        }
-    }
-}
+use crate::model::{CancelReason, LeaseRef, SessionSpec, Task};
 
 /// What the dispatcher sends down a session's stream.
 #[derive(Debug, Clone)]
-pub enum Push {
+pub(crate) enum Push {
     /// A task leased to the session.
     Task(Box<Task>),
     /// Stop working on a task.
@@ -51,18 +25,6 @@ pub enum Push {
     Drain { grace: Duration },
     /// End the stream.
     Close,
-}
-
-/// What a worker asks for when it registers.
-#[derive(Debug, Clone)]
-pub struct SessionSpec {
-    pub worker_id: String,
-    /// Sorted and without duplicates; empty means any type.
-    pub task_types: Vec<String>,
-    pub slots: usize,
-    pub lease_duration: Duration,
-    /// A JSON object of string values.
-    pub labels: serde_json::Value,
 }
 
 /// The leases out on a session, and the ones recently finished there.
@@ -79,10 +41,10 @@ struct Held {
 
 /// A registered session.
 #[derive(Debug)]
-pub struct Session {
-    pub id: Uuid,
-    pub spec: SessionSpec,
-    pub connected_at: SystemTime,
+pub(crate) struct Session {
+    pub(crate) id: Uuid,
+    pub(crate) spec: SessionSpec,
+    pub(crate) connected_at: SystemTime,
     held: Mutex<Held>,
     draining: AtomicBool,
     last_seen: Mutex<SystemTime>,
@@ -112,17 +74,17 @@ impl Session {
     }
 
     /// Slots not taken by a lease.
-    pub fn free(&self) -> usize {
+    pub(crate) fn free(&self) -> usize {
         self.spec.slots.saturating_sub(self.held().leases.len())
     }
 
     /// Leases out on this session.
-    pub fn in_flight(&self) -> usize {
+    pub(crate) fn in_flight(&self) -> usize {
         self.held().leases.len()
     }
 
     /// Every lease out on this session.
-    pub fn leases(&self) -> Vec<LeaseRef> {
+    pub(crate) fn leases(&self) -> Vec<LeaseRef> {
         self.held()
             .leases
             .iter()
@@ -166,7 +128,7 @@ impl Session {
     }
 
     /// Whether the worker asked for nothing new.
-    pub fn is_draining(&self) -> bool {
+    pub(crate) fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
     }
 
@@ -175,12 +137,12 @@ impl Session {
     }
 
     /// Records that the worker was just heard from.
-    pub fn touch(&self) {
+    pub(crate) fn touch(&self) {
         *self.last_seen.lock().expect("session lock poisoned") = SystemTime::now();
     }
 
     /// When the worker was last heard from.
-    pub fn last_seen(&self) -> SystemTime {
+    pub(crate) fn last_seen(&self) -> SystemTime {
         *self.last_seen.lock().expect("session lock poisoned")
     }
 

@@ -9,17 +9,18 @@
 
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 
-use crate::store::Store;
-use crate::task::{LeaseRef, Status, Task};
+use super::Job;
+use crate::model::{LeaseRef, Status, Task};
+use crate::store::{self, Store};
 
 /// Rows reclaimed per statement.
 const BATCH: i64 = 500;
 
-/// Reclaims expired leases until shutdown.
+/// Reclaims expired leases.
 #[derive(Debug)]
-pub struct Reclaimer {
+pub(crate) struct Reclaimer {
     store: Store,
     interval: Duration,
     reclaimed: mpsc::UnboundedSender<Vec<(Task, LeaseRef)>>,
@@ -29,7 +30,7 @@ impl Reclaimer {
     /// A reclaimer that sweeps at least every `interval` and sends every
     /// batch of reclaimed tasks (as they are now, with the lease taken back)
     /// to `reclaimed`.
-    pub fn new(
+    pub(crate) fn new(
         store: Store,
         interval: Duration,
         reclaimed: mpsc::UnboundedSender<Vec<(Task, LeaseRef)>>,
@@ -40,29 +41,13 @@ impl Reclaimer {
             reclaimed,
         }
     }
+}
 
-    /// Runs until `shutdown` turns true.
-    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
-        loop {
-            let sleep = match self.pass().await {
-                Ok(next) => next.map_or(self.interval, |d| d.min(self.interval)),
-                Err(err) => {
-                    tracing::warn!(error = %err, "reclaim pass failed");
-                    self.interval.max(Duration::from_secs(1))
-                }
-            };
-            tokio::select! {
-                // A few milliseconds past the expiry, so that `now()` in the
-                // statement is past it too.
-                _ = tokio::time::sleep(sleep + Duration::from_millis(2)) => {}
-                _ = shutdown.wait_for(|stop| *stop) => return,
-            }
-        }
-    }
+impl Job for Reclaimer {
+    const NAME: &'static str = "reclaimer";
 
-    /// Reclaims every expired lease, then returns how long until the next
-    /// one expires.
-    async fn pass(&self) -> Result<Option<Duration>, crate::store::Error> {
+    /// Reclaims every expired lease, then waits until the next one expires.
+    async fn pass(&mut self) -> Result<Duration, store::Error> {
         loop {
             let reclaimed = self.store.lease_reclaim_expired(BATCH).await?;
             for (task, _) in &reclaimed {
@@ -80,6 +65,15 @@ impl Reclaimer {
                 break;
             }
         }
-        self.store.lease_next_expiry().await
+        let next = self.store.lease_next_expiry().await?;
+        // A few milliseconds past the expiry, so that `now()` in the
+        // statement is past it too.
+        Ok(next.map_or(self.interval, |d| d.min(self.interval)) + Duration::from_millis(2))
+    }
+
+    /// Leases keep expiring while the database is away: try again soon,
+    /// without backing off further.
+    fn retry_after(&self, _failures: u32) -> Duration {
+        self.interval.max(Duration::from_secs(1))
     }
 }

@@ -14,9 +14,8 @@
 
 use std::time::{Duration, Instant};
 
-use tokio::sync::watch;
-
-use crate::store::Store;
+use super::Job;
+use crate::store::{self, Store};
 
 /// How often the dead-row count is read (one cheap statistics query).
 const CHECK_INTERVAL: Duration = Duration::from_secs(5);
@@ -24,49 +23,26 @@ const CHECK_INTERVAL: Duration = Duration::from_secs(5);
 /// Longest pause after vacuums that could not bring the count down.
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
 
-/// Vacuums the task table when it has `threshold` dead rows, until
-/// shutdown.
+/// Vacuums the task table when it has `threshold` dead rows.
 #[derive(Debug)]
-pub struct Vacuumer {
+pub(crate) struct Vacuumer {
     store: Store,
     threshold: u64,
+    /// The pause after the last pass: grows while vacuums are in vain.
+    backoff: Duration,
 }
 
 impl Vacuumer {
-    /// A vacuumer that acts at `threshold` dead rows (0: never).
-    pub fn new(store: Store, threshold: u64) -> Self {
-        Self { store, threshold }
-    }
-
-    /// Runs until `shutdown` turns true.
-    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
-        if self.threshold == 0 {
-            return;
-        }
-        // The first check runs at start-up: a node started on a table
-        // another node left dirty cleans it before its workers arrive.
-        let mut wait = Duration::ZERO;
-        loop {
-            tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
-                _ = shutdown.wait_for(|stop| *stop) => return,
-            }
-            wait = match self.pass().await {
-                Ok(Pass::Clean) => CHECK_INTERVAL,
-                // Vacuuming did not bring the count under the threshold:
-                // something holds the dead rows (a long transaction, a
-                // replication slot) or the role may not vacuum the table.
-                // Back off instead of vacuuming again and again in vain.
-                Ok(Pass::Stuck) => (wait * 2).clamp(CHECK_INTERVAL * 2, MAX_BACKOFF),
-                Err(err) => {
-                    tracing::warn!(error = %err, "task table vacuum failed");
-                    (wait * 2).clamp(CHECK_INTERVAL * 2, MAX_BACKOFF)
-                }
-            };
+    /// A vacuumer that acts at `threshold` dead rows (at least 1).
+    pub(crate) fn new(store: Store, threshold: u64) -> Self {
+        Self {
+            store,
+            threshold: threshold.max(1),
+            backoff: Duration::ZERO,
         }
     }
 
-    async fn pass(&self) -> Result<Pass, crate::store::Error> {
+    async fn check(&self) -> Result<Pass, store::Error> {
         let dead = self.store.task_dead_rows().await?;
         if u64::try_from(dead).unwrap_or(0) < self.threshold {
             return Ok(Pass::Clean);
@@ -87,6 +63,30 @@ impl Vacuumer {
         } else {
             Ok(Pass::Stuck)
         }
+    }
+}
+
+impl Job for Vacuumer {
+    const NAME: &'static str = "vacuumer";
+
+    /// The first pass runs at start-up: a node started on a table another
+    /// node left dirty cleans it before its workers arrive.
+    async fn pass(&mut self) -> Result<Duration, store::Error> {
+        self.backoff = match self.check().await? {
+            Pass::Clean => CHECK_INTERVAL,
+            // Vacuuming did not bring the count under the threshold:
+            // something holds the dead rows (a long transaction, a
+            // replication slot) or the role may not vacuum the table. Back
+            // off instead of vacuuming again and again in vain.
+            Pass::Stuck => (self.backoff * 2).clamp(CHECK_INTERVAL * 2, MAX_BACKOFF),
+        };
+        Ok(self.backoff)
+    }
+
+    fn retry_after(&self, failures: u32) -> Duration {
+        (CHECK_INTERVAL * 2)
+            .saturating_mul(2u32.saturating_pow(failures.saturating_sub(1).min(8)))
+            .min(MAX_BACKOFF)
     }
 }
 

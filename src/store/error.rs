@@ -5,7 +5,7 @@ use tokio_postgres::error::SqlState;
 
 /// What can go wrong talking to the database.
 #[derive(Debug, Clone, thiserror::Error)]
-pub enum Error {
+pub(crate) enum Error {
     /// The database cannot be reached, is restarting, or no connection was
     /// free in time. Safe to retry.
     #[error("database unavailable: {0}")]

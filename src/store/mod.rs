@@ -7,6 +7,7 @@
 
 mod error;
 mod node;
+mod notify;
 mod task;
 
 use std::time::Duration;
@@ -15,23 +16,16 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::NoTls;
 
-pub use error::Error;
-pub use node::SessionRow;
-pub use task::Fenced;
+pub(crate) use error::Error;
+pub(crate) use notify::{payloads, Channel, Listener, Notice};
+pub(crate) use task::Fenced;
 
 /// Result of a store call.
-pub type Result<T> = std::result::Result<T, Error>;
-
-/// The Postgres channel on which the `task_wake` trigger announces tasks that
-/// became pending.
-pub const WAKE_CHANNEL: &str = "leasehold_task";
-
-/// The Postgres channel carrying live task events.
-pub const EVENT_CHANNEL: &str = "leasehold_event";
+pub(crate) type Result<T> = std::result::Result<T, Error>;
 
 /// Turns the tasks a write produced into event payloads to send on
-/// [`EVENT_CHANNEL`] inside the write's own transaction.
-pub type Announce<'a> = &'a (dyn Fn(&[crate::task::Task]) -> Vec<String> + Sync);
+/// [`Channel::Event`] inside the write's own transaction.
+pub(crate) type Announce<'a> = &'a (dyn Fn(&[crate::model::Task]) -> Vec<String> + Sync);
 
 mod embedded {
     refinery::embed_migrations!("migrations");
@@ -40,7 +34,7 @@ mod embedded {
 /// Handle to the task store: a connection pool plus what is needed to open
 /// dedicated connections (for LISTEN).
 #[derive(Clone)]
-pub struct Store {
+pub(crate) struct Store {
     pool: Pool,
     pg_config: tokio_postgres::Config,
 }
@@ -58,7 +52,7 @@ impl Store {
     /// Builds a store for `database_url`. Opens no connection yet: the pool
     /// connects on demand, so a server can start while the database is down
     /// and recovers by itself when it returns.
-    pub fn new(database_url: &str, pool_size: usize, timeout: Duration) -> Result<Self> {
+    pub(crate) fn new(database_url: &str, pool_size: usize, timeout: Duration) -> Result<Self> {
         let mut pg_config: tokio_postgres::Config = database_url
             .parse()
             .map_err(|err| Error::Other(format!("invalid database URL: {err}")))?;
@@ -111,7 +105,7 @@ impl Store {
     /// Opens a connection that is not pooled, driving it on a background
     /// task that forwards asynchronous messages (notifications) to `tx` when
     /// given. The connection closes when the returned client is dropped.
-    pub async fn connect_dedicated(
+    pub(crate) async fn connect_dedicated(
         &self,
         tx: Option<tokio::sync::mpsc::UnboundedSender<tokio_postgres::Notification>>,
     ) -> Result<tokio_postgres::Client> {
@@ -139,7 +133,7 @@ impl Store {
 
     /// Creates the database named in the URL if it does not exist, by
     /// connecting to the `postgres` database with the same settings.
-    pub async fn database_create_if_missing(&self) -> Result<()> {
+    pub(crate) async fn database_create_if_missing(&self) -> Result<()> {
         match self.pg_config.connect(NoTls).await {
             Ok(_) => return Ok(()),
             Err(err) if err.code() == Some(&SqlState::INVALID_CATALOG_NAME) => {}
@@ -173,7 +167,7 @@ impl Store {
 
     /// Applies pending migrations. Nodes starting together take turns on an
     /// advisory lock, so each migration runs once.
-    pub async fn migrate(&self) -> Result<()> {
+    pub(crate) async fn migrate(&self) -> Result<()> {
         const MIGRATION_LOCK: i64 = 0x6c65_6173_6568_6f6c; // "leasehol"
         let mut client = self.connect_dedicated(None).await?;
         client
@@ -194,7 +188,7 @@ impl Store {
     }
 
     /// Answers whether the database responds to a trivial query.
-    pub async fn ping(&self) -> Result<()> {
+    pub(crate) async fn ping(&self) -> Result<()> {
         let client = self.pool.get().await?;
         client.simple_query("SELECT 1").await?;
         Ok(())
@@ -203,7 +197,7 @@ impl Store {
     /// Dead row versions in the task table, as Postgres' statistics count
     /// them (flushed by each backend at most about once a second, and
     /// re-estimated by ANALYZE).
-    pub async fn task_dead_rows(&self) -> Result<i64> {
+    pub(crate) async fn task_dead_rows(&self) -> Result<i64> {
         let client = self.client().await?;
         let row = client
             .query_opt(
@@ -221,7 +215,7 @@ impl Store {
     /// under 2 % of the table's pages hold dead rows, which on a table with
     /// a large history is always, and the dead entries the claims walk in
     /// the pending indexes are the very thing this vacuum is for.
-    pub async fn task_vacuum(&self) -> Result<()> {
+    pub(crate) async fn task_vacuum(&self) -> Result<()> {
         let client = self.client().await?;
         client
             .batch_execute("VACUUM (SKIP_LOCKED, INDEX_CLEANUP ON, ANALYZE) task")
@@ -231,5 +225,42 @@ impl Store {
 
     async fn client(&self) -> Result<deadpool_postgres::Object> {
         Ok(self.pool.get().await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::testing::FreshDatabase;
+
+    #[tokio::test]
+    async fn every_store_statement_prepares_against_the_migrated_schema() {
+        let db = FreshDatabase::new();
+        let store = Store::new(&db.url(), 1, Duration::from_secs(5)).unwrap();
+        store.database_create_if_missing().await.unwrap();
+        store.migrate().await.unwrap();
+        store.statements_prepare().await.unwrap();
+        // Migrating again is a no-op.
+        store.migrate().await.unwrap();
+        // The wake-up trigger of the migrations notifies the channel the
+        // node listens on.
+        let client = store.client().await.unwrap();
+        let source: String = client
+            .query_one(
+                "SELECT prosrc FROM pg_proc WHERE proname = 'task_wake'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert!(
+            source.contains(&format!("'{}'", notify::WAKE_CHANNEL)),
+            "{source}"
+        );
+        drop(client);
+        drop(store);
+        db.drop_it().await;
     }
 }

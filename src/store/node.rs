@@ -6,25 +6,11 @@ use std::time::SystemTime;
 use uuid::Uuid;
 
 use super::{Result, Store};
-
-/// A session as recorded for ListWorkers.
-#[derive(Debug, Clone, PartialEq)]
-pub struct SessionRow {
-    pub id: Uuid,
-    pub node_id: Uuid,
-    pub worker_id: String,
-    pub task_types: Vec<String>,
-    pub slots: i32,
-    pub labels: serde_json::Value,
-    pub in_flight: i32,
-    pub draining: bool,
-    pub connected_at: SystemTime,
-    pub last_seen_at: SystemTime,
-}
+use crate::model::SessionEntry;
 
 /// How long a node may go without refreshing its row before it counts as
 /// dead, in seconds.
-pub const NODE_EXPIRY_SECS: f64 = 30.0;
+pub(crate) const NODE_EXPIRY_SECS: f64 = 30.0;
 
 const NODE_UPSERT: &str = "INSERT INTO node (id, address, draining) VALUES ($1, $2, $3) \
      ON CONFLICT (id) DO UPDATE SET last_seen_at = now(), draining = EXCLUDED.draining";
@@ -58,6 +44,7 @@ const WORKER_LIST: &str = "SELECT w.id, w.node_id, w.worker_id, w.task_types, w.
      ORDER BY w.worker_id, w.connected_at, w.id";
 
 /// Every statement of this module, for the preparation test.
+#[cfg(test)]
 pub(crate) const STATEMENTS: &[&str] = &[
     NODE_UPSERT,
     SESSION_SYNC,
@@ -69,12 +56,12 @@ pub(crate) const STATEMENTS: &[&str] = &[
 impl Store {
     /// Records that this node is alive (and whether it is draining), and
     /// replaces its session rows by `sessions`, in one transaction.
-    pub async fn node_sync(
+    pub(crate) async fn node_sync(
         &self,
         node_id: Uuid,
         address: &str,
         draining: bool,
-        sessions: &[SessionRow],
+        sessions: &[SessionEntry],
     ) -> Result<()> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
@@ -115,25 +102,25 @@ impl Store {
     }
 
     /// Deletes nodes (and their sessions) that stopped refreshing their row.
-    pub async fn node_expire(&self) -> Result<u64> {
+    pub(crate) async fn node_expire(&self) -> Result<u64> {
         let client = self.client().await?;
         Ok(client.execute(NODE_EXPIRE, &[&NODE_EXPIRY_SECS]).await?)
     }
 
     /// Deletes this node's row and sessions (at shutdown).
-    pub async fn node_delete(&self, node_id: Uuid) -> Result<()> {
+    pub(crate) async fn node_delete(&self, node_id: Uuid) -> Result<()> {
         let client = self.client().await?;
         client.execute(NODE_DELETE, &[&node_id]).await?;
         Ok(())
     }
 
     /// Every session of a live node.
-    pub async fn worker_list(&self) -> Result<Vec<SessionRow>> {
+    pub(crate) async fn worker_list(&self) -> Result<Vec<SessionEntry>> {
         let client = self.client().await?;
         let rows = client.query(WORKER_LIST, &[&NODE_EXPIRY_SECS]).await?;
         rows.iter()
             .map(|row| {
-                Ok(SessionRow {
+                Ok(SessionEntry {
                     id: row.try_get("id")?,
                     node_id: row.try_get("node_id")?,
                     worker_id: row.try_get("worker_id")?,

@@ -18,15 +18,15 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::Row;
 use uuid::Uuid;
 
-use super::{Announce, Error, Result, Store, EVENT_CHANNEL};
-use crate::task::{
+use super::{Announce, Channel, Error, Result, Store};
+use crate::model::{
     Backoff, Claim, Counts, Created, Failure, LeaseRef, LeaseState, ListFilter, NewTask, Page,
     Progress, Stats, Status, Task, TypeStats,
 };
 
 /// The outcome of a write fenced by a lease token.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Fenced {
+pub(crate) enum Fenced {
     /// The write took effect now, or had already taken effect with the same
     /// token (a retried call); the task as it is now.
     Applied(Box<Task>),
@@ -58,6 +58,7 @@ macro_rules! t_columns {
 
 /// Every statement of this module, so a test can prepare each one against
 /// the migrated schema.
+#[cfg(test)]
 pub(crate) const STATEMENTS: &[&str] = &[
     TASK_INSERT,
     TASK_INSERT_MANY,
@@ -324,7 +325,7 @@ const LEASE_RECLAIM_EXPIRED: &str = concat!(
     t_columns!()
 );
 
-const NOTIFY: &str = "SELECT pg_notify($1, $2)";
+pub(super) const NOTIFY: &str = "SELECT pg_notify($1, $2)";
 
 const LEASE_NEXT_EXPIRY: &str =
     "SELECT EXTRACT(EPOCH FROM (min(locked_until) - clock_timestamp()))::float8 \
@@ -445,7 +446,7 @@ fn tasks_from_rows(rows: &[Row]) -> Result<Vec<Task>> {
 impl Store {
     /// Inserts one task, or returns the live task holding its dedup key.
     /// With `announce`, the creation's events are sent in its transaction.
-    pub async fn task_insert(
+    pub(crate) async fn task_insert(
         &self,
         new: &NewTask,
         announce: Option<Announce<'_>>,
@@ -506,7 +507,7 @@ impl Store {
     ///
     /// With `announce`, the events of the new tasks are sent in the same
     /// transaction.
-    pub async fn task_insert_many(
+    pub(crate) async fn task_insert_many(
         &self,
         news: &[NewTask],
         announce: Option<Announce<'_>>,
@@ -587,7 +588,8 @@ impl Store {
                         .map(|c| c.task.clone())
                         .collect();
                     for payload in announce(&fresh) {
-                        tx.execute(NOTIFY, &[&EVENT_CHANNEL, &payload]).await?;
+                        tx.execute(NOTIFY, &[&Channel::Event.name(), &payload])
+                            .await?;
                     }
                 }
                 tx.commit().await?;
@@ -601,7 +603,7 @@ impl Store {
     }
 
     /// Reads one task.
-    pub async fn task_get(&self, id: Uuid) -> Result<Option<Task>> {
+    pub(crate) async fn task_get(&self, id: Uuid) -> Result<Option<Task>> {
         let client = self.client().await?;
         let stmt = client.prepare_cached(TASK_GET).await?;
         client
@@ -617,7 +619,7 @@ impl Store {
     ///
     /// With `announce`, the events of the claimed tasks are sent in the
     /// claim's transaction.
-    pub async fn task_claim(
+    pub(crate) async fn task_claim(
         &self,
         claim: &Claim,
         announce: Option<Announce<'_>>,
@@ -661,7 +663,8 @@ impl Store {
         if let Some(announce) = announce.filter(|_| !tasks.is_empty()) {
             let claimed: Vec<Task> = tasks.iter().map(|(_, t)| t.clone()).collect();
             for payload in announce(&claimed) {
-                tx.execute(NOTIFY, &[&EVENT_CHANNEL, &payload]).await?;
+                tx.execute(NOTIFY, &[&Channel::Event.name(), &payload])
+                    .await?;
             }
         }
         tx.commit().await?;
@@ -670,7 +673,7 @@ impl Store {
 
     /// How long until the earliest pending task of these types is due (zero
     /// if one is due now); `None` when there is no pending task.
-    pub async fn task_next_due(&self, task_types: &[String]) -> Result<Option<Duration>> {
+    pub(crate) async fn task_next_due(&self, task_types: &[String]) -> Result<Option<Duration>> {
         let client = self.client().await?;
         let stmt = client.prepare_cached(TASK_NEXT_DUE).await?;
         let row = client.query_one(&stmt, &[&task_types]).await?;
@@ -679,7 +682,10 @@ impl Store {
 
     /// Renews leases, each by its own duration, in one statement; one answer
     /// per lease, in input order.
-    pub async fn lease_extend(&self, leases: &[(LeaseRef, Duration)]) -> Result<Vec<LeaseState>> {
+    pub(crate) async fn lease_extend(
+        &self,
+        leases: &[(LeaseRef, Duration)],
+    ) -> Result<Vec<LeaseState>> {
         let client = self.client().await?;
         let stmt = client.prepare_cached(LEASE_EXTEND).await?;
         let ids: Vec<Uuid> = leases.iter().map(|(l, _)| l.task_id).collect();
@@ -727,7 +733,7 @@ impl Store {
 
     /// Completes leased tasks in one statement; one outcome per input, in
     /// input order.
-    pub async fn task_complete_many(
+    pub(crate) async fn task_complete_many(
         &self,
         completions: &[(LeaseRef, serde_json::Value)],
     ) -> Result<Vec<Fenced>> {
@@ -749,7 +755,7 @@ impl Store {
 
     /// Records failed attempts in one statement: each task pending again
     /// after a backoff, or failed. One outcome per input, in input order.
-    pub async fn task_fail_many(
+    pub(crate) async fn task_fail_many(
         &self,
         failures: &[(LeaseRef, Failure)],
         backoff: Backoff,
@@ -777,7 +783,11 @@ impl Store {
     }
 
     /// Stores the progress of a leased task.
-    pub async fn task_progress(&self, lease: LeaseRef, progress: &Progress) -> Result<Fenced> {
+    pub(crate) async fn task_progress(
+        &self,
+        lease: LeaseRef,
+        progress: &Progress,
+    ) -> Result<Fenced> {
         let client = self.client().await?;
         let stmt = client.prepare_cached(TASK_PROGRESS).await?;
         let row = client
@@ -796,7 +806,7 @@ impl Store {
     }
 
     /// Gives a lease back: pending now, the attempt not counted.
-    pub async fn task_release(&self, lease: LeaseRef) -> Result<Fenced> {
+    pub(crate) async fn task_release(&self, lease: LeaseRef) -> Result<Fenced> {
         let client = self.client().await?;
         let stmt = client.prepare_cached(TASK_RELEASE).await?;
         let row = client
@@ -874,17 +884,9 @@ impl Store {
             .collect())
     }
 
-    /// Sends a notification on `channel` to every listening node.
-    pub async fn notify(&self, channel: &str, payload: &str) -> Result<()> {
-        let client = self.client().await?;
-        let stmt = client.prepare_cached(NOTIFY).await?;
-        client.execute(&stmt, &[&channel, &payload]).await?;
-        Ok(())
-    }
-
     /// Cancels a pending or processing task. `Err(task)` in the inner result
     /// when the task is already terminal.
-    pub async fn task_cancel(
+    pub(crate) async fn task_cancel(
         &self,
         id: Uuid,
         reason: Option<&str>,
@@ -899,7 +901,10 @@ impl Store {
 
     /// Puts a failed or cancelled task back to pending with attempts reset.
     /// `Err(task)` in the inner result when the task is in another state.
-    pub async fn task_retry(&self, id: Uuid) -> Result<Option<std::result::Result<Task, Task>>> {
+    pub(crate) async fn task_retry(
+        &self,
+        id: Uuid,
+    ) -> Result<Option<std::result::Result<Task, Task>>> {
         let client = self.client().await?;
         let stmt = client.prepare_cached(TASK_RETRY).await?;
         if let Some(row) = client.query_opt(&stmt, &[&id]).await? {
@@ -921,7 +926,7 @@ impl Store {
     }
 
     /// One page of tasks, newest first.
-    pub async fn task_list(&self, filter: &ListFilter) -> Result<Page> {
+    pub(crate) async fn task_list(&self, filter: &ListFilter) -> Result<Page> {
         let client = self.client().await?;
         let stmt = client.prepare_cached(TASK_LIST).await?;
         let statuses: Vec<&str> = filter.statuses.iter().map(|s| s.as_str()).collect();
@@ -952,7 +957,11 @@ impl Store {
 
     /// Deletes terminal tasks finished before `before` (now when `None`), in
     /// batches; returns how many were deleted.
-    pub async fn task_purge(&self, statuses: &[Status], before: Option<SystemTime>) -> Result<i64> {
+    pub(crate) async fn task_purge(
+        &self,
+        statuses: &[Status],
+        before: Option<SystemTime>,
+    ) -> Result<i64> {
         let client = self.client().await?;
         let stmt = client.prepare_cached(TASK_PURGE).await?;
         let statuses: Vec<&str> = statuses.iter().map(|s| s.as_str()).collect();
@@ -969,7 +978,7 @@ impl Store {
     }
 
     /// Counts per type and status, computed by the database.
-    pub async fn task_stats(&self) -> Result<Stats> {
+    pub(crate) async fn task_stats(&self) -> Result<Stats> {
         let client = self.client().await?;
         let stmt = client.prepare_cached(TASK_STATS).await?;
         let rows = client.query(&stmt, &[]).await?;
@@ -1003,7 +1012,7 @@ impl Store {
     /// Takes back up to `limit` expired leases; returns each task as it is
     /// now (pending, or failed when no attempts are left) with the lease it
     /// took back.
-    pub async fn lease_reclaim_expired(&self, limit: i64) -> Result<Vec<(Task, LeaseRef)>> {
+    pub(crate) async fn lease_reclaim_expired(&self, limit: i64) -> Result<Vec<(Task, LeaseRef)>> {
         let client = self.client().await?;
         let stmt = client.prepare_cached(LEASE_RECLAIM_EXPIRED).await?;
         let rows = client.query(&stmt, &[&limit]).await?;
@@ -1021,7 +1030,7 @@ impl Store {
 
     /// How long until the earliest lease runs out (zero if one has);
     /// `None` when no task is processing.
-    pub async fn lease_next_expiry(&self) -> Result<Option<Duration>> {
+    pub(crate) async fn lease_next_expiry(&self) -> Result<Option<Duration>> {
         let client = self.client().await?;
         let stmt = client.prepare_cached(LEASE_NEXT_EXPIRY).await?;
         let row = client.query_one(&stmt, &[]).await?;
@@ -1030,7 +1039,8 @@ impl Store {
 
     /// Prepares every statement of the store; fails on the first that the
     /// migrated schema rejects.
-    pub async fn statements_prepare(&self) -> Result<()> {
+    #[cfg(test)]
+    pub(crate) async fn statements_prepare(&self) -> Result<()> {
         let client = self.client().await?;
         for sql in STATEMENTS.iter().chain(super::node::STATEMENTS) {
             client.prepare(sql).await?;

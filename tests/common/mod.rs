@@ -252,7 +252,7 @@ pub fn duration(d: Duration) -> prost_types::Duration {
 
 /// A JSON object as a `Struct`.
 pub fn json(value: serde_json::Value) -> prost_types::Struct {
-    leasehold::api::convert::json_to_struct(&value)
+    leasehold::client::to_struct(&value)
 }
 
 /// Polls `check` until it yields `Some`, failing the test after `limit`.

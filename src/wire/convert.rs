@@ -1,102 +1,22 @@
-//! Conversions between the wire types and the domain: JSON objects as
-//! `google.protobuf.Struct`, times as `Timestamp`, tasks and leases.
+//! Domain values into messages: tasks, leases, events, statistics, worker
+//! sessions, and times as `Timestamp` and `Duration`.
 
 use std::time::{Duration, SystemTime};
 
-use prost_types::value::Kind;
-use prost_types::{ListValue, Struct, Value};
-
-use crate::events::{Event, EventKind};
-use crate::proto;
-use crate::store::SessionRow;
-use crate::task::{Counts, Progress, Stats, Status, Task, TypeStats};
-
-/// A JSON value as a protobuf `Value`.
-pub fn json_to_value(json: &serde_json::Value) -> Value {
-    let kind = match json {
-        serde_json::Value::Null => Kind::NullValue(0),
-        serde_json::Value::Bool(b) => Kind::BoolValue(*b),
-        serde_json::Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(f64::NAN)),
-        serde_json::Value::String(s) => Kind::StringValue(s.clone()),
-        serde_json::Value::Array(items) => Kind::ListValue(ListValue {
-            values: items.iter().map(json_to_value).collect(),
-        }),
-        serde_json::Value::Object(map) => Kind::StructValue(json_to_struct_map(map)),
-    };
-    Value { kind: Some(kind) }
-}
-
-fn json_to_struct_map(map: &serde_json::Map<String, serde_json::Value>) -> Struct {
-    Struct {
-        fields: map
-            .iter()
-            .map(|(k, v)| (k.clone(), json_to_value(v)))
-            .collect(),
-    }
-}
-
-/// A JSON object as a `Struct`; anything but an object becomes an empty one.
-pub fn json_to_struct(json: &serde_json::Value) -> Struct {
-    match json {
-        serde_json::Value::Object(map) => json_to_struct_map(map),
-        _ => Struct::default(),
-    }
-}
-
-/// Why a `Struct` cannot be stored as JSON.
-#[derive(Debug, PartialEq, Eq)]
-pub struct JsonError(pub String);
-
-/// A `Struct` as a JSON object. Rejects what JSON (and Postgres `jsonb`)
-/// cannot hold: NaN and infinite numbers, and NUL characters.
-pub fn struct_to_json(s: &Struct) -> Result<serde_json::Value, JsonError> {
-    let mut map = serde_json::Map::with_capacity(s.fields.len());
-    for (key, value) in &s.fields {
-        if key.contains('\0') {
-            return Err(JsonError("keys must not contain NUL characters".into()));
-        }
-        map.insert(key.clone(), value_to_json(value)?);
-    }
-    Ok(serde_json::Value::Object(map))
-}
-
-fn value_to_json(value: &Value) -> Result<serde_json::Value, JsonError> {
-    Ok(match &value.kind {
-        None | Some(Kind::NullValue(_)) => serde_json::Value::Null,
-        Some(Kind::BoolValue(b)) => serde_json::Value::Bool(*b),
-        Some(Kind::NumberValue(n)) => {
-            // Whole numbers stay integers, so `{"count": 3}` reads back as 3.
-            if n.fract() == 0.0 && n.abs() < 9.007_199_254_740_992e15 {
-                serde_json::Value::from(*n as i64)
-            } else {
-                serde_json::Number::from_f64(*n)
-                    .map(serde_json::Value::Number)
-                    .ok_or_else(|| JsonError("numbers must be finite".into()))?
-            }
-        }
-        Some(Kind::StringValue(s)) => {
-            if s.contains('\0') {
-                return Err(JsonError("strings must not contain NUL characters".into()));
-            }
-            serde_json::Value::String(s.clone())
-        }
-        Some(Kind::ListValue(list)) => serde_json::Value::Array(
-            list.values
-                .iter()
-                .map(value_to_json)
-                .collect::<Result<_, _>>()?,
-        ),
-        Some(Kind::StructValue(s)) => struct_to_json(s)?,
-    })
-}
+use super::json::json_to_struct;
+use super::proto;
+use crate::model::{
+    CancelReason, Counts, Event, EventKind, LeaseRef, LeaseState, Progress, SessionEntry, Stats,
+    Status, Task, TypeStats,
+};
 
 /// A time as a `Timestamp`.
-pub fn timestamp(t: SystemTime) -> prost_types::Timestamp {
+pub(crate) fn timestamp(t: SystemTime) -> prost_types::Timestamp {
     t.into()
 }
 
 /// A duration as a protobuf `Duration`.
-pub fn duration(d: Duration) -> prost_types::Duration {
+pub(crate) fn duration(d: Duration) -> prost_types::Duration {
     prost_types::Duration {
         // Saturates: a duration past i64 seconds (`Duration::MAX`, meant as
         // "never") must not wrap into a negative one.
@@ -106,7 +26,7 @@ pub fn duration(d: Duration) -> prost_types::Duration {
 }
 
 /// The wire value of a status.
-pub fn status_to_proto(status: Status) -> proto::TaskStatus {
+pub(crate) fn status_to_proto(status: Status) -> proto::TaskStatus {
     match status {
         Status::Pending => proto::TaskStatus::Pending,
         Status::Processing => proto::TaskStatus::Processing,
@@ -117,7 +37,7 @@ pub fn status_to_proto(status: Status) -> proto::TaskStatus {
 }
 
 /// A task on the wire.
-pub fn task_to_proto(task: &Task) -> proto::Task {
+pub(crate) fn task_to_proto(task: &Task) -> proto::Task {
     proto::Task {
         id: task.id.to_string(),
         task_type: task.task_type.clone(),
@@ -143,7 +63,7 @@ pub fn task_to_proto(task: &Task) -> proto::Task {
 }
 
 /// Progress on the wire.
-pub fn progress_to_proto(progress: &Progress) -> proto::TaskProgress {
+pub(crate) fn progress_to_proto(progress: &Progress) -> proto::TaskProgress {
     proto::TaskProgress {
         current: progress.current,
         total: progress.total,
@@ -167,7 +87,7 @@ fn event_kind_to_proto(kind: EventKind) -> proto::TaskEventKind {
 }
 
 /// A task event on the wire.
-pub fn event_to_proto(event: &Event) -> proto::TaskEvent {
+pub(crate) fn event_to_proto(event: &Event) -> proto::TaskEvent {
     proto::TaskEvent {
         kind: event_kind_to_proto(event.kind) as i32,
         task_id: event.task_id.to_string(),
@@ -185,7 +105,7 @@ pub fn event_to_proto(event: &Event) -> proto::TaskEvent {
 }
 
 /// A worker session row on the wire.
-pub fn session_to_proto(row: &SessionRow) -> proto::WorkerSession {
+pub(crate) fn session_to_proto(row: &SessionEntry) -> proto::WorkerSession {
     proto::WorkerSession {
         worker_id: row.worker_id.clone(),
         session_id: row.id.to_string(),
@@ -209,7 +129,7 @@ pub fn session_to_proto(row: &SessionRow) -> proto::WorkerSession {
 }
 
 /// A freshly claimed task with its lease.
-pub fn leased_to_proto(task: &Task) -> proto::LeasedTask {
+pub(crate) fn leased_to_proto(task: &Task) -> proto::LeasedTask {
     proto::LeasedTask {
         lease: Some(proto::Lease {
             task_id: task.id.to_string(),
@@ -219,6 +139,63 @@ pub fn leased_to_proto(task: &Task) -> proto::LeasedTask {
             attempt: task.attempts,
         }),
         task: Some(task_to_proto(task)),
+    }
+}
+
+/// A lease state on the wire, naming its lease.
+pub(crate) fn lease_state(lease: LeaseRef, state: LeaseState) -> proto::LeaseState {
+    let (status, locked_until) = match state {
+        LeaseState::Held(until) => (proto::LeaseStatus::Held, Some(timestamp(until))),
+        LeaseState::Lost => (proto::LeaseStatus::Lost, None),
+        LeaseState::Cancelled => (proto::LeaseStatus::Cancelled, None),
+    };
+    proto::LeaseState {
+        task_id: lease.task_id.to_string(),
+        lease_token: lease.lease_token.to_string(),
+        status: status as i32,
+        locked_until,
+    }
+}
+
+/// A cancel push: stop working on this lease, and why.
+pub(crate) fn cancel_to_proto(lease: LeaseRef, reason: CancelReason) -> proto::CancelLease {
+    proto::CancelLease {
+        task_id: lease.task_id.to_string(),
+        lease_token: lease.lease_token.to_string(),
+        reason: match reason {
+            CancelReason::Cancelled => proto::CancelReason::Cancelled,
+            CancelReason::LeaseReclaimed => proto::CancelReason::LeaseReclaimed,
+        } as i32,
+    }
+}
+
+/// The acknowledgement of an outcome message, naming the message as it was
+/// sent (`task_id`, `lease_token` and `kind`): the task as it is now, or
+/// why the outcome was not recorded.
+pub(crate) fn outcome_ack(
+    task_id: String,
+    lease_token: String,
+    kind: proto::OutcomeKind,
+    outcome: Result<Task, crate::error::Error>,
+) -> proto::OutcomeAck {
+    let (status, message, task) = match outcome {
+        Ok(task) => (
+            proto::AckStatus::Ok,
+            String::new(),
+            Some(task_to_proto(&task)),
+        ),
+        Err(err) => {
+            let (status, message) = err.into_ack();
+            (status, message, None)
+        }
+    };
+    proto::OutcomeAck {
+        task_id,
+        lease_token,
+        kind: kind as i32,
+        status: status as i32,
+        message,
+        task,
     }
 }
 
@@ -234,7 +211,7 @@ fn counts_to_proto(counts: &Counts) -> proto::StatusCounts {
 }
 
 /// Statistics on the wire.
-pub fn stats_to_proto(stats: &Stats) -> proto::GetStatsResponse {
+pub(crate) fn stats_to_proto(stats: &Stats) -> proto::GetStatsResponse {
     proto::GetStatsResponse {
         totals: Some(counts_to_proto(&stats.totals)),
         task_types: stats
@@ -258,34 +235,5 @@ mod tests {
     fn durations_past_i64_seconds_saturate() {
         assert_eq!(duration(Duration::MAX).seconds, i64::MAX);
         assert_eq!(duration(Duration::from_millis(1500)).nanos, 500_000_000);
-    }
-
-    #[test]
-    fn json_round_trips_through_struct() {
-        let json = serde_json::json!({
-            "mode": "deep", "count": 3, "ratio": 0.5, "ok": true, "none": null,
-            "ids": ["a", "b"], "nested": {"x": -7}
-        });
-        assert_eq!(struct_to_json(&json_to_struct(&json)).unwrap(), json);
-    }
-
-    #[test]
-    fn non_finite_numbers_and_nul_are_rejected() {
-        let mut s = Struct::default();
-        s.fields.insert(
-            "x".into(),
-            Value {
-                kind: Some(Kind::NumberValue(f64::NAN)),
-            },
-        );
-        assert!(struct_to_json(&s).is_err());
-        let mut s = Struct::default();
-        s.fields.insert(
-            "x".into(),
-            Value {
-                kind: Some(Kind::StringValue("a\0b".into())),
-            },
-        );
-        assert!(struct_to_json(&s).is_err());
     }
 }

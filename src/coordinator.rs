@@ -1,25 +1,25 @@
-//! The domain: what each call means, over validated inputs. It turns store
-//! outcomes (fencing results, missing rows, conflicts) into domain errors and
-//! never sees protobuf or SQL.
+//! The domain: what each call means, over validated inputs. It decides what
+//! a call does (which events it publishes, whom it wakes, whose lease it
+//! revokes), and turns store outcomes (fencing results, missing rows,
+//! conflicts) into domain errors. It never sees protobuf or SQL.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use uuid::Uuid;
 
-use std::sync::Arc;
-
-use crate::dispatch::{CancelReason, Dispatcher, Session};
+use crate::dispatch::{Dispatcher, Session};
 use crate::error::Error;
-use crate::events::{Event, EventKind, Hub};
-use crate::store::{Announce, Fenced, SessionRow, Store};
-use crate::task::{
-    Claim, Created, Failure, LeaseRef, LeaseState, ListFilter, NewTask, Page, Progress, Stats,
-    Status, Task,
+use crate::events::{Hub, Subscription};
+use crate::model::{
+    CancelReason, Claim, Created, Event, EventKind, Failure, LeaseRef, LeaseState, ListFilter,
+    NewTask, Page, Progress, SessionEntry, SessionSpec, Stats, Status, Task,
 };
+use crate::store::{Announce, Fenced, Store};
 
-/// Domain operations shared by the gRPC services.
+/// The operations of a node, shared by the gRPC services. Cheap to clone.
 #[derive(Debug, Clone)]
-pub struct Service {
+pub(crate) struct Coordinator {
     store: Store,
     dispatcher: Dispatcher,
     events: Hub,
@@ -47,7 +47,7 @@ fn stale(task_id: Uuid, status: Status, call: &str) -> Error {
 }
 
 /// The task of an applied fenced write, or why it was refused.
-pub fn fenced(outcome: Fenced, lease: LeaseRef, call: &str) -> Result<Task> {
+fn fenced(outcome: Fenced, lease: LeaseRef, call: &str) -> Result<Task> {
     match outcome {
         Fenced::Applied(task) => Ok(*task),
         Fenced::Stale(status) => {
@@ -58,10 +58,10 @@ pub fn fenced(outcome: Fenced, lease: LeaseRef, call: &str) -> Result<Task> {
     }
 }
 
-impl Service {
+impl Coordinator {
     /// Builds the domain over a store, the node's dispatcher and its event
     /// hub.
-    pub fn new(store: Store, dispatcher: Dispatcher, events: Hub) -> Self {
+    pub(crate) fn new(store: Store, dispatcher: Dispatcher, events: Hub) -> Self {
         Self {
             store,
             dispatcher,
@@ -69,18 +69,40 @@ impl Service {
         }
     }
 
-    /// The node's dispatcher, for session streams.
-    pub fn dispatcher(&self) -> &Dispatcher {
-        &self.dispatcher
+    /// This node's id.
+    pub(crate) fn node_id(&self) -> Uuid {
+        self.dispatcher.node_id()
     }
 
-    /// The node's event hub, for watchers.
-    pub fn events(&self) -> &Hub {
-        &self.events
+    /// Opens a worker session; the receiver yields what to push down its
+    /// stream. Refused while the node drains.
+    pub(crate) fn session_open(
+        &self,
+        spec: SessionSpec,
+    ) -> Result<(
+        Arc<Session>,
+        tokio::sync::mpsc::UnboundedReceiver<crate::dispatch::Push>,
+    )> {
+        self.dispatcher.register(spec)
+    }
+
+    /// A session's stream ended. Its leases stay in the database until they
+    /// expire or another session re-attaches them; a task pushed that never
+    /// reached the worker is given back.
+    pub(crate) fn session_close(&self, session: &Session, undelivered: Vec<LeaseRef>) {
+        for lease in undelivered {
+            self.dispatcher.give_back(lease);
+        }
+        self.dispatcher.unregister(session);
+    }
+
+    /// The worker asked for nothing new on its session.
+    pub(crate) fn session_drain(&self, session: &Session) {
+        self.dispatcher.session_drain(session);
     }
 
     /// Creates one task (or returns the live one holding its dedup key).
-    pub async fn create(&self, new: NewTask) -> Result<Created> {
+    pub(crate) async fn create(&self, new: NewTask) -> Result<Created> {
         let announce = self.events.announcer(EventKind::Created);
         let created = self
             .store
@@ -94,7 +116,7 @@ impl Service {
     }
 
     /// Creates many tasks in one transaction.
-    pub async fn create_many(&self, news: Vec<NewTask>) -> Result<Vec<Created>> {
+    pub(crate) async fn create_many(&self, news: Vec<NewTask>) -> Result<Vec<Created>> {
         let announce = self.events.announcer(EventKind::Created);
         let created = self
             .store
@@ -105,17 +127,17 @@ impl Service {
     }
 
     /// Reads one task.
-    pub async fn get(&self, id: Uuid) -> Result<Task> {
+    pub(crate) async fn get(&self, id: Uuid) -> Result<Task> {
         self.store.task_get(id).await?.ok_or_else(|| not_found(id))
     }
 
     /// Lists tasks newest first.
-    pub async fn list(&self, filter: ListFilter) -> Result<Page> {
+    pub(crate) async fn list(&self, filter: ListFilter) -> Result<Page> {
         Ok(self.store.task_list(&filter).await?)
     }
 
     /// Cancels a pending or processing task.
-    pub async fn cancel(&self, id: Uuid, reason: Option<String>) -> Result<Task> {
+    pub(crate) async fn cancel(&self, id: Uuid, reason: Option<String>) -> Result<Task> {
         let reason = reason.map(|r| format!("cancelled: {r}"));
         match self.store.task_cancel(id, reason.as_deref()).await? {
             Some(Ok(task)) => {
@@ -144,7 +166,7 @@ impl Service {
     }
 
     /// Puts a failed or cancelled task back to pending.
-    pub async fn retry(&self, id: Uuid) -> Result<Task> {
+    pub(crate) async fn retry(&self, id: Uuid) -> Result<Task> {
         match self.store.task_retry(id).await {
             Ok(Some(Ok(task))) => {
                 self.events.publish_tasks(EventKind::Retried, [&task]).await;
@@ -164,34 +186,36 @@ impl Service {
     }
 
     /// Deletes finished tasks.
-    pub async fn purge(&self, statuses: Vec<Status>, before: Option<SystemTime>) -> Result<i64> {
+    pub(crate) async fn purge(
+        &self,
+        statuses: Vec<Status>,
+        before: Option<SystemTime>,
+    ) -> Result<i64> {
         let deleted = self.store.task_purge(&statuses, before).await?;
         tracing::info!(deleted, "purged tasks");
         Ok(deleted)
     }
 
     /// Counts tasks.
-    pub async fn stats(&self) -> Result<Stats> {
+    pub(crate) async fn stats(&self) -> Result<Stats> {
         Ok(self.store.task_stats().await?)
     }
 
     /// Live events, for a watcher.
-    pub async fn watch(&self) -> crate::events::Subscription {
+    pub(crate) async fn watch(&self) -> Subscription {
         self.events.subscribe().await
     }
 
     /// Leases due tasks, waiting up to `wait` for some to arrive.
-    pub async fn acquire(&self, claim: Claim, wait: Duration) -> Result<Vec<Task>> {
+    pub(crate) async fn acquire(&self, claim: Claim, wait: Duration) -> Result<Vec<Task>> {
         if self.dispatcher.is_draining() {
-            return Err(Error::Unavailable(
-                "this node is shutting down: connect to another node".into(),
-            ));
+            return Err(Error::draining());
         }
         Ok(self.dispatcher.acquire(&claim, wait).await?)
     }
 
     /// Renews leases.
-    pub async fn heartbeat(
+    pub(crate) async fn heartbeat(
         &self,
         leases: Vec<LeaseRef>,
         duration: Duration,
@@ -201,7 +225,7 @@ impl Service {
 
     /// Renews leases on a session: the listed ones (re-attaching them to it),
     /// or every lease it holds when the list is empty.
-    pub async fn session_heartbeat(
+    pub(crate) async fn session_heartbeat(
         &self,
         session: &Arc<Session>,
         leases: Vec<LeaseRef>,
@@ -218,7 +242,11 @@ impl Service {
     }
 
     /// Completes a leased task.
-    pub async fn complete(&self, lease: LeaseRef, result: serde_json::Value) -> Result<Task> {
+    pub(crate) async fn complete(
+        &self,
+        lease: LeaseRef,
+        result: serde_json::Value,
+    ) -> Result<Task> {
         let task = fenced(
             self.dispatcher.complete(lease, result).await?,
             lease,
@@ -231,24 +259,19 @@ impl Service {
     }
 
     /// Records a failed attempt.
-    pub async fn fail(&self, lease: LeaseRef, failure: Failure) -> Result<Task> {
+    pub(crate) async fn fail(&self, lease: LeaseRef, failure: Failure) -> Result<Task> {
         let task = fenced(self.dispatcher.fail(lease, failure).await?, lease, "fail")?;
         self.events.publish_tasks(EventKind::Failed, [&task]).await;
         Ok(task)
     }
 
     /// Gives a lease back without using up the attempt.
-    pub async fn release(&self, lease: LeaseRef) -> Result<Task> {
-        let task = fenced(self.dispatcher.release(lease).await?, lease, "release")?;
-        self.events
-            .publish_tasks(EventKind::Released, [&task])
-            .await;
-        self.dispatcher.wake();
-        Ok(task)
+    pub(crate) async fn release(&self, lease: LeaseRef) -> Result<Task> {
+        fenced(self.dispatcher.release(lease).await?, lease, "release")
     }
 
     /// Stores the progress of a leased task.
-    pub async fn progress(&self, lease: LeaseRef, progress: Progress) -> Result<Task> {
+    pub(crate) async fn progress(&self, lease: LeaseRef, progress: Progress) -> Result<Task> {
         let task = fenced(
             self.store.task_progress(lease, &progress).await?,
             lease,
@@ -261,13 +284,13 @@ impl Service {
     }
 
     /// Every connected worker session across all nodes.
-    pub async fn workers(&self) -> Result<Vec<SessionRow>> {
+    pub(crate) async fn workers(&self) -> Result<Vec<SessionEntry>> {
         Ok(self.store.worker_list().await?)
     }
 
     /// What to do with leases the reclaimer took back: tell watchers, and
     /// tell the sessions that held them to stop.
-    pub async fn on_reclaimed(&self, reclaimed: &[(Task, LeaseRef)]) {
+    pub(crate) async fn on_reclaimed(&self, reclaimed: &[(Task, LeaseRef)]) {
         self.events
             .publish(
                 reclaimed

@@ -1,6 +1,4 @@
-//! The task model as the domain sees it: states, the row, and the inputs of
-//! the writes. Free of SQL and of protobuf; `store` fills these from rows and
-//! `api` converts them to and from the wire.
+//! Tasks and leases: states, the row, and the inputs of the writes.
 
 use std::time::{Duration, SystemTime};
 
@@ -8,7 +6,7 @@ use uuid::Uuid;
 
 /// Lifecycle state of a task, as stored in the `status` column.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Status {
+pub(crate) enum Status {
     /// Waiting to be leased once due.
     Pending,
     /// Leased to a worker.
@@ -23,7 +21,7 @@ pub enum Status {
 
 impl Status {
     /// Every status, in lifecycle order.
-    pub const ALL: [Status; 5] = [
+    pub(crate) const ALL: [Status; 5] = [
         Status::Pending,
         Status::Processing,
         Status::Completed,
@@ -32,10 +30,10 @@ impl Status {
     ];
 
     /// The statuses no worker can change any more.
-    pub const TERMINAL: [Status; 3] = [Status::Completed, Status::Failed, Status::Cancelled];
+    pub(crate) const TERMINAL: [Status; 3] = [Status::Completed, Status::Failed, Status::Cancelled];
 
     /// The word stored in the database.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Status::Pending => "pending",
             Status::Processing => "processing",
@@ -46,93 +44,93 @@ impl Status {
     }
 
     /// Parses the word stored in the database.
-    pub fn parse(s: &str) -> Option<Status> {
+    pub(crate) fn parse(s: &str) -> Option<Status> {
         Status::ALL.into_iter().find(|status| status.as_str() == s)
     }
 
     /// Whether the status is final until an operator retries the task.
-    pub fn is_terminal(self) -> bool {
+    pub(crate) fn is_terminal(self) -> bool {
         Status::TERMINAL.contains(&self)
     }
 }
 
 /// A task row.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Task {
-    pub id: Uuid,
+pub(crate) struct Task {
+    pub(crate) id: Uuid,
     /// Creation order, unique and increasing.
-    pub seq: i64,
-    pub task_type: String,
-    pub status: Status,
-    pub priority: i32,
-    pub attempts: i32,
-    pub max_attempts: i32,
-    pub scheduled_for: SystemTime,
-    pub created_at: SystemTime,
-    pub started_at: Option<SystemTime>,
-    pub completed_at: Option<SystemTime>,
-    pub locked_by: Option<String>,
-    pub locked_until: Option<SystemTime>,
-    pub lease_token: Option<Uuid>,
-    pub last_error: Option<String>,
-    pub params: serde_json::Value,
-    pub result: Option<serde_json::Value>,
-    pub library_id: Option<Uuid>,
-    pub series_id: Option<Uuid>,
-    pub book_id: Option<Uuid>,
-    pub dedup_key: Option<String>,
-    pub progress: Option<Progress>,
+    pub(crate) seq: i64,
+    pub(crate) task_type: String,
+    pub(crate) status: Status,
+    pub(crate) priority: i32,
+    pub(crate) attempts: i32,
+    pub(crate) max_attempts: i32,
+    pub(crate) scheduled_for: SystemTime,
+    pub(crate) created_at: SystemTime,
+    pub(crate) started_at: Option<SystemTime>,
+    pub(crate) completed_at: Option<SystemTime>,
+    pub(crate) locked_by: Option<String>,
+    pub(crate) locked_until: Option<SystemTime>,
+    pub(crate) lease_token: Option<Uuid>,
+    pub(crate) last_error: Option<String>,
+    pub(crate) params: serde_json::Value,
+    pub(crate) result: Option<serde_json::Value>,
+    pub(crate) library_id: Option<Uuid>,
+    pub(crate) series_id: Option<Uuid>,
+    pub(crate) book_id: Option<Uuid>,
+    pub(crate) dedup_key: Option<String>,
+    pub(crate) progress: Option<Progress>,
 }
 
 /// Progress of a running attempt, as its worker reported it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Progress {
-    pub current: i64,
+pub(crate) struct Progress {
+    pub(crate) current: i64,
     /// 0 when unknown.
-    pub total: i64,
-    pub message: String,
+    pub(crate) total: i64,
+    pub(crate) message: String,
     /// `None` in a report not yet stored.
-    pub updated_at: Option<SystemTime>,
+    pub(crate) updated_at: Option<SystemTime>,
 }
 
 /// A validated request to create a task.
 #[derive(Debug, Clone, PartialEq)]
-pub struct NewTask {
-    pub id: Uuid,
-    pub task_type: String,
-    pub params: serde_json::Value,
-    pub priority: i32,
-    pub max_attempts: i32,
+pub(crate) struct NewTask {
+    pub(crate) id: Uuid,
+    pub(crate) task_type: String,
+    pub(crate) params: serde_json::Value,
+    pub(crate) priority: i32,
+    pub(crate) max_attempts: i32,
     /// `None` means now, by the database clock.
-    pub scheduled_for: Option<SystemTime>,
-    pub library_id: Option<Uuid>,
-    pub series_id: Option<Uuid>,
-    pub book_id: Option<Uuid>,
-    pub dedup_key: Option<String>,
+    pub(crate) scheduled_for: Option<SystemTime>,
+    pub(crate) library_id: Option<Uuid>,
+    pub(crate) series_id: Option<Uuid>,
+    pub(crate) book_id: Option<Uuid>,
+    pub(crate) dedup_key: Option<String>,
 }
 
 /// The outcome of a create: the task, and whether an existing live task with
 /// the same dedup key was returned instead of a new row.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Created {
-    pub task: Task,
-    pub deduplicated: bool,
+pub(crate) struct Created {
+    pub(crate) task: Task,
+    pub(crate) deduplicated: bool,
 }
 
 /// One claim statement's worth of takers: tasks of `task_types` for each
 /// slot, the n-th task in claim order going to the n-th slot.
 #[derive(Debug, Clone)]
-pub struct Claim {
+pub(crate) struct Claim {
     /// Empty means any type.
-    pub task_types: Vec<String>,
+    pub(crate) task_types: Vec<String>,
     /// The worker id of each slot; as many tasks are claimed at most.
-    pub slots: Vec<String>,
-    pub lease_duration: Duration,
+    pub(crate) slots: Vec<String>,
+    pub(crate) lease_duration: Duration,
 }
 
 impl Claim {
     /// A claim of up to `max_tasks` tasks for one worker.
-    pub fn for_worker(
+    pub(crate) fn for_worker(
         worker_id: &str,
         task_types: Vec<String>,
         max_tasks: usize,
@@ -148,14 +146,14 @@ impl Claim {
 
 /// A reference to one lease: the task and the token of its hand-out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LeaseRef {
-    pub task_id: Uuid,
-    pub lease_token: Uuid,
+pub(crate) struct LeaseRef {
+    pub(crate) task_id: Uuid,
+    pub(crate) lease_token: Uuid,
 }
 
 /// State of a lease after a heartbeat.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LeaseState {
+pub(crate) enum LeaseState {
     /// Renewed until the given time.
     Held(SystemTime),
     /// Expired, reclaimed, finished, handed to someone else or unknown.
@@ -166,56 +164,56 @@ pub enum LeaseState {
 
 /// How a failed attempt should be retried.
 #[derive(Debug, Clone)]
-pub struct Failure {
-    pub error: String,
-    pub permanent: bool,
+pub(crate) struct Failure {
+    pub(crate) error: String,
+    pub(crate) permanent: bool,
     /// Overrides the backoff when set.
-    pub retry_after: Option<Duration>,
+    pub(crate) retry_after: Option<Duration>,
 }
 
 /// Retry backoff settings: `base * 2^(attempt-1)`, capped, with jitter.
 #[derive(Debug, Clone, Copy)]
-pub struct Backoff {
-    pub base: Duration,
-    pub max: Duration,
+pub(crate) struct Backoff {
+    pub(crate) base: Duration,
+    pub(crate) max: Duration,
 }
 
 /// Filters and page position of a task listing.
 #[derive(Debug, Clone, Default)]
-pub struct ListFilter {
-    pub statuses: Vec<Status>,
-    pub task_types: Vec<String>,
-    pub library_id: Option<Uuid>,
-    pub series_id: Option<Uuid>,
-    pub book_id: Option<Uuid>,
+pub(crate) struct ListFilter {
+    pub(crate) statuses: Vec<Status>,
+    pub(crate) task_types: Vec<String>,
+    pub(crate) library_id: Option<Uuid>,
+    pub(crate) series_id: Option<Uuid>,
+    pub(crate) book_id: Option<Uuid>,
     /// Only tasks created before this one (exclusive; task ids are
     /// time-ordered); `None` is the first page.
-    pub before_id: Option<Uuid>,
-    pub limit: i64,
+    pub(crate) before_id: Option<Uuid>,
+    pub(crate) limit: i64,
 }
 
 /// One page of a listing.
 #[derive(Debug, Clone)]
-pub struct Page {
-    pub tasks: Vec<Task>,
+pub(crate) struct Page {
+    pub(crate) tasks: Vec<Task>,
     /// The last task of the page, to continue from when more rows may
     /// follow.
-    pub next_id: Option<Uuid>,
+    pub(crate) next_id: Option<Uuid>,
 }
 
 /// Counts of one task type (or of all tasks) per status.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Counts {
-    pub pending: i64,
-    pub processing: i64,
-    pub completed: i64,
-    pub failed: i64,
-    pub cancelled: i64,
+pub(crate) struct Counts {
+    pub(crate) pending: i64,
+    pub(crate) processing: i64,
+    pub(crate) completed: i64,
+    pub(crate) failed: i64,
+    pub(crate) cancelled: i64,
 }
 
 impl Counts {
     /// Adds `n` tasks of `status`.
-    pub fn add(&mut self, status: Status, n: i64) {
+    pub(crate) fn add(&mut self, status: Status, n: i64) {
         match status {
             Status::Pending => self.pending += n,
             Status::Processing => self.processing += n,
@@ -226,26 +224,26 @@ impl Counts {
     }
 
     /// Tasks in every status.
-    pub fn total(&self) -> i64 {
+    pub(crate) fn total(&self) -> i64 {
         self.pending + self.processing + self.completed + self.failed + self.cancelled
     }
 }
 
 /// Statistics of one task type.
 #[derive(Debug, Clone, PartialEq)]
-pub struct TypeStats {
-    pub task_type: String,
-    pub counts: Counts,
+pub(crate) struct TypeStats {
+    pub(crate) task_type: String,
+    pub(crate) counts: Counts,
     /// How long the oldest due pending task has been due.
-    pub oldest_due_pending_age: Option<Duration>,
+    pub(crate) oldest_due_pending_age: Option<Duration>,
 }
 
 /// Statistics over the whole table.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Stats {
-    pub totals: Counts,
-    pub task_types: Vec<TypeStats>,
-    pub oldest_due_pending_age: Option<Duration>,
+pub(crate) struct Stats {
+    pub(crate) totals: Counts,
+    pub(crate) task_types: Vec<TypeStats>,
+    pub(crate) oldest_due_pending_age: Option<Duration>,
 }
 
 #[cfg(test)]

@@ -1,40 +1,20 @@
-//! Field checks run on every request before anything reaches the domain.
-//! Each failure is an `INVALID_ARGUMENT` that names the field.
+//! Checks of single fields, shared by every request that has them. Each
+//! failure is an `INVALID_ARGUMENT` that names the field as the caller
+//! passes it (`tasks[3].task_type`), and nothing is ever half accepted.
 
 use std::time::{Duration, SystemTime};
 
 use uuid::Uuid;
 
-use super::convert;
+use super::limit::*;
+use super::{json, proto};
 use crate::error::Error;
-use crate::proto;
-use crate::task::Status;
+use crate::model::{LeaseRef, Status};
 
 type Result<T> = std::result::Result<T, Error>;
 
-/// Limits of the wire contract, as documented in the proto files.
-pub const TASK_TYPE_MAX_CHARS: usize = 64;
-pub const WORKER_ID_MAX_CHARS: usize = 100;
-pub const DEDUP_KEY_MAX_CHARS: usize = 255;
-pub const REASON_MAX_CHARS: usize = 1000;
-pub const ERROR_MAX_CHARS: usize = 65_536;
-pub const MAX_ATTEMPTS_LIMIT: i32 = 1000;
-pub const DEFAULT_MAX_ATTEMPTS: i32 = 3;
-pub const MAX_BATCH: usize = 10_000;
-pub const MAX_CLAIM: i32 = 1000;
-pub const MAX_HEARTBEAT_LEASES: usize = 10_000;
-pub const MAX_WAIT: Duration = Duration::from_secs(60);
-pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(30 * 24 * 3600);
-pub const DEFAULT_PAGE_SIZE: i32 = 50;
-pub const MAX_PAGE_SIZE: i32 = 1000;
-pub const MAX_FILTER_VALUES: usize = 1000;
-pub const MAX_SLOTS: i32 = 10_000;
-pub const MAX_LABELS: usize = 64;
-pub const LABEL_MAX_CHARS: usize = 256;
-pub const PROGRESS_MESSAGE_MAX_CHARS: usize = 1000;
-
 /// A UUID in its text form.
-pub fn uuid(field: &str, value: &str) -> Result<Uuid> {
+pub(crate) fn uuid(field: &str, value: &str) -> Result<Uuid> {
     if value.is_empty() {
         return Err(Error::invalid(field, "is required"));
     }
@@ -42,8 +22,8 @@ pub fn uuid(field: &str, value: &str) -> Result<Uuid> {
 }
 
 /// A lease reference: `task_id` and `lease_token`, both UUIDs.
-pub fn lease_ref(task_id: &str, lease_token: &str) -> Result<crate::task::LeaseRef> {
-    Ok(crate::task::LeaseRef {
+pub(crate) fn lease_ref(task_id: &str, lease_token: &str) -> Result<LeaseRef> {
+    Ok(LeaseRef {
         task_id: uuid("task_id", task_id)?,
         lease_token: uuid("lease_token", lease_token)?,
     })
@@ -52,10 +32,7 @@ pub fn lease_ref(task_id: &str, lease_token: &str) -> Result<crate::task::LeaseR
 /// The leases of a heartbeat (`field` is `leases` or `heartbeat.leases`):
 /// at most [`MAX_HEARTBEAT_LEASES`], each a valid lease reference; errors
 /// name the entry, e.g. `leases[3].lease_token`.
-pub fn lease_renewals(
-    field: &str,
-    leases: &[crate::proto::LeaseRenewal],
-) -> Result<Vec<crate::task::LeaseRef>> {
+pub(crate) fn lease_renewals(field: &str, leases: &[proto::LeaseRenewal]) -> Result<Vec<LeaseRef>> {
     if leases.len() > MAX_HEARTBEAT_LEASES {
         return Err(Error::invalid(
             field,
@@ -72,12 +49,12 @@ pub fn lease_renewals(
 }
 
 /// An optional UUID.
-pub fn opt_uuid(field: &str, value: Option<&str>) -> Result<Option<Uuid>> {
+pub(crate) fn opt_uuid(field: &str, value: Option<&str>) -> Result<Option<Uuid>> {
     value.map(|v| uuid(field, v)).transpose()
 }
 
 /// A task type: 1 to 64 letters, digits and `_ . : / -`.
-pub fn task_type(field: &str, value: &str) -> Result<String> {
+pub(crate) fn task_type(field: &str, value: &str) -> Result<String> {
     if value.is_empty() {
         return Err(Error::invalid(field, "is required"));
     }
@@ -100,7 +77,7 @@ pub fn task_type(field: &str, value: &str) -> Result<String> {
 }
 
 /// A list of task types.
-pub fn task_types(field: &str, values: &[String]) -> Result<Vec<String>> {
+pub(crate) fn task_types(field: &str, values: &[String]) -> Result<Vec<String>> {
     if values.len() > MAX_FILTER_VALUES {
         return Err(Error::invalid(
             field,
@@ -137,7 +114,7 @@ fn text(field: &str, value: &str, min: usize, max: usize, multiline: bool) -> Re
 }
 
 /// Session labels: at most 64, keys 1 to 256 characters, values up to 256.
-pub fn labels(
+pub(crate) fn labels(
     field: &str,
     value: &std::collections::HashMap<String, String>,
 ) -> Result<serde_json::Value> {
@@ -157,24 +134,24 @@ pub fn labels(
 }
 
 /// A progress message.
-pub fn progress_message(field: &str, value: &str) -> Result<String> {
+pub(crate) fn progress_message(field: &str, value: &str) -> Result<String> {
     text(field, value, 0, PROGRESS_MESSAGE_MAX_CHARS, true)
 }
 
 /// A worker id: 1 to 100 characters.
-pub fn worker_id(field: &str, value: &str) -> Result<String> {
+pub(crate) fn worker_id(field: &str, value: &str) -> Result<String> {
     text(field, value, 1, WORKER_ID_MAX_CHARS, false)
 }
 
 /// A dedup key: 1 to 255 characters.
-pub fn dedup_key(field: &str, value: Option<&str>) -> Result<Option<String>> {
+pub(crate) fn dedup_key(field: &str, value: Option<&str>) -> Result<Option<String>> {
     value
         .map(|v| text(field, v, 1, DEDUP_KEY_MAX_CHARS, false))
         .transpose()
 }
 
 /// A cancellation reason: empty means none.
-pub fn reason(field: &str, value: &str) -> Result<Option<String>> {
+pub(crate) fn reason(field: &str, value: &str) -> Result<Option<String>> {
     if value.is_empty() {
         return Ok(None);
     }
@@ -182,13 +159,13 @@ pub fn reason(field: &str, value: &str) -> Result<Option<String>> {
 }
 
 /// An error report of a failed attempt.
-pub fn error_text(field: &str, value: &str) -> Result<String> {
+pub(crate) fn error_text(field: &str, value: &str) -> Result<String> {
     text(field, value, 0, ERROR_MAX_CHARS, true)
 }
 
 /// A JSON object payload (`params`, `result`) of at most `max_bytes`
 /// encoded; unset means `{}`.
-pub fn payload(
+pub(crate) fn payload(
     field: &str,
     value: Option<&prost_types::Struct>,
     max_bytes: usize,
@@ -203,11 +180,11 @@ pub fn payload(
             format!("is {size} bytes encoded, more than the limit of {max_bytes}"),
         ));
     }
-    convert::struct_to_json(value).map_err(|err| Error::invalid(field, err.0))
+    json::struct_to_json(value).map_err(|err| Error::invalid(field, err.0))
 }
 
 /// A duration within `[min, max]`; unset gives `default`.
-pub fn duration(
+pub(crate) fn duration(
     field: &str,
     value: Option<&prost_types::Duration>,
     min: Duration,
@@ -233,7 +210,7 @@ pub fn duration(
 }
 
 /// A timestamp between 1970 and 9999, the range the store keeps exactly.
-pub fn timestamp(
+pub(crate) fn timestamp(
     field: &str,
     value: Option<&prost_types::Timestamp>,
 ) -> Result<Option<SystemTime>> {
@@ -256,7 +233,7 @@ pub fn timestamp(
 }
 
 /// A status in a filter: UNSPECIFIED and unknown values are rejected.
-pub fn status(field: &str, value: i32) -> Result<Status> {
+pub(crate) fn status(field: &str, value: i32) -> Result<Status> {
     match proto::TaskStatus::try_from(value) {
         Ok(proto::TaskStatus::Pending) => Ok(Status::Pending),
         Ok(proto::TaskStatus::Processing) => Ok(Status::Processing),
@@ -275,7 +252,7 @@ pub fn status(field: &str, value: i32) -> Result<Status> {
 }
 
 /// A list of statuses.
-pub fn statuses(field: &str, values: &[i32]) -> Result<Vec<Status>> {
+pub(crate) fn statuses(field: &str, values: &[i32]) -> Result<Vec<Status>> {
     values
         .iter()
         .enumerate()
@@ -284,7 +261,7 @@ pub fn statuses(field: &str, values: &[i32]) -> Result<Vec<Status>> {
 }
 
 /// An integer within `[min, max]`.
-pub fn range(field: &str, value: i32, min: i32, max: i32) -> Result<i32> {
+pub(crate) fn range(field: &str, value: i32, min: i32, max: i32) -> Result<i32> {
     if value < min || value > max {
         return Err(Error::invalid(
             field,
@@ -295,7 +272,7 @@ pub fn range(field: &str, value: i32, min: i32, max: i32) -> Result<i32> {
 }
 
 /// A count that must not be negative.
-pub fn range64(field: &str, value: i64) -> Result<i64> {
+pub(crate) fn range64(field: &str, value: i64) -> Result<i64> {
     if value < 0 {
         return Err(Error::invalid(field, "must not be negative"));
     }
@@ -304,12 +281,12 @@ pub fn range64(field: &str, value: i64) -> Result<i64> {
 
 /// Encodes a listing position (the last task of a page) as an opaque page
 /// token.
-pub fn page_token_encode(last: Uuid) -> String {
+pub(crate) fn page_token_encode(last: Uuid) -> String {
     format!("v2.{}", last.simple())
 }
 
 /// Decodes a page token; empty means the first page.
-pub fn page_token(field: &str, value: &str) -> Result<Option<Uuid>> {
+pub(crate) fn page_token(field: &str, value: &str) -> Result<Option<Uuid>> {
     if value.is_empty() {
         return Ok(None);
     }
@@ -396,7 +373,7 @@ mod tests {
     #[test]
     fn payload_limit_counts_encoded_bytes() {
         let json = serde_json::json!({"data": "x".repeat(100)});
-        let s = convert::json_to_struct(&json);
+        let s = json::json_to_struct(&json);
         assert!(payload("params", Some(&s), 50).is_err());
         assert_eq!(payload("params", Some(&s), 1000).unwrap(), json);
         assert_eq!(payload("params", None, 10).unwrap(), serde_json::json!({}));

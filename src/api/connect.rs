@@ -1,0 +1,281 @@
+//! The `Connect` stream: one worker session. Reads the worker's messages,
+//! answers each, and forwards what the dispatcher pushes (tasks, cancels,
+//! drain) until either side ends the stream.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::Stream;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tonic::{Status, Streaming};
+
+use crate::coordinator::Coordinator;
+use crate::dispatch::{Push, Session};
+use crate::error::Error;
+use crate::model::{LeaseRef, Task};
+use crate::wire::proto::{self, connect_request, connect_response};
+use crate::wire::{convert, request};
+
+/// The server side of a session stream.
+pub(crate) type ConnectStream =
+    Pin<Box<dyn Stream<Item = Result<proto::ConnectResponse, Status>> + Send>>;
+
+/// Answers travel boxed: a channel allocates its slots in blocks, and an
+/// unboxed answer (a whole task) would make each idle session's block tens
+/// of kilobytes.
+type Out = mpsc::Sender<Box<Result<proto::ConnectResponse, Status>>>;
+
+/// Answers buffered per session before the server waits for the worker to
+/// read; bounded so a worker that stops reading holds no unbounded memory.
+const OUT_BUFFER: usize = 256;
+
+/// Messages of a session handled at once beyond its slots (heartbeats,
+/// progress reports).
+const IN_HAND_EXTRA: usize = 64;
+
+fn respond(kind: connect_response::Kind) -> Box<Result<proto::ConnectResponse, Status>> {
+    Box::new(Ok(proto::ConnectResponse { kind: Some(kind) }))
+}
+
+/// Opens a session: reads `register`, registers with the dispatcher, and
+/// spawns the loop that serves the stream.
+pub(super) async fn open(
+    coordinator: Coordinator,
+    default_lease: Duration,
+    max_payload_bytes: usize,
+    mut inbound: Streaming<proto::ConnectRequest>,
+) -> Result<ConnectStream, Status> {
+    let first = inbound
+        .message()
+        .await?
+        .ok_or_else(|| Error::FailedPrecondition("the stream ended before `register`".into()))?;
+    let Some(connect_request::Kind::Register(register)) = first.kind else {
+        return Err(Error::FailedPrecondition(
+            "the first message of a session must be `register`".into(),
+        )
+        .into());
+    };
+    let spec = request::register(&register, default_lease)?;
+    let (session, pushes) = coordinator.session_open(spec)?;
+    let (out, rx) = mpsc::channel(OUT_BUFFER);
+    let lease = session.spec.lease_duration;
+    let _ = out
+        .send(respond(connect_response::Kind::Registered(
+            proto::SessionRegistered {
+                session_id: session.id.to_string(),
+                node_id: coordinator.node_id().to_string(),
+                lease_duration: Some(convert::duration(lease)),
+                heartbeat_interval: Some(convert::duration(lease / 3)),
+            },
+        )))
+        .await;
+    let permits = Arc::new(Semaphore::new(session.spec.slots + IN_HAND_EXTRA));
+    let stream = SessionStream {
+        coordinator,
+        session,
+        out,
+        max_payload_bytes,
+        permits,
+    };
+    tokio::spawn(stream.run(inbound, pushes));
+    let answers = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|answer| (*answer, rx))
+    });
+    Ok(Box::pin(answers))
+}
+
+/// One registered session's stream, served until either side ends it.
+struct SessionStream {
+    coordinator: Coordinator,
+    session: Arc<Session>,
+    out: Out,
+    max_payload_bytes: usize,
+    permits: Arc<Semaphore>,
+}
+
+/// The lease a pushed task carries.
+fn lease_of(task: &Task) -> Option<LeaseRef> {
+    task.lease_token.map(|lease_token| LeaseRef {
+        task_id: task.id,
+        lease_token,
+    })
+}
+
+impl SessionStream {
+    async fn run(
+        self,
+        mut inbound: Streaming<proto::ConnectRequest>,
+        mut pushes: mpsc::UnboundedReceiver<Push>,
+    ) {
+        let mut undelivered = Vec::new();
+        loop {
+            tokio::select! {
+                message = inbound.message() => match message {
+                    Ok(Some(request)) => {
+                        self.session.touch();
+                        if let Err(err) = self.handle(request).await {
+                            let _ = self.out.send(Box::new(Err(err.into_status()))).await;
+                            break;
+                        }
+                    }
+                    // The worker closed its side, or the connection broke.
+                    Ok(None) | Err(_) => break,
+                },
+                push = pushes.recv() => {
+                    let mut lease = None;
+                    let response = match push {
+                        Some(Push::Task(task)) => {
+                            lease = lease_of(&task);
+                            connect_response::Kind::Task(convert::leased_to_proto(&task))
+                        }
+                        Some(Push::Cancel { lease, reason }) => {
+                            connect_response::Kind::Cancel(convert::cancel_to_proto(lease, reason))
+                        }
+                        Some(Push::Drain { grace }) => connect_response::Kind::Drain(proto::DrainNotice {
+                            grace_period: Some(convert::duration(grace)),
+                        }),
+                        Some(Push::Close) | None => break,
+                    };
+                    if self.out.send(respond(response)).await.is_err() {
+                        undelivered.extend(lease);
+                        break;
+                    }
+                }
+                _ = self.out.closed() => break,
+            }
+        }
+        // Tasks pushed after the stream ended never reached the worker: they
+        // are given back now rather than left to wait for their lease to
+        // expire.
+        pushes.close();
+        while let Ok(push) = pushes.try_recv() {
+            if let Push::Task(task) = push {
+                undelivered.extend(lease_of(&task));
+            }
+        }
+        self.coordinator.session_close(&self.session, undelivered);
+    }
+
+    /// Handles one message. Outcomes run concurrently (they are written in
+    /// batches with other sessions'); only protocol violations end the
+    /// stream. At most `permits` messages are in hand at once: a worker that
+    /// sends faster than it reads its answers is slowed down, not buffered.
+    async fn handle(&self, request: proto::ConnectRequest) -> Result<(), Error> {
+        let Some(kind) = request.kind else {
+            return Err(Error::invalid("kind", "a message must set one field"));
+        };
+        let Ok(permit) = self.permits.clone().acquire_owned().await else {
+            return Ok(());
+        };
+        let coordinator = self.coordinator.clone();
+        let session = self.session.clone();
+        let out = self.out.clone();
+        let max_payload = self.max_payload_bytes;
+        match kind {
+            connect_request::Kind::Register(_) => {
+                return Err(Error::FailedPrecondition(
+                    "register: this session is already registered".into(),
+                ))
+            }
+            connect_request::Kind::Drain(_) => coordinator.session_drain(&session),
+            connect_request::Kind::Heartbeat(heartbeat) => {
+                let leases = request::session_heartbeat(&heartbeat)?;
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    let answer = match coordinator.session_heartbeat(&session, leases).await {
+                        Ok(states) => respond(connect_response::Kind::HeartbeatAck(
+                            proto::HeartbeatResponse {
+                                leases: states
+                                    .into_iter()
+                                    .map(|(lease, s)| convert::lease_state(lease, s))
+                                    .collect(),
+                            },
+                        )),
+                        Err(err) => Box::new(Err(err.into_status())),
+                    };
+                    let _ = out.send(answer).await;
+                });
+            }
+            connect_request::Kind::Complete(req) => {
+                let (task_id, lease_token) = (req.task_id.clone(), req.lease_token.clone());
+                spawn_outcome(
+                    permit,
+                    out,
+                    task_id,
+                    lease_token,
+                    proto::OutcomeKind::Complete,
+                    async move {
+                        let (lease, result) = request::complete(&req, max_payload)?;
+                        coordinator.complete(lease, result).await
+                    },
+                );
+            }
+            connect_request::Kind::Fail(req) => {
+                let (task_id, lease_token) = (req.task_id.clone(), req.lease_token.clone());
+                spawn_outcome(
+                    permit,
+                    out,
+                    task_id,
+                    lease_token,
+                    proto::OutcomeKind::Fail,
+                    async move {
+                        let (lease, failure) = request::fail(&req)?;
+                        coordinator.fail(lease, failure).await
+                    },
+                );
+            }
+            connect_request::Kind::Release(req) => {
+                let (task_id, lease_token) = (req.task_id.clone(), req.lease_token.clone());
+                spawn_outcome(
+                    permit,
+                    out,
+                    task_id,
+                    lease_token,
+                    proto::OutcomeKind::Release,
+                    async move { coordinator.release(request::release(&req)?).await },
+                );
+            }
+            connect_request::Kind::Progress(req) => {
+                let (task_id, lease_token) = (req.task_id.clone(), req.lease_token.clone());
+                spawn_outcome(
+                    permit,
+                    out,
+                    task_id,
+                    lease_token,
+                    proto::OutcomeKind::Progress,
+                    async move {
+                        let (lease, progress) = request::progress(&req)?;
+                        coordinator.progress(lease, progress).await
+                    },
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Runs one outcome in its own task, holding its `permit` until answered,
+/// and acknowledges it (a progress report only when refused).
+fn spawn_outcome(
+    permit: OwnedSemaphorePermit,
+    out: Out,
+    task_id: String,
+    lease_token: String,
+    kind: proto::OutcomeKind,
+    outcome: impl std::future::Future<Output = Result<Task, Error>> + Send + 'static,
+) {
+    // Boxed: the outcome's future holds the whole state of a batch
+    // submission and is large; unboxed, it was copied into every spawned
+    // task and again as the task ran (memcpy was the top symbol of the
+    // node's profile during a drain).
+    let outcome = Box::pin(outcome);
+    tokio::spawn(async move {
+        let _permit = permit;
+        let outcome = outcome.await;
+        if kind != proto::OutcomeKind::Progress || outcome.is_err() {
+            let ack = convert::outcome_ack(task_id, lease_token, kind, outcome);
+            let _ = out.send(respond(connect_response::Kind::Ack(ack))).await;
+        }
+    });
+}

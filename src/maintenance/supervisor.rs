@@ -1,0 +1,240 @@
+//! The supervisor: starts every maintenance job, keeps it running through
+//! failed and panicking passes, records its health, and stops it.
+
+use std::collections::BTreeMap;
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use futures_util::FutureExt;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use super::Job;
+
+/// How long a stopping node waits for its jobs' last passes and stop hooks.
+const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How a job is doing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Health {
+    /// Its first pass has not finished yet.
+    Starting,
+    /// Its last pass succeeded.
+    Healthy {
+        /// When that pass finished.
+        at: SystemTime,
+    },
+    /// Its last passes failed.
+    Failing {
+        /// How many in a row.
+        failures: u32,
+        /// What the last one said.
+        error: String,
+    },
+    /// The node stopped it.
+    Stopped,
+}
+
+type Board = Arc<Mutex<BTreeMap<&'static str, Health>>>;
+
+/// Runs the node's maintenance jobs until the node stops.
+#[derive(Debug)]
+pub(crate) struct Supervisor {
+    stop: watch::Sender<bool>,
+    jobs: JoinSet<()>,
+    board: Board,
+}
+
+impl Supervisor {
+    /// A supervisor with no job yet.
+    pub(crate) fn new() -> Self {
+        Self {
+            stop: watch::channel(false).0,
+            jobs: JoinSet::new(),
+            board: Board::default(),
+        }
+    }
+
+    /// Starts `job`: its first pass runs at once.
+    pub(crate) fn spawn<J: Job>(&mut self, job: J) {
+        self.board
+            .lock()
+            .expect("lock poisoned")
+            .insert(J::NAME, Health::Starting);
+        self.jobs
+            .spawn(run(job, self.board.clone(), self.stop.subscribe()));
+    }
+
+    /// A handle that reads the jobs' health after the supervisor has moved
+    /// on (to the health service).
+    pub(crate) fn health_board(&self) -> HealthBoard {
+        HealthBoard(self.board.clone())
+    }
+
+    /// Stops every job: a pass in flight finishes, then each job's stop hook
+    /// runs. Waits for them, but not past a few seconds.
+    pub(crate) async fn stop(mut self) {
+        let _ = self.stop.send(true);
+        let all = async { while self.jobs.join_next().await.is_some() {} };
+        if tokio::time::timeout(STOP_TIMEOUT, all).await.is_err() {
+            tracing::warn!("maintenance jobs did not stop in time");
+            self.jobs.abort_all();
+        }
+    }
+}
+
+/// A read-only view of the jobs' health.
+#[derive(Debug, Clone)]
+pub(crate) struct HealthBoard(Board);
+
+impl HealthBoard {
+    /// Every job's health, by name.
+    pub(crate) fn read(&self) -> Vec<(&'static str, Health)> {
+        self.0
+            .lock()
+            .expect("lock poisoned")
+            .iter()
+            .map(|(name, health)| (*name, health.clone()))
+            .collect()
+    }
+}
+
+async fn run<J: Job>(mut job: J, board: Board, mut stop: watch::Receiver<bool>) {
+    let set = |health: Health| {
+        board.lock().expect("lock poisoned").insert(J::NAME, health);
+    };
+    let mut failures: u32 = 0;
+    loop {
+        if *stop.borrow() {
+            break;
+        }
+        // A panic in a pass is a failed pass: the job goes on.
+        let outcome = match AssertUnwindSafe(job.pass()).catch_unwind().await {
+            Ok(outcome) => outcome.map_err(|err| err.to_string()),
+            Err(panic) => Err(format!("pass panicked: {}", panic_message(panic.as_ref()))),
+        };
+        let delay = match outcome {
+            Ok(delay) => {
+                if failures > 0 {
+                    tracing::info!(job = J::NAME, failures, "maintenance job recovered");
+                }
+                failures = 0;
+                set(Health::Healthy {
+                    at: SystemTime::now(),
+                });
+                delay
+            }
+            Err(error) => {
+                failures = failures.saturating_add(1);
+                // The first failure of a streak is news; the rest (a
+                // database outage, say) are not worth a line each.
+                if failures == 1 {
+                    tracing::warn!(job = J::NAME, %error, "maintenance pass failed");
+                } else {
+                    tracing::debug!(job = J::NAME, %error, failures, "maintenance pass failed");
+                }
+                let delay = job.retry_after(failures);
+                set(Health::Failing { failures, error });
+                delay
+            }
+        };
+        tokio::select! {
+            () = job.wait(delay) => {}
+            _ = stop.wait_for(|stop| *stop) => break,
+        }
+    }
+    job.stop().await;
+    set(Health::Stopped);
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    if let Some(message) = panic.downcast_ref::<&str>() {
+        message
+    } else if let Some(message) = panic.downcast_ref::<String>() {
+        message
+    } else {
+        "(no message)"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store;
+
+    /// Fails its first two passes (the second by panicking), then succeeds;
+    /// counts its stop hook.
+    struct Flaky {
+        passes: Arc<Mutex<u32>>,
+        stopped: Arc<Mutex<bool>>,
+    }
+
+    impl Job for Flaky {
+        const NAME: &'static str = "flaky";
+
+        async fn pass(&mut self) -> Result<Duration, store::Error> {
+            let n = {
+                let mut passes = self.passes.lock().unwrap();
+                *passes += 1;
+                *passes
+            };
+            match n {
+                1 => Err(store::Error::Unavailable("down".into())),
+                2 => panic!("a bug"),
+                _ => Ok(Duration::from_millis(5)),
+            }
+        }
+
+        fn retry_after(&self, _failures: u32) -> Duration {
+            Duration::from_millis(1)
+        }
+
+        async fn stop(&mut self) {
+            *self.stopped.lock().unwrap() = true;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_job_outlives_failed_and_panicking_passes_and_is_stopped() {
+        let passes = Arc::new(Mutex::new(0));
+        let stopped = Arc::new(Mutex::new(false));
+        let mut supervisor = Supervisor::new();
+        supervisor.spawn(Flaky {
+            passes: passes.clone(),
+            stopped: stopped.clone(),
+        });
+        let board = supervisor.health_board();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while *passes.lock().unwrap() < 4 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the job stopped running"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(matches!(board.read()[0], ("flaky", Health::Healthy { .. })));
+        supervisor.stop().await;
+        assert!(*stopped.lock().unwrap());
+        assert_eq!(board.read(), vec![("flaky", Health::Stopped)]);
+    }
+
+    /// A job with the trait's default back-off.
+    struct Plain;
+
+    impl Job for Plain {
+        const NAME: &'static str = "plain";
+
+        async fn pass(&mut self) -> Result<Duration, store::Error> {
+            Ok(Duration::ZERO)
+        }
+    }
+
+    #[test]
+    fn the_default_back_off_doubles_up_to_a_minute() {
+        assert_eq!(Plain.retry_after(1), Duration::from_secs(1));
+        assert_eq!(Plain.retry_after(3), Duration::from_secs(4));
+        assert_eq!(Plain.retry_after(7), Duration::from_secs(60));
+        assert_eq!(Plain.retry_after(u32::MAX), Duration::from_secs(60));
+    }
+}
