@@ -1,0 +1,493 @@
+//! What the worker holds and owes, as the session loop keeps it across
+//! streams: the leases whose handlers run or wait for a slot, and the
+//! outcomes sent but not yet acknowledged.
+//!
+//! - A lease is held from its hand-out until its handler finishes, the
+//!   server cancels it, or a heartbeat answers it lost. Only held leases are
+//!   heartbeated, and a handler's result is sent only while its lease is
+//!   held, so a stale attempt never reports.
+//! - An outcome stays queued until the server acknowledges it; the next
+//!   session sends it again. Repeating an outcome with the same token is
+//!   harmless, so each task completes exactly once.
+
+use std::panic::AssertUnwindSafe;
+
+use futures_util::FutureExt;
+use tokio_util::sync::CancellationToken;
+
+use super::context::{Handler, HandlerResult, ProgressReport, TaskContext, TaskError};
+use super::session::SessionLoop;
+use crate::client::{from_struct, to_struct};
+use crate::proto::{self, connect_request, AckStatus, LeaseStatus, OutcomeKind};
+use crate::wire::{convert, limit};
+
+/// A lease whose handler is running.
+pub(super) struct Held {
+    pub(super) lease_token: String,
+    /// The handler's token is a child of this one: a handler that cancels
+    /// its own token (say, through a drop guard) stops nothing here.
+    pub(super) cancel: CancellationToken,
+}
+
+/// A handler ready to start.
+pub(super) struct Ready {
+    pub(super) task_id: String,
+    pub(super) lease_token: String,
+    pub(super) handler: Handler,
+    pub(super) ctx: TaskContext,
+}
+
+/// How a handler ended.
+pub(super) struct Finished {
+    pub(super) task_id: String,
+    pub(super) lease_token: String,
+    pub(super) result: HandlerResult,
+}
+
+/// An outcome waiting for the server's acknowledgement.
+pub(super) struct Pending {
+    pub(super) kind: OutcomeKind,
+    pub(super) message: connect_request::Kind,
+    /// The lease the outcome is about; answers name it.
+    pub(super) lease_token: String,
+    /// Whether this is already the stand-in for an outcome the server
+    /// refused as invalid (so a second refusal gives up).
+    pub(super) fallback: bool,
+}
+
+/// The server's limit on a fail message, in characters.
+const MAX_ERROR_CHARS: usize = limit::ERROR_MAX_CHARS;
+
+/// The server's limit on leases per heartbeat.
+const MAX_HEARTBEAT_LEASES: usize = limit::MAX_HEARTBEAT_LEASES;
+
+impl SessionLoop {
+    /// Takes a lease out of `held`.
+    pub(super) fn forget(&mut self, task_id: &str) -> Option<Held> {
+        self.held.remove(task_id)
+    }
+
+    /// Queues an outcome until the server acknowledges it, and returns the
+    /// message to send.
+    pub(super) fn queue(
+        &mut self,
+        task_id: String,
+        kind: OutcomeKind,
+        message: connect_request::Kind,
+    ) -> connect_request::Kind {
+        self.pending.insert(
+            task_id,
+            Pending {
+                kind,
+                message: message.clone(),
+                lease_token: lease_token_of(&message).unwrap_or_default().to_owned(),
+                fallback: false,
+            },
+        );
+        message
+    }
+
+    /// Records a finished handler: its outcome is queued if the lease is
+    /// still held by that very attempt.
+    pub(super) fn finished(&mut self, finished: Finished) -> Option<connect_request::Kind> {
+        let held = self.held.get(&finished.task_id)?;
+        if held.lease_token != finished.lease_token {
+            return None;
+        }
+        self.forget(&finished.task_id);
+        let task_id = finished.task_id;
+        let lease_token = finished.lease_token;
+        let (kind, message) = match finished.result {
+            Ok(result) => (
+                OutcomeKind::Complete,
+                connect_request::Kind::Complete(proto::CompleteTaskRequest {
+                    task_id: task_id.clone(),
+                    lease_token,
+                    result: Some(result_struct(result)),
+                }),
+            ),
+            Err(error) => (
+                OutcomeKind::Fail,
+                connect_request::Kind::Fail(proto::FailTaskRequest {
+                    task_id: task_id.clone(),
+                    lease_token,
+                    error: clean_error(error.message, MAX_ERROR_CHARS),
+                    permanent: error.permanent,
+                    // The server refuses a longer delay; the longest it
+                    // takes is closer to what was asked than its backoff.
+                    retry_after: error
+                        .retry_after
+                        .map(|d| convert::duration(d.min(limit::MAX_RETRY_AFTER))),
+                }),
+            ),
+        };
+        Some(self.queue(task_id, kind, message))
+    }
+
+    /// Starts the handler of a pushed task, or queues it until a slot is
+    /// free. Answers with a release when the worker is draining or far over
+    /// its slots, and with a fail when the task cannot be run at all.
+    pub(super) fn start(&mut self, leased: proto::LeasedTask) -> Option<connect_request::Kind> {
+        let (task, lease) = match (leased.task, leased.lease) {
+            (Some(task), Some(lease)) => (task, lease),
+            _ => {
+                tracing::warn!("pushed task without its task or lease; ignored");
+                return None;
+            }
+        };
+        if let Some(held) = self.held.get(&task.id) {
+            if held.lease_token == lease.lease_token {
+                return None;
+            }
+            // A newer lease of a task we still run: the old attempt is stale.
+            if let Some(old) = self.forget(&task.id) {
+                old.cancel.cancel();
+            }
+        }
+        // The server handed the task out again, so the outcome of an old
+        // lease is moot (answers name their lease, so a late one settles
+        // nothing of the new lease).
+        self.pending.remove(&task.id);
+        if self.drain_deadline.is_some() || self.held.len() >= 2 * self.slots {
+            // Pushed while draining, or far beyond the slots (a new session
+            // is dealt tasks before it has re-attached the leases it still
+            // runs): give it back at once, without using an attempt.
+            let message = connect_request::Kind::Release(proto::ReleaseTaskRequest {
+                task_id: task.id.clone(),
+                lease_token: lease.lease_token,
+            });
+            return Some(self.queue(task.id, OutcomeKind::Release, message));
+        }
+        let Some(handler) = self.worker.handlers.get(&task.task_type).cloned() else {
+            let error = format!(
+                "no handler for task type {:?} on this worker",
+                task.task_type
+            );
+            return Some(self.fail_at_once(task.id, lease.lease_token, error));
+        };
+        let params = match task.params.as_ref().map(from_struct).transpose() {
+            Ok(params) => params.unwrap_or_else(|| serde_json::json!({})),
+            Err(error) => {
+                return Some(self.fail_at_once(
+                    task.id,
+                    lease.lease_token,
+                    format!("params: {error}"),
+                ))
+            }
+        };
+        let cancel = CancellationToken::new();
+        self.held.insert(
+            task.id.clone(),
+            Held {
+                lease_token: lease.lease_token.clone(),
+                cancel: cancel.clone(),
+            },
+        );
+        let ready = Ready {
+            task_id: task.id.clone(),
+            lease_token: lease.lease_token.clone(),
+            handler,
+            ctx: TaskContext {
+                task,
+                lease,
+                params,
+                cancel: cancel.child_token(),
+                progress: self.progress_tx.clone(),
+            },
+        };
+        if self.running.len() < self.slots {
+            self.spawn(ready);
+        } else {
+            // Every slot runs a handler (perhaps a cancelled one still
+            // winding down): the lease is held and heartbeated, and its
+            // handler starts when one of them returns.
+            self.waiting.push_back(ready);
+        }
+        None
+    }
+
+    fn spawn(&mut self, ready: Ready) {
+        let Ready {
+            task_id,
+            lease_token,
+            handler,
+            ctx,
+        } = ready;
+        self.running.spawn(async move {
+            // A panic becomes a failed attempt; the worker goes on. The
+            // handler is called inside the guarded future, so a panic
+            // before it returns its future is caught too.
+            let run = async move { handler(ctx).await };
+            let result = match AssertUnwindSafe(run).catch_unwind().await {
+                Ok(result) => result,
+                Err(panic) => Err(TaskError::retry(format!(
+                    "handler panicked: {}",
+                    panic_message(panic.as_ref())
+                ))),
+            };
+            Finished {
+                task_id,
+                lease_token,
+                result,
+            }
+        });
+    }
+
+    /// Starts waiting handlers while slots are free, skipping leases that
+    /// were taken away meanwhile.
+    pub(super) fn start_waiting(&mut self) {
+        while self.running.len() < self.slots {
+            let Some(ready) = self.waiting.pop_front() else {
+                return;
+            };
+            let current = self.holds(&ready.task_id, &ready.lease_token);
+            if current {
+                self.spawn(ready);
+            }
+        }
+    }
+
+    /// Gives back the leases whose handlers have not started (on shutdown:
+    /// they would only wait out the drain).
+    pub(super) fn release_waiting(&mut self) -> Vec<connect_request::Kind> {
+        let mut out = Vec::new();
+        while let Some(ready) = self.waiting.pop_front() {
+            let current = self.holds(&ready.task_id, &ready.lease_token);
+            if current {
+                self.forget(&ready.task_id);
+                let message = connect_request::Kind::Release(proto::ReleaseTaskRequest {
+                    task_id: ready.task_id.clone(),
+                    lease_token: ready.lease_token,
+                });
+                out.push(self.queue(ready.task_id, OutcomeKind::Release, message));
+            }
+        }
+        out
+    }
+
+    /// The message for a progress report, if its lease is still held.
+    pub(super) fn progress(&self, report: ProgressReport) -> Option<connect_request::Kind> {
+        let current = self.holds(&report.task_id, &report.lease_token);
+        current.then_some(connect_request::Kind::Progress(proto::ReportProgress {
+            task_id: report.task_id,
+            lease_token: report.lease_token,
+            current: report.current,
+            total: report.total,
+            message: report.message,
+        }))
+    }
+
+    /// Fails a pushed task for good without running it, and queues that
+    /// outcome until it is acknowledged.
+    fn fail_at_once(
+        &mut self,
+        task_id: String,
+        lease_token: String,
+        error: String,
+    ) -> connect_request::Kind {
+        let message = connect_request::Kind::Fail(proto::FailTaskRequest {
+            task_id: task_id.clone(),
+            lease_token,
+            error: clean_error(error, MAX_ERROR_CHARS),
+            permanent: true,
+            retry_after: None,
+        });
+        self.queue(task_id, OutcomeKind::Fail, message)
+    }
+
+    /// Heartbeats naming every held lease explicitly, so that leases taken
+    /// on an earlier session are re-attached to this one; split to the
+    /// server's per-heartbeat limit.
+    pub(super) fn heartbeat(&self) -> Vec<connect_request::Kind> {
+        let leases: Vec<proto::LeaseRenewal> = self
+            .held
+            .iter()
+            .map(|(task_id, held)| proto::LeaseRenewal {
+                task_id: task_id.clone(),
+                lease_token: held.lease_token.clone(),
+            })
+            .collect();
+        leases
+            .chunks(MAX_HEARTBEAT_LEASES)
+            .map(|chunk| {
+                connect_request::Kind::Heartbeat(proto::SessionHeartbeat {
+                    leases: chunk.to_vec(),
+                })
+            })
+            .collect()
+    }
+
+    /// Stops the handlers of leases a heartbeat found gone. Each answer
+    /// names its lease, so one about an earlier lease of a task (answers
+    /// may arrive in any order) leaves a newer lease alone.
+    pub(super) fn heartbeat_ack(&mut self, ack: proto::HeartbeatResponse) {
+        for lease in ack.leases {
+            let status = LeaseStatus::try_from(lease.status).unwrap_or(LeaseStatus::Unspecified);
+            if !matches!(status, LeaseStatus::Lost | LeaseStatus::Cancelled) {
+                continue;
+            }
+            if self.holds(&lease.task_id, &lease.lease_token) {
+                if let Some(held) = self.forget(&lease.task_id) {
+                    tracing::warn!(task_id = %lease.task_id, ?status, "lease gone; cancelling its handler");
+                    held.cancel.cancel();
+                }
+            }
+        }
+    }
+
+    /// Whether `lease_token` is the lease held on `task_id`.
+    pub(super) fn holds(&self, task_id: &str, lease_token: &str) -> bool {
+        self.held
+            .get(task_id)
+            .is_some_and(|held| held.lease_token == lease_token)
+    }
+
+    /// Settles an acknowledged outcome.
+    pub(super) fn ack(&mut self, ack: proto::OutcomeAck) -> AckNext {
+        let kind = OutcomeKind::try_from(ack.kind).unwrap_or(OutcomeKind::Unspecified);
+        let status = AckStatus::try_from(ack.status).unwrap_or(AckStatus::Unspecified);
+        if kind == OutcomeKind::Progress {
+            tracing::debug!(task_id = %ack.task_id, ?status, message = %ack.message, "progress refused");
+            return AckNext::Nothing;
+        }
+        let Some(pending) = self.pending.get_mut(&ack.task_id) else {
+            return AckNext::Nothing;
+        };
+        // An answer about another message (an earlier lease's outcome, or
+        // the outcome this one replaced) settles nothing.
+        if pending.kind != kind || pending.lease_token != ack.lease_token {
+            return AckNext::Nothing;
+        }
+        match status {
+            AckStatus::Unavailable => return AckNext::Later(ack.task_id),
+            AckStatus::Ok => {}
+            AckStatus::Invalid if !pending.fallback => {
+                // The server refused the outcome itself (a result over its
+                // size limit, say): the lease is still ours. Fail the task
+                // instead of letting the lease run out and the task run
+                // again to the same end.
+                if let Some(message) = fallback(&pending.message, &ack.message) {
+                    tracing::warn!(task_id = %ack.task_id, kind = ?kind, message = %ack.message, "outcome refused as invalid; failing the task instead");
+                    pending.kind = OutcomeKind::Fail;
+                    pending.message = message.clone();
+                    pending.fallback = true;
+                    return AckNext::Send(message);
+                }
+            }
+            other => {
+                tracing::warn!(task_id = %ack.task_id, status = ?other, message = %ack.message, "outcome not recorded")
+            }
+        }
+        self.pending.remove(&ack.task_id);
+        AckNext::Nothing
+    }
+
+    /// The drain deadline passed: cancel the handlers still running and
+    /// give their leases back (the attempts do not count).
+    pub(super) fn release_all(&mut self) -> Vec<connect_request::Kind> {
+        let task_ids: Vec<String> = self.held.keys().cloned().collect();
+        let mut out = Vec::new();
+        for task_id in task_ids {
+            let Some(held) = self.forget(&task_id) else {
+                continue;
+            };
+            held.cancel.cancel();
+            let message = connect_request::Kind::Release(proto::ReleaseTaskRequest {
+                task_id: task_id.clone(),
+                lease_token: held.lease_token,
+            });
+            out.push(self.queue(task_id, OutcomeKind::Release, message));
+        }
+        if !out.is_empty() {
+            tracing::warn!(
+                released = out.len(),
+                "drain timeout: released the tasks still running"
+            );
+        }
+        out
+    }
+}
+
+/// What an acknowledgement asks of the session loop.
+pub(super) enum AckNext {
+    Nothing,
+    /// The server could not record it now: send it again in a moment.
+    Later(String),
+    /// Send this instead.
+    Send(connect_request::Kind),
+}
+
+/// The fail that stands in for an outcome refused as invalid: for a
+/// complete, a permanent fail naming the reason; for a fail, the same fail
+/// without the parts that can be refused (a long message, `retry_after`).
+fn fallback(refused: &connect_request::Kind, reason: &str) -> Option<connect_request::Kind> {
+    let fail = match refused {
+        connect_request::Kind::Complete(complete) => proto::FailTaskRequest {
+            task_id: complete.task_id.clone(),
+            lease_token: complete.lease_token.clone(),
+            error: clean_error(
+                format!("the server refused the result: {reason}"),
+                MAX_ERROR_CHARS,
+            ),
+            permanent: true,
+            retry_after: None,
+        },
+        connect_request::Kind::Fail(fail) => proto::FailTaskRequest {
+            error: clean_error(fail.error.clone(), MAX_ERROR_CHARS / 2),
+            retry_after: None,
+            ..fail.clone()
+        },
+        _ => return None,
+    };
+    Some(connect_request::Kind::Fail(fail))
+}
+
+/// An error message as the server accepts it: control characters other
+/// than line breaks and tabs (terminal colour codes, say) replaced, and cut
+/// to at most `max` characters, marked when cut.
+fn clean_error(text: String, max: usize) -> String {
+    const MARK: &str = " [truncated]";
+    let clean = |c: char| {
+        if c.is_control() && !matches!(c, '\n' | '\r' | '\t') {
+            char::REPLACEMENT_CHARACTER
+        } else {
+            c
+        }
+    };
+    if text.chars().count() <= max {
+        return text.chars().map(clean).collect();
+    }
+    let keep = max.saturating_sub(MARK.chars().count());
+    let mut cut: String = text.chars().take(keep).map(clean).collect();
+    cut.push_str(MARK);
+    cut
+}
+
+/// The lease an outcome message is about.
+fn lease_token_of(message: &connect_request::Kind) -> Option<&str> {
+    match message {
+        connect_request::Kind::Complete(m) => Some(&m.lease_token),
+        connect_request::Kind::Fail(m) => Some(&m.lease_token),
+        connect_request::Kind::Release(m) => Some(&m.lease_token),
+        _ => None,
+    }
+}
+
+/// A result as the `Struct` the server stores: objects as they are, any
+/// other value under `"value"`.
+fn result_struct(result: serde_json::Value) -> prost_types::Struct {
+    match result {
+        serde_json::Value::Object(_) => to_struct(&result),
+        other => to_struct(&serde_json::json!({ "value": other })),
+    }
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    if let Some(message) = panic.downcast_ref::<&str>() {
+        (*message).to_owned()
+    } else if let Some(message) = panic.downcast_ref::<String>() {
+        message.clone()
+    } else {
+        "(no message)".to_owned()
+    }
+}
