@@ -20,7 +20,7 @@
 //! shares the plain data of `model` and the contract of [`wire`].
 //! `ARCHITECTURE.md` has the whole map and the invariants.
 
-#![warn(missing_docs)]
+#![warn(missing_docs, unreachable_pub)]
 // The contract and the model are shared: what only the server uses of them
 // (answers, events, directory entries) is unused in a client-only build.
 #![cfg_attr(not(feature = "server"), allow(dead_code))]

@@ -51,37 +51,37 @@ pub struct WorkerArgs {
         default_value = DEFAULT_SERVER,
         value_delimiter = ','
     )]
-    pub server: Vec<String>,
+    pub(crate) server: Vec<String>,
 
     /// Task type to run the command for (repeat for several).
     #[arg(long = "task-type", required = true)]
-    pub task_types: Vec<String>,
+    pub(crate) task_types: Vec<String>,
 
     /// How many tasks (command processes) may run at once.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=10_000))]
-    pub slots: u32,
+    pub(crate) slots: u32,
 
     /// Worker id, stored as `locked_by` (default: host name and process id).
     #[arg(long, env = "LEASEHOLD_WORKER_ID")]
-    pub worker_id: Option<String>,
+    pub(crate) worker_id: Option<String>,
 
     /// Lease length (default: the server's); heartbeats go out at a third
     /// of it while the command runs.
     #[arg(long, value_parser = humantime::parse_duration)]
-    pub lease_duration: Option<Duration>,
+    pub(crate) lease_duration: Option<Duration>,
 
     /// On SIGINT/SIGTERM, how long running commands may still finish before
     /// they are killed and their tasks released.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
-    pub drain_timeout: Duration,
+    pub(crate) drain_timeout: Duration,
 
     /// After SIGTERM to a cancelled command, how long until SIGKILL.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
-    pub kill_grace: Duration,
+    pub(crate) kill_grace: Duration,
 
     /// The command and its arguments, after `--`.
     #[arg(last = true, required = true, num_args = 1..)]
-    pub command: Vec<String>,
+    pub(crate) command: Vec<String>,
 }
 
 /// Runs the worker until SIGINT/SIGTERM, then drains.

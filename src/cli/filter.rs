@@ -10,18 +10,18 @@ use crate::wire::convert::status_to_proto;
 /// `--library-id`, `--series-id`, `--book-id`: what a task is about
 /// ([`Filter`] words their help as filters).
 #[derive(Debug, Clone, clap::Args)]
-pub struct About {
+pub(crate) struct About {
     /// Library the task is about (UUID).
     #[arg(long)]
-    pub library_id: Option<String>,
+    pub(crate) library_id: Option<String>,
 
     /// Series the task is about (UUID).
     #[arg(long)]
-    pub series_id: Option<String>,
+    pub(crate) series_id: Option<String>,
 
     /// Book the task is about (UUID).
     #[arg(long)]
-    pub book_id: Option<String>,
+    pub(crate) book_id: Option<String>,
 }
 
 impl About {
@@ -48,17 +48,17 @@ impl About {
     mut_arg("series_id", |arg| arg.help("Only tasks about this series (UUID)")),
     mut_arg("book_id", |arg| arg.help("Only tasks about this book (UUID)")),
 )]
-pub struct Filter {
+pub(crate) struct Filter {
     /// Only tasks in these statuses (repeat or separate with commas).
     #[arg(long, value_enum, value_delimiter = ',')]
     pub(crate) status: Vec<Status>,
 
     /// Only tasks of these types (repeat or separate with commas).
     #[arg(long = "type", value_name = "TYPE", value_delimiter = ',')]
-    pub task_type: Vec<String>,
+    pub(crate) task_type: Vec<String>,
 
     #[command(flatten)]
-    pub about: About,
+    pub(crate) about: About,
 }
 
 impl Filter {

@@ -8,11 +8,11 @@ use comfy_table::{presets, CellAlignment, Table};
 use crate::proto;
 
 /// Shown for a value that is not set.
-pub const NONE: &str = "-";
+pub(crate) const NONE: &str = "-";
 
 /// A borderless table with `header` (none if empty); the columns listed in
 /// `right` (by index) are right-aligned, for numbers.
-pub fn table(header: &[&str], right: &[usize]) -> Table {
+pub(crate) fn table(header: &[&str], right: &[usize]) -> Table {
     let mut table = Table::new();
     table.load_preset(presets::NOTHING);
     if !header.is_empty() {
@@ -29,7 +29,7 @@ pub fn table(header: &[&str], right: &[usize]) -> Table {
 /// Prints `table` without the padding comfy-table puts at the start and end
 /// of every line, so output starts in the first column and can be cut and
 /// grepped.
-pub fn render(table: &Table) -> String {
+pub(crate) fn render(table: &Table) -> String {
     table
         .lines()
         .map(|line| {
@@ -43,7 +43,7 @@ pub fn render(table: &Table) -> String {
 }
 
 /// `pending`, `processing`, ...: the status without its enum prefix.
-pub fn status(value: i32) -> String {
+pub(crate) fn status(value: i32) -> String {
     match proto::TaskStatus::try_from(value) {
         Ok(status) => short(status.as_str_name(), "TASK_STATUS_"),
         Err(_) => format!("unknown({value})"),
@@ -51,7 +51,7 @@ pub fn status(value: i32) -> String {
 }
 
 /// `created`, `lease_expired`, ...: the event kind without its enum prefix.
-pub fn event_kind(value: i32) -> String {
+pub(crate) fn event_kind(value: i32) -> String {
     match proto::TaskEventKind::try_from(value) {
         Ok(kind) => short(kind.as_str_name(), "TASK_EVENT_KIND_"),
         Err(_) => format!("unknown({value})"),
@@ -65,7 +65,7 @@ fn short(name: &str, prefix: &str) -> String {
 }
 
 /// A time in UTC to the second (`2026-11-28T17:15:26Z`), or `-`.
-pub fn time(value: Option<&prost_types::Timestamp>) -> String {
+pub(crate) fn time(value: Option<&prost_types::Timestamp>) -> String {
     value
         .and_then(printable_time)
         .map(|t| humantime::format_rfc3339_seconds(t).to_string())
@@ -74,7 +74,7 @@ pub fn time(value: Option<&prost_types::Timestamp>) -> String {
 
 /// The time, if RFC 3339 can show it: from 1970 (no task is older) to the
 /// end of 9999 (humantime refuses, and panics, outside that range).
-pub fn printable_time(value: &prost_types::Timestamp) -> Option<SystemTime> {
+pub(crate) fn printable_time(value: &prost_types::Timestamp) -> Option<SystemTime> {
     const YEAR_10000: u64 = 253_402_300_800;
     let time = SystemTime::try_from(*value).ok()?;
     let since_epoch = time.duration_since(SystemTime::UNIX_EPOCH).ok()?;
@@ -82,7 +82,7 @@ pub fn printable_time(value: &prost_types::Timestamp) -> Option<SystemTime> {
 }
 
 /// A duration rounded for reading (`4m 12s`, `350ms`), or `-`.
-pub fn duration(value: Option<&prost_types::Duration>) -> String {
+pub(crate) fn duration(value: Option<&prost_types::Duration>) -> String {
     let Some(value) = value.and_then(|d| Duration::try_from(*d).ok()) else {
         return NONE.to_owned();
     };
@@ -95,7 +95,7 @@ pub fn duration(value: Option<&prost_types::Duration>) -> String {
 }
 
 /// `3/10` for known totals, `3` otherwise.
-pub fn progress(value: Option<&proto::TaskProgress>) -> String {
+pub(crate) fn progress(value: Option<&proto::TaskProgress>) -> String {
     match value {
         None => NONE.to_owned(),
         Some(p) if p.total > 0 => format!("{}/{}", p.current, p.total),
@@ -104,7 +104,7 @@ pub fn progress(value: Option<&proto::TaskProgress>) -> String {
 }
 
 /// The value, or `-` when unset or empty.
-pub fn or_none(value: Option<&str>) -> String {
+pub(crate) fn or_none(value: Option<&str>) -> String {
     match value {
         Some(text) if !text.is_empty() => text.to_owned(),
         _ => NONE.to_owned(),
@@ -113,7 +113,7 @@ pub fn or_none(value: Option<&str>) -> String {
 
 /// At most `max` characters on one line, with `…` when cut, so that one
 /// long error cannot stretch a whole table.
-pub fn clip(text: &str, max: usize) -> String {
+pub(crate) fn clip(text: &str, max: usize) -> String {
     let flat = text.replace(['\n', '\r', '\t'], " ");
     if flat.chars().count() <= max {
         return flat;

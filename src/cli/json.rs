@@ -18,7 +18,7 @@ use crate::client::{from_struct, Result};
 use crate::proto;
 
 /// A task, with `params` and `result` as JSON objects.
-pub fn task(task: &proto::Task) -> Result<Value> {
+pub(crate) fn task(task: &proto::Task) -> Result<Value> {
     let mut out = Map::new();
     out.insert("id".into(), json!(task.id));
     out.insert("task_type".into(), json!(task.task_type));
@@ -50,7 +50,7 @@ pub fn task(task: &proto::Task) -> Result<Value> {
 }
 
 /// The answer to a create: the task and whether it was deduplicated.
-pub fn created(response: &proto::CreateTaskResponse) -> Result<Value> {
+pub(crate) fn created(response: &proto::CreateTaskResponse) -> Result<Value> {
     let mut out = Map::new();
     if let Some(t) = &response.task {
         out.insert("task".into(), task(t)?);
@@ -60,7 +60,7 @@ pub fn created(response: &proto::CreateTaskResponse) -> Result<Value> {
 }
 
 /// Progress as its worker reported it.
-pub fn progress(progress: &proto::TaskProgress) -> Value {
+pub(crate) fn progress(progress: &proto::TaskProgress) -> Value {
     let mut out = Map::new();
     out.insert("current".into(), json!(progress.current));
     out.insert("total".into(), json!(progress.total));
@@ -70,7 +70,7 @@ pub fn progress(progress: &proto::TaskProgress) -> Value {
 }
 
 /// Counts per status, overall and per task type.
-pub fn stats(stats: &proto::GetStatsResponse) -> Value {
+pub(crate) fn stats(stats: &proto::GetStatsResponse) -> Value {
     let mut out = Map::new();
     if let Some(totals) = &stats.totals {
         out.insert("totals".into(), counts(totals));
@@ -113,7 +113,7 @@ fn counts(c: &proto::StatusCounts) -> Value {
 }
 
 /// One connected worker session.
-pub fn worker(session: &proto::WorkerSession) -> Value {
+pub(crate) fn worker(session: &proto::WorkerSession) -> Value {
     let mut out = Map::new();
     out.insert("worker_id".into(), json!(session.worker_id));
     out.insert("session_id".into(), json!(session.session_id));
@@ -137,7 +137,7 @@ pub fn worker(session: &proto::WorkerSession) -> Value {
 }
 
 /// One item of a watch: `{"event": {...}}` or `{"missed": {"count": n}}`.
-pub fn watch(item: &proto::WatchTasksResponse) -> Value {
+pub(crate) fn watch(item: &proto::WatchTasksResponse) -> Value {
     use proto::watch_tasks_response::Kind;
     match &item.kind {
         Some(Kind::Event(e)) => json!({ "event": event(e) }),
@@ -147,7 +147,7 @@ pub fn watch(item: &proto::WatchTasksResponse) -> Value {
 }
 
 /// One change of one task.
-pub fn event(event: &proto::TaskEvent) -> Value {
+pub(crate) fn event(event: &proto::TaskEvent) -> Value {
     let mut out = Map::new();
     let kind = proto::TaskEventKind::try_from(event.kind)
         .map(|k| json!(k.as_str_name()))
@@ -197,7 +197,7 @@ fn put_duration(out: &mut Map<String, Value>, key: &str, value: Option<&prost_ty
 
 /// RFC 3339 in UTC with 0, 3, 6 or 9 fractional digits, whichever is
 /// exact; `None` outside 1970 to 9999, which no task leaves.
-pub fn timestamp(value: &prost_types::Timestamp) -> Option<String> {
+pub(crate) fn timestamp(value: &prost_types::Timestamp) -> Option<String> {
     let time = super::human::printable_time(value)?;
     let nanos = time
         .duration_since(std::time::UNIX_EPOCH)
@@ -216,7 +216,7 @@ pub fn timestamp(value: &prost_types::Timestamp) -> Option<String> {
 }
 
 /// Seconds with as many fractional digits as needed: `"12s"`, `"1.5s"`.
-pub fn duration(value: &prost_types::Duration) -> String {
+pub(crate) fn duration(value: &prost_types::Duration) -> String {
     let negative = value.seconds < 0 || value.nanos < 0;
     let seconds = value.seconds.unsigned_abs();
     let nanos = value.nanos.unsigned_abs();

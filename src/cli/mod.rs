@@ -27,7 +27,7 @@
 
 mod filter;
 mod human;
-pub mod json;
+mod json;
 mod parse;
 mod stats;
 mod task;
@@ -47,7 +47,7 @@ pub use workers::WorkersArgs;
 /// Options every operator command takes: where the server is, and how to
 /// print.
 #[derive(Debug, Clone, clap::Args)]
-pub struct Options {
+pub(crate) struct Options {
     /// Server addresses, comma-separated (`host:port` or `http://` URIs),
     /// as `leasehold worker` takes them: the first that answers is used.
     #[arg(
@@ -56,11 +56,11 @@ pub struct Options {
         default_value = client::DEFAULT_SERVER,
         value_delimiter = ','
     )]
-    pub server: Vec<String>,
+    pub(crate) server: Vec<String>,
 
     /// Print JSON, one object per line, instead of a table.
     #[arg(long)]
-    pub json: bool,
+    pub(crate) json: bool,
 }
 
 impl Options {

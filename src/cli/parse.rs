@@ -22,14 +22,14 @@ impl clap::ValueEnum for Status {
 }
 
 /// A terminal status, the only kind `task purge` deletes.
-pub fn finished() -> impl clap::builder::TypedValueParser<Value = Status> {
+pub(crate) fn finished() -> impl clap::builder::TypedValueParser<Value = Status> {
     use clap::builder::TypedValueParser;
     clap::builder::PossibleValuesParser::new(Status::TERMINAL.map(Status::as_str))
         .try_map(|s: String| Status::parse(&s).ok_or("not a task status"))
 }
 
 /// A JSON object (`--params '{"mode": "deep"}'`).
-pub fn json_object(text: &str) -> Result<Value, String> {
+pub(crate) fn json_object(text: &str) -> Result<Value, String> {
     match serde_json::from_str(text) {
         Ok(value @ Value::Object(_)) => Ok(value),
         Ok(_) => Err("must be a JSON object, e.g. '{\"mode\": \"deep\"}'".to_owned()),
@@ -38,13 +38,13 @@ pub fn json_object(text: &str) -> Result<Value, String> {
 }
 
 /// A duration with units: `500ms`, `10s`, `7d`, `1h 30m`.
-pub fn duration(text: &str) -> Result<Duration, String> {
+pub(crate) fn duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text).map_err(|err| format!("{err} (e.g. 30s, 10m, 7d)"))
 }
 
 /// A time in UTC, RFC 3339: `2026-12-01T10:00:00Z` (the `T` may be a space;
 /// fractional seconds are allowed).
-pub fn time(text: &str) -> Result<SystemTime, String> {
+pub(crate) fn time(text: &str) -> Result<SystemTime, String> {
     humantime::parse_rfc3339_weak(text)
         .map_err(|err| format!("{err} (expected UTC, e.g. 2026-12-01T10:00:00Z)"))
 }
@@ -58,7 +58,7 @@ pub fn time(text: &str) -> Result<SystemTime, String> {
 /// that a file of several calls is not refused halfway. Only what depends
 /// on the server's configuration — the size limit of `params` — is left to
 /// it.
-pub fn task_line(line: &str) -> Result<NewTask, String> {
+pub(crate) fn task_line(line: &str) -> Result<NewTask, String> {
     let value: Value =
         serde_json::from_str(line).map_err(|err| format!("not valid JSON: {err}"))?;
     let Value::Object(fields) = value else {

@@ -8,7 +8,7 @@ use crate::proto;
 pub struct StatsArgs {
     /// Where the server is, and how to print.
     #[command(flatten)]
-    pub options: Options,
+    pub(crate) options: Options,
 }
 
 pub(super) async fn run(args: StatsArgs) -> Result<(), Failure> {

@@ -38,36 +38,36 @@ pub enum TaskCommand {
 pub struct CreateArgs {
     /// Task type, e.g. `scan_library`.
     #[arg(value_name = "TYPE", required_unless_present = "from_file")]
-    pub task_type: Option<String>,
+    pub(crate) task_type: Option<String>,
 
     /// Task input, a JSON object.
     #[arg(long, value_name = "JSON", value_parser = parse::json_object)]
-    pub params: Option<serde_json::Value>,
+    pub(crate) params: Option<serde_json::Value>,
 
     /// Higher runs first.
     #[arg(long, allow_negative_numbers = true)]
-    pub priority: Option<i32>,
+    pub(crate) priority: Option<i32>,
 
     /// Executions allowed (1 to 1000); the server's default is 3.
     #[arg(long)]
-    pub max_attempts: Option<i32>,
+    pub(crate) max_attempts: Option<i32>,
 
     /// Not handed out before this delay from now, e.g. `10s`, `2h`.
     #[arg(long, value_name = "DURATION", value_parser = parse::duration, conflicts_with = "scheduled_for")]
-    pub scheduled_in: Option<Duration>,
+    pub(crate) scheduled_in: Option<Duration>,
 
     /// Not handed out before this time (UTC, RFC 3339).
     #[arg(long, value_name = "TIME", value_parser = parse::time)]
-    pub scheduled_for: Option<SystemTime>,
+    pub(crate) scheduled_for: Option<SystemTime>,
 
     /// What the task is about.
     #[command(flatten)]
-    pub about: About,
+    pub(crate) about: About,
 
     /// Deduplication key: while a pending or processing task holds it, the
     /// existing task is returned instead.
     #[arg(long)]
-    pub dedup_key: Option<String>,
+    pub(crate) dedup_key: Option<String>,
 
     /// Create one task per line of this file (`-` for standard input), in
     /// one call per 10,000: JSON objects with the fields of
@@ -84,22 +84,22 @@ pub struct CreateArgs {
             "scheduled_for", "library_id", "series_id", "book_id", "dedup_key",
         ]
     )]
-    pub from_file: Option<PathBuf>,
+    pub(crate) from_file: Option<PathBuf>,
 
     /// Where the server is, and how to print.
     #[command(flatten)]
-    pub options: Options,
+    pub(crate) options: Options,
 }
 
 /// Arguments of `task get`.
 #[derive(Debug, clap::Args)]
 pub struct GetArgs {
     /// Task id (UUID).
-    pub id: String,
+    pub(crate) id: String,
 
     /// Where the server is, and how to print.
     #[command(flatten)]
-    pub options: Options,
+    pub(crate) options: Options,
 }
 
 /// Arguments of `task list`.
@@ -107,7 +107,7 @@ pub struct GetArgs {
 pub struct ListArgs {
     /// Which tasks.
     #[command(flatten)]
-    pub filter: Filter,
+    pub(crate) filter: Filter,
 
     /// Print at most this many tasks (a note on standard error tells when
     /// there are more).
@@ -117,41 +117,41 @@ pub struct ListArgs {
         value_parser = clap::value_parser!(u64).range(1..),
         conflicts_with = "all"
     )]
-    pub limit: u64,
+    pub(crate) limit: u64,
 
     /// Print every matching task, page after page.
     #[arg(long)]
-    pub all: bool,
+    pub(crate) all: bool,
 
     /// Where the server is, and how to print.
     #[command(flatten)]
-    pub options: Options,
+    pub(crate) options: Options,
 }
 
 /// Arguments of `task cancel`.
 #[derive(Debug, clap::Args)]
 pub struct CancelArgs {
     /// Task id (UUID).
-    pub id: String,
+    pub(crate) id: String,
 
     /// Why, kept as the task's last error.
     #[arg(long)]
-    pub reason: Option<String>,
+    pub(crate) reason: Option<String>,
 
     /// Where the server is, and how to print.
     #[command(flatten)]
-    pub options: Options,
+    pub(crate) options: Options,
 }
 
 /// Arguments of `task retry`.
 #[derive(Debug, clap::Args)]
 pub struct RetryArgs {
     /// Task id (UUID).
-    pub id: String,
+    pub(crate) id: String,
 
     /// Where the server is, and how to print.
     #[command(flatten)]
-    pub options: Options,
+    pub(crate) options: Options,
 }
 
 /// Arguments of `task purge`.
@@ -165,15 +165,15 @@ pub struct PurgeArgs {
     /// Only tasks that finished before this time (UTC, RFC 3339); default
     /// now.
     #[arg(long, value_name = "TIME", value_parser = parse::time, conflicts_with = "older_than")]
-    pub completed_before: Option<SystemTime>,
+    pub(crate) completed_before: Option<SystemTime>,
 
     /// Only tasks that finished longer ago than this, e.g. `7d`.
     #[arg(long, value_name = "DURATION", value_parser = parse::duration)]
-    pub older_than: Option<Duration>,
+    pub(crate) older_than: Option<Duration>,
 
     /// Where the server is, and how to print.
     #[command(flatten)]
-    pub options: Options,
+    pub(crate) options: Options,
 }
 
 pub(super) async fn run(command: TaskCommand) -> Result<(), Failure> {

@@ -29,15 +29,15 @@ const MAX_BARS: usize = 16;
 pub struct WatchArgs {
     /// Only events of the tasks these select.
     #[command(flatten)]
-    pub filter: Filter,
+    pub(crate) filter: Filter,
 
     /// Only events of these tasks (UUIDs; repeat or separate with commas).
     #[arg(long = "task-id", value_name = "ID", value_delimiter = ',')]
-    pub task_id: Vec<String>,
+    pub(crate) task_id: Vec<String>,
 
     /// Where the server is, and how to print.
     #[command(flatten)]
-    pub options: Options,
+    pub(crate) options: Options,
 }
 
 pub(super) async fn run(args: WatchArgs) -> Result<(), Failure> {

@@ -7,7 +7,7 @@ use super::{human, json, print_json, print_line, Failure, Options};
 pub struct WorkersArgs {
     /// Where the server is, and how to print.
     #[command(flatten)]
-    pub options: Options,
+    pub(crate) options: Options,
 }
 
 pub(super) async fn run(args: WorkersArgs) -> Result<(), Failure> {
