@@ -4,8 +4,20 @@
 //! It must never decide policy (who may do what, defaults, limits): callers
 //! pass validated values in and get rows, counts or fencing outcomes back.
 //! Time-dependent statements use the database clock (`now()`).
+//!
+//! - `task`: creating, reading, listing, cancelling, retrying, purging and
+//!   counting tasks;
+//! - `lease`: claims, heartbeats, completions, failures, releases, progress
+//!   and the reclaim: every write fenced by a lease token;
+//! - `row`: the columns statements return and the one row-to-task mapping;
+//! - `node`: the node directory behind ListWorkers;
+//! - `notify`: the notification channels and the node's LISTEN connection;
+//! - `error`: the one mapping of Postgres and pool failures.
 
 mod error;
+#[macro_use]
+mod row;
+mod lease;
 mod node;
 mod notify;
 mod task;
@@ -17,8 +29,8 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::NoTls;
 
 pub(crate) use error::Error;
+pub(crate) use lease::Fenced;
 pub(crate) use notify::{payloads, Channel, Listener, Notice};
-pub(crate) use task::Fenced;
 
 /// Result of a store call.
 pub(crate) type Result<T> = std::result::Result<T, Error>;
@@ -225,6 +237,22 @@ impl Store {
 
     async fn client(&self) -> Result<deadpool_postgres::Object> {
         Ok(self.pool.get().await?)
+    }
+
+    /// Prepares every statement of the store; fails on the first that the
+    /// migrated schema rejects.
+    #[cfg(test)]
+    pub(crate) async fn statements_prepare(&self) -> Result<()> {
+        let client = self.client().await?;
+        for sql in task::STATEMENTS
+            .iter()
+            .chain(lease::STATEMENTS)
+            .chain(node::STATEMENTS)
+            .chain(notify::STATEMENTS)
+        {
+            client.prepare(sql).await?;
+        }
+        Ok(())
     }
 }
 

@@ -59,6 +59,13 @@ pub(crate) enum Notice {
     WatcherSeen,
 }
 
+/// Sends one notification (also inside a write's own transaction).
+pub(super) const NOTIFY: &str = "SELECT pg_notify($1, $2)";
+
+/// Every statement of this module, for the preparation test.
+#[cfg(test)]
+pub(super) const STATEMENTS: &[&str] = &[NOTIFY];
+
 /// Postgres refuses payloads of 8000 bytes or more; this leaves room.
 const PAYLOAD_LIMIT: usize = 7000;
 
@@ -106,7 +113,7 @@ impl Store {
     /// Sends `payload` on `channel` to every listening node.
     pub(crate) async fn notify(&self, channel: Channel, payload: &str) -> Result<()> {
         let client = self.client().await?;
-        let stmt = client.prepare_cached(super::task::NOTIFY).await?;
+        let stmt = client.prepare_cached(NOTIFY).await?;
         client.execute(&stmt, &[&channel.name(), &payload]).await?;
         Ok(())
     }

@@ -1,87 +1,30 @@
-//! Task statements. Every write that depends on a lease carries the lease
-//! token in its `WHERE`; zero rows affected means the lease is gone, which is
-//! a normal outcome reported as [`Fenced`], not an error.
-//!
-//! Lease design, in short: a hand-out sets `status = 'processing'`,
-//! `locked_by`, `locked_until` and a fresh random `lease_token`. Heartbeats
-//! move `locked_until`. Complete and fail keep the token on the row so a
-//! repeated call with the same token is recognised as already applied;
-//! release, expiry and an operator retry clear it, so a stale worker can
-//! never act again. The reclaimer re-checks status and expiry in the same
-//! statement that takes the lease back, so it cannot clobber a completion
-//! that landed a moment earlier.
+//! Creating, reading, listing, cancelling, retrying, purging and counting
+//! tasks. The writes that depend on a lease are in `lease`.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
 
-use tokio_postgres::error::SqlState;
-use tokio_postgres::Row;
 use uuid::Uuid;
 
+use super::notify::NOTIFY;
+use super::row::{seconds_to_duration, task_from_row, tasks_from_rows};
 use super::{Announce, Channel, Error, Result, Store};
-use crate::model::{
-    Backoff, Claim, Counts, Created, Failure, LeaseRef, LeaseState, ListFilter, NewTask, Page,
-    Progress, Stats, Status, Task, TypeStats,
-};
-
-/// The outcome of a write fenced by a lease token.
-#[derive(Debug, Clone, PartialEq)]
-pub(crate) enum Fenced {
-    /// The write took effect now, or had already taken effect with the same
-    /// token (a retried call); the task as it is now.
-    Applied(Box<Task>),
-    /// The token does not match a processing task, which is in this status.
-    Stale(Status),
-    /// No task has that id.
-    NotFound,
-}
-
-macro_rules! columns {
-    () => {
-        "id, seq, task_type, status, priority, attempts, max_attempts, scheduled_for, \
-         created_at, started_at, completed_at, locked_by, locked_until, lease_token, \
-         last_error, params, result, library_id, series_id, book_id, dedup_key, \
-         progress_current, progress_total, progress_message, progress_updated_at"
-    };
-}
-
-/// The same columns qualified by the alias `t`, for statements with joins.
-macro_rules! t_columns {
-    () => {
-        "t.id, t.seq, t.task_type, t.status, t.priority, t.attempts, t.max_attempts, \
-         t.scheduled_for, t.created_at, t.started_at, t.completed_at, t.locked_by, \
-         t.locked_until, t.lease_token, t.last_error, t.params, t.result, t.library_id, \
-         t.series_id, t.book_id, t.dedup_key, t.progress_current, t.progress_total, \
-         t.progress_message, t.progress_updated_at"
-    };
-}
+use crate::model::{Counts, Created, ListFilter, NewTask, Page, Stats, Status, Task, TypeStats};
 
 /// Every statement of this module, so a test can prepare each one against
 /// the migrated schema.
 #[cfg(test)]
-pub(crate) const STATEMENTS: &[&str] = &[
+pub(super) const STATEMENTS: &[&str] = &[
     TASK_INSERT,
     TASK_INSERT_MANY,
     TASK_GET,
     TASK_GET_MANY,
     TASK_GET_LIVE_BY_DEDUP,
-    TASK_CLAIM_ANY,
-    TASK_CLAIM_TYPED,
-    TASK_NEXT_DUE,
-    LEASE_EXTEND,
-    LEASE_STATE,
-    TASK_COMPLETE_MANY,
-    TASK_FAIL_MANY,
-    TASK_PROGRESS,
-    NOTIFY,
-    TASK_RELEASE,
     TASK_CANCEL,
     TASK_RETRY,
     TASK_LIST,
     TASK_PURGE,
     TASK_STATS,
-    LEASE_RECLAIM_EXPIRED,
-    LEASE_NEXT_EXPIRY,
 ];
 
 const TASK_INSERT: &str = concat!(
@@ -108,9 +51,9 @@ const TASK_INSERT_MANY: &str = concat!(
     columns!()
 );
 
-const TASK_GET: &str = concat!("SELECT ", columns!(), " FROM task WHERE id = $1");
+pub(super) const TASK_GET: &str = concat!("SELECT ", columns!(), " FROM task WHERE id = $1");
 
-const TASK_GET_MANY: &str = concat!(
+pub(super) const TASK_GET_MANY: &str = concat!(
     "SELECT ",
     columns!(),
     " FROM task WHERE id = ANY($1::uuid[])"
@@ -120,150 +63,6 @@ const TASK_GET_LIVE_BY_DEDUP: &str = concat!(
     "SELECT ",
     columns!(),
     " FROM task WHERE dedup_key = ANY($1::text[]) AND status IN ('pending', 'processing')"
-);
-
-// The pending indexes serve the ORDER BY; SKIP LOCKED lets concurrent
-// claimers take disjoint rows without waiting on each other. One statement
-// serves many takers: `$2` holds one worker id per slot, and the n-th task in
-// claim order goes to the n-th slot, so a node fills every waiting session
-// of a group in one round trip. `$1` names the task types the takers run
-// (empty: any); the two claim statements below differ only in how they find
-// the candidates.
-//
-// Batch statements read their per-row inputs by position (`$2[n]`) rather
-// than joining an `unnest` of them on it: such a join is n x n comparisons
-// whenever the planner picks a nested loop for it, as generic plans (which
-// guess ten rows for an `unnest`) did: a 700-task claim spent 120 of its
-// 130 ms there.
-macro_rules! claim {
-    ($candidates:expr) => {
-        concat!(
-            "WITH picked AS ( \
-               SELECT id, row_number() OVER (ORDER BY priority DESC, scheduled_for, seq) AS n \
-               FROM (",
-            $candidates,
-            ") p) \
-             UPDATE task t SET status = 'processing', attempts = t.attempts + 1, \
-               locked_by = ($2::text[])[picked.n], \
-               locked_until = now() + $3 * interval '1 millisecond', \
-               started_at = now(), lease_token = gen_random_uuid(), progress_current = NULL, \
-               progress_total = NULL, progress_message = NULL, progress_updated_at = NULL \
-             FROM picked \
-             WHERE t.id = picked.id \
-             RETURNING picked.n, ",
-            t_columns!()
-        )
-    };
-}
-
-// Takers of any type walk the pending index in claim order. (`$1` is empty
-// here; the comparison only gives the parameter its type.)
-const TASK_CLAIM_ANY: &str = claim!(
-    "SELECT id, priority, scheduled_for, seq FROM task \
-     WHERE status = 'pending' AND scheduled_for <= now() AND $1::text[] = '{}' \
-     ORDER BY priority DESC, scheduled_for, seq \
-     LIMIT cardinality($2::text[]) FOR UPDATE SKIP LOCKED"
-);
-
-// Takers of some types walk the per-type pending index once per type and
-// merge: walking the shared index instead would step over every pending
-// task of other types that comes first in claim order (a backlog of 100,000
-// high-priority tasks no taker of this group runs, on every claim). Each
-// type locks at most as many rows as there are slots; the surplus of a
-// multi-type claim is unlocked at its commit.
-const TASK_CLAIM_TYPED: &str = claim!(
-    "SELECT c.id, c.priority, c.scheduled_for, c.seq \
-     FROM (SELECT DISTINCT unnest($1::text[])) AS k(task_type) CROSS JOIN LATERAL ( \
-       SELECT id, priority, scheduled_for, seq FROM task \
-       WHERE status = 'pending' AND task_type = k.task_type AND scheduled_for <= now() \
-       ORDER BY priority DESC, scheduled_for, seq \
-       LIMIT cardinality($2::text[]) FOR UPDATE SKIP LOCKED) c \
-     ORDER BY c.priority DESC, c.scheduled_for, c.seq \
-     LIMIT cardinality($2::text[])"
-);
-
-const CLAIM_PLAN: &str = "SET LOCAL enable_bitmapscan = off; SET LOCAL enable_sort = off";
-
-const TASK_NEXT_DUE: &str =
-    "SELECT EXTRACT(EPOCH FROM (min(scheduled_for) - clock_timestamp()))::float8 \
-     FROM task WHERE status = 'pending' \
-       AND (cardinality($1::text[]) = 0 OR task_type = ANY($1::text[]))";
-
-// Batched writes lock their rows in id order first (`locked`), so that two
-// batches touching the same tasks in different orders queue up instead of
-// deadlocking. Only renewed leases come back; the store classifies the rest.
-const LEASE_EXTEND: &str = "WITH locked AS ( \
-       SELECT t.id, r.n FROM unnest($1::uuid[]) WITH ORDINALITY AS r(id, n) \
-       JOIN task t ON t.id = r.id ORDER BY t.id FOR UPDATE OF t) \
-     UPDATE task t SET locked_until = now() + ($3::float8[])[locked.n] * interval '1 millisecond' \
-     FROM locked \
-     WHERE t.id = locked.id AND t.lease_token = ($2::uuid[])[locked.n] \
-       AND t.status = 'processing' \
-     RETURNING t.id, t.lease_token, t.locked_until";
-
-// Why leases were not renewed: cancelled (the token is still on the
-// cancelled row) or lost.
-const LEASE_STATE: &str = "SELECT id, status, lease_token FROM task WHERE id = ANY($1::uuid[])";
-
-// Completions and failures are written in batches (group commit): one
-// statement for every outcome that arrived together.
-//
-// Completions, the hottest batch, skip the `locked` pass (a row-lock record
-// per task, 15-25 % of `sql-only` throughput): they lock rows in the order
-// the plan visits them, which can cross a heartbeat's id order. Postgres
-// then aborts one of the two as a deadlock victim, and `deadlock_retried`
-// runs it again.
-const TASK_COMPLETE_MANY: &str = concat!(
-    "UPDATE task t SET status = 'completed', result = r.result, completed_at = now(), \
-       locked_until = NULL \
-     FROM unnest($1::uuid[], $2::uuid[], $3::jsonb[]) AS r(id, token, result) \
-     WHERE t.id = r.id AND t.lease_token = r.token AND t.status = 'processing' \
-     RETURNING ",
-    t_columns!()
-);
-
-// $6 backoff base ms, $7 backoff cap ms; per row a NULL retry_ms means
-// backoff. The delay is base * 2^(attempt-1), capped, then scaled by a random
-// factor in [0.5, 1) so that a burst of failures spreads out.
-const TASK_FAIL_MANY: &str = concat!(
-    "WITH locked AS ( \
-       SELECT t.id, r.n FROM unnest($1::uuid[]) WITH ORDINALITY AS r(id, n) \
-       JOIN task t ON t.id = r.id ORDER BY t.id FOR UPDATE OF t), \
-     r AS ( \
-       SELECT id, ($2::uuid[])[n] AS token, ($3::bool[])[n] AS permanent, \
-         ($4::float8[])[n] AS retry_ms, ($5::text[])[n] AS error FROM locked) \
-     UPDATE task t SET \
-       status = CASE WHEN r.permanent OR t.attempts >= t.max_attempts \
-         THEN 'failed' ELSE 'pending' END, \
-       scheduled_for = CASE WHEN r.permanent OR t.attempts >= t.max_attempts \
-         THEN t.scheduled_for \
-         ELSE now() + COALESCE(r.retry_ms, \
-           LEAST($7::float8, $6::float8 * power(2, LEAST(t.attempts - 1, 60))) \
-           * (0.5 + random() / 2)) * interval '1 millisecond' END, \
-       completed_at = CASE WHEN r.permanent OR t.attempts >= t.max_attempts THEN now() END, \
-       locked_by = CASE WHEN r.permanent OR t.attempts >= t.max_attempts THEN t.locked_by END, \
-       locked_until = NULL, \
-       last_error = r.error \
-     FROM r \
-     WHERE t.id = r.id AND t.lease_token = r.token AND t.status = 'processing' \
-     RETURNING ",
-    t_columns!()
-);
-
-const TASK_PROGRESS: &str = concat!(
-    "UPDATE task SET progress_current = $3, progress_total = $4, progress_message = $5, \
-       progress_updated_at = now() \
-     WHERE id = $1 AND lease_token = $2 AND status = 'processing' \
-     RETURNING ",
-    columns!()
-);
-
-const TASK_RELEASE: &str = concat!(
-    "UPDATE task SET status = 'pending', attempts = attempts - 1, scheduled_for = now(), \
-       locked_by = NULL, locked_until = NULL, lease_token = NULL \
-     WHERE id = $1 AND lease_token = $2 AND status = 'processing' \
-     RETURNING ",
-    columns!()
 );
 
 const TASK_CANCEL: &str = concat!(
@@ -307,141 +106,8 @@ const TASK_STATS: &str = "SELECT task_type, status, count(*) AS n, \
          FILTER (WHERE status = 'pending' AND scheduled_for <= now()))::float8 AS oldest \
      FROM task GROUP BY task_type, status";
 
-const LEASE_RECLAIM_EXPIRED: &str = concat!(
-    "WITH expired AS ( \
-       SELECT id, lease_token FROM task WHERE status = 'processing' AND locked_until <= now() \
-       ORDER BY locked_until LIMIT $1 FOR UPDATE SKIP LOCKED) \
-     UPDATE task t SET \
-       status = CASE WHEN t.attempts >= t.max_attempts THEN 'failed' ELSE 'pending' END, \
-       scheduled_for = CASE WHEN t.attempts >= t.max_attempts THEN t.scheduled_for ELSE now() END, \
-       completed_at = CASE WHEN t.attempts >= t.max_attempts THEN now() END, \
-       last_error = format('lease expired: worker %s did not renew it (attempt %s of %s)', \
-         t.locked_by, t.attempts, t.max_attempts), \
-       locked_by = CASE WHEN t.attempts >= t.max_attempts THEN t.locked_by END, \
-       locked_until = NULL, lease_token = NULL \
-     FROM expired \
-     WHERE t.id = expired.id AND t.status = 'processing' AND t.locked_until <= now() \
-     RETURNING expired.lease_token AS old_token, ",
-    t_columns!()
-);
-
-pub(super) const NOTIFY: &str = "SELECT pg_notify($1, $2)";
-
-const LEASE_NEXT_EXPIRY: &str =
-    "SELECT EXTRACT(EPOCH FROM (min(locked_until) - clock_timestamp()))::float8 \
-     FROM task WHERE status = 'processing'";
-
-/// A statement parameter, borrowed for `'a`.
-type Param<'a> = dyn tokio_postgres::types::ToSql + Sync + 'a;
-
-/// Times a batch write is run when Postgres keeps choosing it as the victim
-/// of a deadlock.
-const DEADLOCK_ATTEMPTS: u32 = 3;
-
-/// Runs a batch write again when Postgres aborted it as the victim of a
-/// deadlock with another batch over the same tasks (see
-/// `TASK_COMPLETE_MANY`). Each is one statement in its own transaction, so
-/// an aborted run applied nothing and running it again is safe.
-async fn deadlock_retried<T, Fut>(
-    mut write: impl FnMut() -> Fut,
-) -> std::result::Result<T, tokio_postgres::Error>
-where
-    Fut: std::future::Future<Output = std::result::Result<T, tokio_postgres::Error>>,
-{
-    let mut attempt = 1;
-    loop {
-        match write().await {
-            Err(err)
-                if err.code() == Some(&SqlState::T_R_DEADLOCK_DETECTED)
-                    && attempt < DEADLOCK_ATTEMPTS =>
-            {
-                tracing::warn!(
-                    attempt,
-                    "batch write chosen as a deadlock victim; running it again"
-                );
-                attempt += 1;
-            }
-            other => return other,
-        }
-    }
-}
-
-/// What a fenced write that matched no row means, given the task as it is
-/// now (`None`: no such task): already applied by an earlier call with the
-/// same token, or refused because the lease is gone.
-fn verdict(
-    task: Option<Task>,
-    lease: LeaseRef,
-    already_applied: &impl Fn(&Task) -> bool,
-) -> Fenced {
-    match task {
-        None => Fenced::NotFound,
-        Some(task) if task.lease_token == Some(lease.lease_token) && already_applied(&task) => {
-            Fenced::Applied(Box::new(task))
-        }
-        Some(task) => Fenced::Stale(task.status),
-    }
-}
-
 /// Rows deleted per purge statement: bounded so one pass never locks much.
 const PURGE_BATCH: i64 = 1000;
-
-fn millis(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
-fn seconds_to_duration(secs: Option<f64>) -> Option<Duration> {
-    secs.map(|s| Duration::from_secs_f64(s.max(0.0)))
-}
-
-impl Task {
-    fn from_row(row: &Row) -> Result<Task> {
-        let status: &str = row.try_get("status")?;
-        Ok(Task {
-            id: row.try_get("id")?,
-            seq: row.try_get("seq")?,
-            task_type: row.try_get("task_type")?,
-            status: Status::parse(status)
-                .ok_or_else(|| Error::Other(format!("unknown task status {status:?}")))?,
-            priority: row.try_get("priority")?,
-            attempts: row.try_get("attempts")?,
-            max_attempts: row.try_get("max_attempts")?,
-            scheduled_for: row.try_get("scheduled_for")?,
-            created_at: row.try_get("created_at")?,
-            started_at: row.try_get("started_at")?,
-            completed_at: row.try_get("completed_at")?,
-            locked_by: row.try_get("locked_by")?,
-            locked_until: row.try_get("locked_until")?,
-            lease_token: row.try_get("lease_token")?,
-            last_error: row.try_get("last_error")?,
-            params: row.try_get("params")?,
-            result: row.try_get("result")?,
-            library_id: row.try_get("library_id")?,
-            series_id: row.try_get("series_id")?,
-            book_id: row.try_get("book_id")?,
-            dedup_key: row.try_get("dedup_key")?,
-            progress: match row.try_get::<_, Option<SystemTime>>("progress_updated_at")? {
-                Some(updated_at) => Some(Progress {
-                    current: row
-                        .try_get::<_, Option<i64>>("progress_current")?
-                        .unwrap_or(0),
-                    total: row
-                        .try_get::<_, Option<i64>>("progress_total")?
-                        .unwrap_or(0),
-                    message: row
-                        .try_get::<_, Option<String>>("progress_message")?
-                        .unwrap_or_default(),
-                    updated_at: Some(updated_at),
-                }),
-                None => None,
-            },
-        })
-    }
-}
-
-fn tasks_from_rows(rows: &[Row]) -> Result<Vec<Task>> {
-    rows.iter().map(Task::from_row).collect()
-}
 
 impl Store {
     /// Inserts one task, or returns the live task holding its dedup key.
@@ -483,7 +149,7 @@ impl Store {
                 .await?;
             if let Some(row) = rows.first() {
                 return Ok(Created {
-                    task: Task::from_row(row)?,
+                    task: task_from_row(row)?,
                     deduplicated: false,
                 });
             }
@@ -491,7 +157,7 @@ impl Store {
             let rows = client.query(TASK_GET_LIVE_BY_DEDUP, &[&keys]).await?;
             if let Some(row) = rows.first() {
                 return Ok(Created {
-                    task: Task::from_row(row)?,
+                    task: task_from_row(row)?,
                     deduplicated: true,
                 });
             }
@@ -546,7 +212,7 @@ impl Store {
                 .await?;
             let mut inserted: HashMap<Uuid, Task> = HashMap::with_capacity(rows.len());
             for row in &rows {
-                let task = Task::from_row(row)?;
+                let task = task_from_row(row)?;
                 inserted.insert(task.id, task);
             }
             let mut by_key: HashMap<String, Task> = HashMap::new();
@@ -557,7 +223,7 @@ impl Store {
                     .filter_map(|n| n.dedup_key.as_deref())
                     .collect();
                 for row in tx.query(TASK_GET_LIVE_BY_DEDUP, &[&missing]).await? {
-                    let task = Task::from_row(&row)?;
+                    let task = task_from_row(&row)?;
                     if let Some(key) = task.dedup_key.clone() {
                         by_key.insert(key, task);
                     }
@@ -610,278 +276,8 @@ impl Store {
             .query_opt(&stmt, &[&id])
             .await?
             .as_ref()
-            .map(Task::from_row)
+            .map(task_from_row)
             .transpose()
-    }
-
-    /// Leases due tasks, one per slot at most, in claim order; returns each
-    /// task with the index of the slot it went to.
-    ///
-    /// With `announce`, the events of the claimed tasks are sent in the
-    /// claim's transaction.
-    pub(crate) async fn task_claim(
-        &self,
-        claim: &Claim,
-        announce: Option<Announce<'_>>,
-    ) -> Result<Vec<(usize, Task)>> {
-        let mut client = self.client().await?;
-        let stmt = client
-            .prepare_cached(if claim.task_types.is_empty() {
-                TASK_CLAIM_ANY
-            } else {
-                TASK_CLAIM_TYPED
-            })
-            .await?;
-        // A queue's statistics are stale by nature (a batch of 100,000 tasks
-        // arrives long before autovacuum analyzes it); with them the planner
-        // may scan and sort every pending row instead of walking the pending
-        // index in claim order and stopping at the limit. The index walk is
-        // right at any size, so the claim pins it.
-        let tx = client.transaction().await?;
-        tx.batch_execute(CLAIM_PLAN).await?;
-        let rows = tx
-            .query(
-                &stmt,
-                &[
-                    &claim.task_types,
-                    &claim.slots,
-                    &millis(claim.lease_duration),
-                ],
-            )
-            .await?;
-        let mut tasks = rows
-            .iter()
-            .map(|row| {
-                Ok((
-                    (row.try_get::<_, i64>("n")? - 1) as usize,
-                    Task::from_row(row)?,
-                ))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        // UPDATE ... RETURNING does not keep the order of the picked rows.
-        tasks.sort_by_key(|(slot, _)| *slot);
-        if let Some(announce) = announce.filter(|_| !tasks.is_empty()) {
-            let claimed: Vec<Task> = tasks.iter().map(|(_, t)| t.clone()).collect();
-            for payload in announce(&claimed) {
-                tx.execute(NOTIFY, &[&Channel::Event.name(), &payload])
-                    .await?;
-            }
-        }
-        tx.commit().await?;
-        Ok(tasks)
-    }
-
-    /// How long until the earliest pending task of these types is due (zero
-    /// if one is due now); `None` when there is no pending task.
-    pub(crate) async fn task_next_due(&self, task_types: &[String]) -> Result<Option<Duration>> {
-        let client = self.client().await?;
-        let stmt = client.prepare_cached(TASK_NEXT_DUE).await?;
-        let row = client.query_one(&stmt, &[&task_types]).await?;
-        Ok(seconds_to_duration(row.try_get(0)?))
-    }
-
-    /// Renews leases, each by its own duration, in one statement; one answer
-    /// per lease, in input order.
-    pub(crate) async fn lease_extend(
-        &self,
-        leases: &[(LeaseRef, Duration)],
-    ) -> Result<Vec<LeaseState>> {
-        let client = self.client().await?;
-        let stmt = client.prepare_cached(LEASE_EXTEND).await?;
-        let ids: Vec<Uuid> = leases.iter().map(|(l, _)| l.task_id).collect();
-        let tokens: Vec<Uuid> = leases.iter().map(|(l, _)| l.lease_token).collect();
-        let ms: Vec<f64> = leases.iter().map(|(_, d)| millis(*d)).collect();
-        let params: [&Param<'_>; 3] = [&ids, &tokens, &ms];
-        let rows = deadlock_retried(|| client.query(&stmt, &params)).await?;
-        let mut renewed: HashMap<(Uuid, Uuid), SystemTime> = HashMap::with_capacity(rows.len());
-        for row in &rows {
-            renewed.insert((row.try_get(0)?, row.try_get(1)?), row.try_get(2)?);
-        }
-        let mut answers: Vec<LeaseState> = leases
-            .iter()
-            .map(|(l, _)| match renewed.get(&(l.task_id, l.lease_token)) {
-                Some(until) => LeaseState::Held(*until),
-                None => LeaseState::Lost,
-            })
-            .collect();
-        if renewed.len() < leases.len() {
-            let missed: Vec<Uuid> = answers
-                .iter()
-                .zip(leases)
-                .filter(|(s, _)| **s == LeaseState::Lost)
-                .map(|(_, (l, _))| l.task_id)
-                .collect();
-            let stmt = client.prepare_cached(LEASE_STATE).await?;
-            let mut cancelled: HashSet<(Uuid, Uuid)> = HashSet::new();
-            for row in client.query(&stmt, &[&missed]).await? {
-                if row.try_get::<_, &str>(1)? == Status::Cancelled.as_str() {
-                    if let Some(token) = row.try_get::<_, Option<Uuid>>(2)? {
-                        cancelled.insert((row.try_get(0)?, token));
-                    }
-                }
-            }
-            for (state, (lease, _)) in answers.iter_mut().zip(leases) {
-                if *state == LeaseState::Lost
-                    && cancelled.contains(&(lease.task_id, lease.lease_token))
-                {
-                    *state = LeaseState::Cancelled;
-                }
-            }
-        }
-        Ok(answers)
-    }
-
-    /// Completes leased tasks in one statement; one outcome per input, in
-    /// input order.
-    pub(crate) async fn task_complete_many(
-        &self,
-        completions: &[(LeaseRef, serde_json::Value)],
-    ) -> Result<Vec<Fenced>> {
-        let client = self.client().await?;
-        let stmt = client.prepare_cached(TASK_COMPLETE_MANY).await?;
-        // Sorted by id: when the plan is driven by the input (small
-        // batches), rows are locked in the order heartbeats lock them.
-        let mut order: Vec<&(LeaseRef, serde_json::Value)> = completions.iter().collect();
-        order.sort_by_key(|(l, _)| l.task_id);
-        let ids: Vec<Uuid> = order.iter().map(|(l, _)| l.task_id).collect();
-        let tokens: Vec<Uuid> = order.iter().map(|(l, _)| l.lease_token).collect();
-        let results: Vec<&serde_json::Value> = order.iter().map(|(_, r)| r).collect();
-        let params: [&Param<'_>; 3] = [&ids, &tokens, &results];
-        let rows = deadlock_retried(|| client.query(&stmt, &params)).await?;
-        let leases: Vec<LeaseRef> = completions.iter().map(|(l, _)| *l).collect();
-        self.fenced_many(&client, rows, &leases, |t| t.status == Status::Completed)
-            .await
-    }
-
-    /// Records failed attempts in one statement: each task pending again
-    /// after a backoff, or failed. One outcome per input, in input order.
-    pub(crate) async fn task_fail_many(
-        &self,
-        failures: &[(LeaseRef, Failure)],
-        backoff: Backoff,
-    ) -> Result<Vec<Fenced>> {
-        let client = self.client().await?;
-        let stmt = client.prepare_cached(TASK_FAIL_MANY).await?;
-        let ids: Vec<Uuid> = failures.iter().map(|(l, _)| l.task_id).collect();
-        let tokens: Vec<Uuid> = failures.iter().map(|(l, _)| l.lease_token).collect();
-        let permanent: Vec<bool> = failures.iter().map(|(_, f)| f.permanent).collect();
-        let retry_ms: Vec<Option<f64>> = failures
-            .iter()
-            .map(|(_, f)| f.retry_after.map(millis))
-            .collect();
-        let errors: Vec<&str> = failures.iter().map(|(_, f)| f.error.as_str()).collect();
-        let (base, max) = (millis(backoff.base), millis(backoff.max));
-        let params: [&Param<'_>; 7] = [&ids, &tokens, &permanent, &retry_ms, &errors, &base, &max];
-        let rows = deadlock_retried(|| client.query(&stmt, &params)).await?;
-        let leases: Vec<LeaseRef> = failures.iter().map(|(l, _)| *l).collect();
-        // A repeated fail finds the task failed, or pending with this token
-        // still on it (no one has leased it since).
-        self.fenced_many(&client, rows, &leases, |t| {
-            matches!(t.status, Status::Failed | Status::Pending)
-        })
-        .await
-    }
-
-    /// Stores the progress of a leased task.
-    pub(crate) async fn task_progress(
-        &self,
-        lease: LeaseRef,
-        progress: &Progress,
-    ) -> Result<Fenced> {
-        let client = self.client().await?;
-        let stmt = client.prepare_cached(TASK_PROGRESS).await?;
-        let row = client
-            .query_opt(
-                &stmt,
-                &[
-                    &lease.task_id,
-                    &lease.lease_token,
-                    &progress.current,
-                    &progress.total,
-                    &progress.message,
-                ],
-            )
-            .await?;
-        self.fenced(&client, row, lease, &|_: &Task| false).await
-    }
-
-    /// Gives a lease back: pending now, the attempt not counted.
-    pub(crate) async fn task_release(&self, lease: LeaseRef) -> Result<Fenced> {
-        let client = self.client().await?;
-        let stmt = client.prepare_cached(TASK_RELEASE).await?;
-        let row = client
-            .query_opt(&stmt, &[&lease.task_id, &lease.lease_token])
-            .await?;
-        // Release clears the token, so a repeated release is stale.
-        self.fenced(&client, row, lease, &|_: &Task| false).await
-    }
-
-    /// Turns the row of a fenced write into its outcome. When the write
-    /// matched nothing, the current row decides: the same token on a task in
-    /// the state the write leads to means the call had already been applied.
-    async fn fenced(
-        &self,
-        client: &deadpool_postgres::Object,
-        row: Option<Row>,
-        lease: LeaseRef,
-        already_applied: &impl Fn(&Task) -> bool,
-    ) -> Result<Fenced> {
-        if let Some(row) = row {
-            return Ok(Fenced::Applied(Box::new(Task::from_row(&row)?)));
-        }
-        let stmt = client.prepare_cached(TASK_GET).await?;
-        let task = match client.query_opt(&stmt, &[&lease.task_id]).await? {
-            Some(row) => Some(Task::from_row(&row)?),
-            None => None,
-        };
-        Ok(verdict(task, lease, already_applied))
-    }
-
-    /// Outcomes of a batch of fenced writes: the rows written, by task id,
-    /// and for every lease that matched nothing, the verdict of `fenced`.
-    async fn fenced_many(
-        &self,
-        client: &deadpool_postgres::Object,
-        rows: Vec<Row>,
-        leases: &[LeaseRef],
-        already_applied: impl Fn(&Task) -> bool,
-    ) -> Result<Vec<Fenced>> {
-        let mut written: HashMap<Uuid, Task> = HashMap::with_capacity(rows.len());
-        for row in &rows {
-            let task = Task::from_row(row)?;
-            written.insert(task.id, task);
-        }
-        let written_by = |lease: &LeaseRef| {
-            written
-                .get(&lease.task_id)
-                .filter(|task| task.lease_token == Some(lease.lease_token))
-        };
-        // The leases that matched nothing are read back in one statement
-        // (after a reclaim, a whole batch of late outcomes can miss).
-        let missed: Vec<Uuid> = leases
-            .iter()
-            .filter(|lease| written_by(lease).is_none())
-            .map(|lease| lease.task_id)
-            .collect();
-        let mut current: HashMap<Uuid, Task> = HashMap::new();
-        if !missed.is_empty() {
-            let stmt = client.prepare_cached(TASK_GET_MANY).await?;
-            for row in client.query(&stmt, &[&missed]).await? {
-                let task = Task::from_row(&row)?;
-                current.insert(task.id, task);
-            }
-        }
-        Ok(leases
-            .iter()
-            .map(|lease| match written_by(lease) {
-                Some(task) => Fenced::Applied(Box::new(task.clone())),
-                None => verdict(
-                    current.get(&lease.task_id).cloned(),
-                    *lease,
-                    &already_applied,
-                ),
-            })
-            .collect())
     }
 
     /// Cancels a pending or processing task. `Err(task)` in the inner result
@@ -894,7 +290,7 @@ impl Store {
         let client = self.client().await?;
         let stmt = client.prepare_cached(TASK_CANCEL).await?;
         if let Some(row) = client.query_opt(&stmt, &[&id, &reason]).await? {
-            return Ok(Some(Ok(Task::from_row(&row)?)));
+            return Ok(Some(Ok(task_from_row(&row)?)));
         }
         self.current(&client, id).await
     }
@@ -908,7 +304,7 @@ impl Store {
         let client = self.client().await?;
         let stmt = client.prepare_cached(TASK_RETRY).await?;
         if let Some(row) = client.query_opt(&stmt, &[&id]).await? {
-            return Ok(Some(Ok(Task::from_row(&row)?)));
+            return Ok(Some(Ok(task_from_row(&row)?)));
         }
         self.current(&client, id).await
     }
@@ -920,7 +316,7 @@ impl Store {
     ) -> Result<Option<std::result::Result<Task, Task>>> {
         let stmt = client.prepare_cached(TASK_GET).await?;
         Ok(match client.query_opt(&stmt, &[&id]).await? {
-            Some(row) => Some(Err(Task::from_row(&row)?)),
+            Some(row) => Some(Err(task_from_row(&row)?)),
             None => None,
         })
     }
@@ -1007,44 +403,5 @@ impl Store {
             task_types: by_type.into_values().collect(),
             oldest_due_pending_age: oldest_overall,
         })
-    }
-
-    /// Takes back up to `limit` expired leases; returns each task as it is
-    /// now (pending, or failed when no attempts are left) with the lease it
-    /// took back.
-    pub(crate) async fn lease_reclaim_expired(&self, limit: i64) -> Result<Vec<(Task, LeaseRef)>> {
-        let client = self.client().await?;
-        let stmt = client.prepare_cached(LEASE_RECLAIM_EXPIRED).await?;
-        let rows = client.query(&stmt, &[&limit]).await?;
-        rows.iter()
-            .map(|row| {
-                let task = Task::from_row(row)?;
-                let lease = LeaseRef {
-                    task_id: task.id,
-                    lease_token: row.try_get("old_token")?,
-                };
-                Ok((task, lease))
-            })
-            .collect()
-    }
-
-    /// How long until the earliest lease runs out (zero if one has);
-    /// `None` when no task is processing.
-    pub(crate) async fn lease_next_expiry(&self) -> Result<Option<Duration>> {
-        let client = self.client().await?;
-        let stmt = client.prepare_cached(LEASE_NEXT_EXPIRY).await?;
-        let row = client.query_one(&stmt, &[]).await?;
-        Ok(seconds_to_duration(row.try_get(0)?))
-    }
-
-    /// Prepares every statement of the store; fails on the first that the
-    /// migrated schema rejects.
-    #[cfg(test)]
-    pub(crate) async fn statements_prepare(&self) -> Result<()> {
-        let client = self.client().await?;
-        for sql in STATEMENTS.iter().chain(super::node::STATEMENTS) {
-            client.prepare(sql).await?;
-        }
-        Ok(())
     }
 }
