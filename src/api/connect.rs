@@ -71,7 +71,7 @@ pub(super) async fn open(
         )))
         .await;
     let permits = Arc::new(Semaphore::new(session.spec.slots + IN_HAND_EXTRA));
-    let stream = SessionStream {
+    let stream = Connection {
         coordinator,
         session,
         out,
@@ -85,8 +85,9 @@ pub(super) async fn open(
     Ok(Box::pin(answers))
 }
 
-/// One registered session's stream, served until either side ends it.
-struct SessionStream {
+/// A worker's Connect call: one registered session's stream, served
+/// until either side ends it.
+struct Connection {
     coordinator: Coordinator,
     session: Arc<Session>,
     out: Out,
@@ -102,7 +103,7 @@ fn lease_of(task: &Task) -> Option<LeaseRef> {
     })
 }
 
-impl SessionStream {
+impl Connection {
     async fn run(
         self,
         mut inbound: Streaming<proto::ConnectRequest>,
