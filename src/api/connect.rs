@@ -2,6 +2,7 @@
 //! answers each, and forwards what the dispatcher pushes (tasks, cancels,
 //! drain) until either side ends the stream.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -198,85 +199,72 @@ impl Connection {
                     let _ = out.send(answer).await;
                 });
             }
-            connect_request::Kind::Complete(req) => {
-                let (task_id, lease_token) = (req.task_id.clone(), req.lease_token.clone());
-                spawn_outcome(
-                    permit,
-                    out,
-                    task_id,
-                    lease_token,
-                    proto::OutcomeKind::Complete,
-                    async move {
-                        let (lease, result) = request::complete(&req, max_payload)?;
-                        coordinator.complete(lease, result).await
-                    },
-                );
+            connect_request::Kind::Complete(req) => Outcome {
+                kind: proto::OutcomeKind::Complete,
+                task_id: req.task_id.clone(),
+                lease_token: req.lease_token.clone(),
+                run: Box::pin(async move {
+                    let (lease, result) = request::complete(&req, max_payload)?;
+                    coordinator.complete(lease, result).await
+                }),
             }
-            connect_request::Kind::Fail(req) => {
-                let (task_id, lease_token) = (req.task_id.clone(), req.lease_token.clone());
-                spawn_outcome(
-                    permit,
-                    out,
-                    task_id,
-                    lease_token,
-                    proto::OutcomeKind::Fail,
-                    async move {
-                        let (lease, failure) = request::fail(&req)?;
-                        coordinator.fail(lease, failure).await
-                    },
-                );
+            .spawn(permit, out),
+            connect_request::Kind::Fail(req) => Outcome {
+                kind: proto::OutcomeKind::Fail,
+                task_id: req.task_id.clone(),
+                lease_token: req.lease_token.clone(),
+                run: Box::pin(async move {
+                    let (lease, failure) = request::fail(&req)?;
+                    coordinator.fail(lease, failure).await
+                }),
             }
-            connect_request::Kind::Release(req) => {
-                let (task_id, lease_token) = (req.task_id.clone(), req.lease_token.clone());
-                spawn_outcome(
-                    permit,
-                    out,
-                    task_id,
-                    lease_token,
-                    proto::OutcomeKind::Release,
-                    async move { coordinator.release(request::release(&req)?).await },
-                );
+            .spawn(permit, out),
+            connect_request::Kind::Release(req) => Outcome {
+                kind: proto::OutcomeKind::Release,
+                task_id: req.task_id.clone(),
+                lease_token: req.lease_token.clone(),
+                run: Box::pin(async move { coordinator.release(request::release(&req)?).await }),
             }
-            connect_request::Kind::Progress(req) => {
-                let (task_id, lease_token) = (req.task_id.clone(), req.lease_token.clone());
-                spawn_outcome(
-                    permit,
-                    out,
-                    task_id,
-                    lease_token,
-                    proto::OutcomeKind::Progress,
-                    async move {
-                        let (lease, progress) = request::progress(&req)?;
-                        coordinator.progress(lease, progress).await
-                    },
-                );
+            .spawn(permit, out),
+            connect_request::Kind::Progress(req) => Outcome {
+                kind: proto::OutcomeKind::Progress,
+                task_id: req.task_id.clone(),
+                lease_token: req.lease_token.clone(),
+                run: Box::pin(async move {
+                    let (lease, progress) = request::progress(&req)?;
+                    coordinator.progress(lease, progress).await
+                }),
             }
+            .spawn(permit, out),
         }
         Ok(())
     }
 }
 
-/// Runs one outcome in its own task, holding its `permit` until answered,
-/// and acknowledges it (a progress report only when refused).
-fn spawn_outcome(
-    permit: OwnedSemaphorePermit,
-    out: Out,
+/// An outcome message (complete, fail, release, progress) being written:
+/// what it is about, as sent, and the write.
+struct Outcome {
+    kind: proto::OutcomeKind,
     task_id: String,
     lease_token: String,
-    kind: proto::OutcomeKind,
-    outcome: impl std::future::Future<Output = Result<Task, Error>> + Send + 'static,
-) {
-    // Boxed: the outcome's future holds the whole state of a batch
-    // submission and is large; unboxed, it was copied into every spawned
-    // task and again as the task ran (memcpy was the top symbol of the
-    // node's profile during a drain).
-    let outcome = Box::pin(outcome);
-    tokio::spawn(async move {
-        let _permit = permit;
-        let outcome = outcome.await;
-        if kind != proto::OutcomeKind::Progress || outcome.is_err() {
-            let ack = convert::outcome_ack(task_id, lease_token, kind, outcome);
-            let _ = out.send(respond(connect_response::Kind::Ack(ack))).await;
-        }
-    });
+    /// Boxed: the write's future holds the whole state of a batch
+    /// submission and is large; unboxed, it was copied into every spawned
+    /// task and again as the task ran (memcpy was the top symbol of the
+    /// node's profile during a drain).
+    run: Pin<Box<dyn Future<Output = Result<Task, Error>> + Send>>,
+}
+
+impl Outcome {
+    /// Runs the write in its own task, holding `permit` until answered, and
+    /// acknowledges it (a progress report only when refused).
+    fn spawn(self, permit: OwnedSemaphorePermit, out: Out) {
+        tokio::spawn(async move {
+            let _permit = permit;
+            let outcome = self.run.await;
+            if self.kind != proto::OutcomeKind::Progress || outcome.is_err() {
+                let ack = convert::outcome_ack(self.task_id, self.lease_token, self.kind, outcome);
+                let _ = out.send(respond(connect_response::Kind::Ack(ack))).await;
+            }
+        });
+    }
 }
