@@ -4,7 +4,7 @@
 //! Every command talks to a server through [`crate::client::Client`] only,
 //! never to the database, so it works against any node of any deployment.
 //! Output goes to standard output: aligned tables for people by default,
-//! or with `--json` one JSON object per line (see [`json`] for the mapping).
+//! or with `--json` one JSON object per line (see the `json` module for the mapping).
 //! Errors go to standard error as `error: <what>`.
 //!
 //! Exit codes, one rule each:

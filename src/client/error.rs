@@ -54,7 +54,7 @@ impl Error {
 /// The result of a client call.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// Why [`Client::create_many`] stopped, with what it had created by then.
+/// Why [`Client::create_many`](super::Client::create_many) stopped, with what it had created by then.
 ///
 /// Displays as its [`error`](CreateManyError::error), followed by how many
 /// tasks were created before the failed call when there were any.

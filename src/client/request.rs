@@ -139,7 +139,7 @@ impl NewTask {
     }
 }
 
-/// Which tasks [`Client::list`] yields: filters combine with AND, and an
+/// Which tasks [`Client::list`](super::Client::list) yields: filters combine with AND, and an
 /// unset filter does not filter. A builder.
 ///
 /// ```
@@ -228,7 +228,7 @@ impl TaskFilter {
     }
 }
 
-/// Which events [`Client::watch`] yields: filters combine with AND, and an
+/// Which events [`Client::watch`](super::Client::watch) yields: filters combine with AND, and an
 /// unset filter does not filter. A builder.
 ///
 /// ```

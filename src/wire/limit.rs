@@ -1,6 +1,6 @@
 //! The limits of the wire contract, as the proto files document them. The
-//! server enforces them ([`super::request`]); clients read them to split
-//! or cap what they send instead of copying the numbers.
+//! server enforces them; clients read them to split or cap what they send
+//! instead of copying the numbers.
 
 use std::time::Duration;
 
