@@ -59,7 +59,7 @@ async fn main() -> ExitCode {
         None => report(serve(cli.config).await),
         Some(Command::Serve(args)) => report(serve(args.config).await),
         Some(Command::Migrate(args)) => report(migrate(args.config).await),
-        Some(Command::Bench(args)) => report(leasehold::bench::run(args).await),
+        Some(Command::Bench(args)) => report(leasehold::bench::run(args).await.map_err(Into::into)),
         Some(Command::Task(command)) => leasehold::cli::task(command).await,
         Some(Command::Stats(args)) => leasehold::cli::stats(args).await,
         Some(Command::Workers(args)) => leasehold::cli::workers(args).await,

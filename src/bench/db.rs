@@ -2,14 +2,14 @@
 //! through it: seeding finished rows, counting them, and removing the
 //! pending tasks of a run that no worker will ever take.
 
-use anyhow::Context;
+use super::error::{Context, Error, Result};
 use tokio_postgres::NoTls;
 
 /// Statuses of finished tasks.
 const FINISHED: &str = "('completed', 'failed', 'cancelled')";
 
 /// A connection to `database_url`, driven on a background task.
-pub async fn connect(database_url: &str) -> anyhow::Result<tokio_postgres::Client> {
+pub(crate) async fn connect(database_url: &str) -> Result<tokio_postgres::Client> {
     let (client, connection) = tokio_postgres::connect(database_url, NoTls)
         .await
         .context("cannot connect to the database")?;
@@ -24,11 +24,11 @@ pub async fn connect(database_url: &str) -> anyhow::Result<tokio_postgres::Clien
 /// Inserts `count` completed tasks of `task_type` in one statement, then
 /// vacuums and analyzes the table so that the run that follows sees it as a
 /// long-lived table would be (statistics, visibility map, hint bits).
-pub async fn insert_finished(
+pub(crate) async fn insert_finished(
     client: &tokio_postgres::Client,
     task_type: &str,
     count: u64,
-) -> anyhow::Result<()> {
+) -> Result<()> {
     let inserted = client
         .execute(
             "INSERT INTO task (id, task_type, status, attempts, started_at, completed_at, \
@@ -40,7 +40,11 @@ pub async fn insert_finished(
         )
         .await
         .context("cannot insert the finished rows")?;
-    anyhow::ensure!(inserted == count, "inserted {inserted} of {count} rows");
+    if inserted != count {
+        return Err(Error::Scenario(format!(
+            "inserted {inserted} of {count} rows"
+        )));
+    }
     client
         .batch_execute("VACUUM (ANALYZE) task")
         .await
@@ -49,7 +53,7 @@ pub async fn insert_finished(
 }
 
 /// How many finished tasks the table holds.
-pub async fn count_finished(client: &tokio_postgres::Client) -> anyhow::Result<u64> {
+pub(crate) async fn count_finished(client: &tokio_postgres::Client) -> Result<u64> {
     let row = client
         .query_one(
             &format!("SELECT count(*) FROM task WHERE status IN {FINISHED}"),
@@ -63,7 +67,7 @@ pub async fn count_finished(client: &tokio_postgres::Client) -> anyhow::Result<u
 /// Deletes every task of `task_type` and vacuums what that left behind;
 /// returns how many there were. Without the vacuum, the next run's claims
 /// would walk the deleted rows' index entries until a node got to them.
-pub async fn delete_type(client: &tokio_postgres::Client, task_type: &str) -> anyhow::Result<u64> {
+pub(crate) async fn delete_type(client: &tokio_postgres::Client, task_type: &str) -> Result<u64> {
     let deleted = client
         .execute("DELETE FROM task WHERE task_type = $1", &[&task_type])
         .await
@@ -77,13 +81,13 @@ pub async fn delete_type(client: &tokio_postgres::Client, task_type: &str) -> an
 
 /// Runs `measure` with a task type unique to this run of `scenario`; if it
 /// fails, the run's unfinished tasks are deleted ([`tidy`]).
-pub async fn with_own_task_type<T, Fut>(
+pub(crate) async fn with_own_task_type<T, Fut>(
     scenario: &str,
     database_url: &str,
     measure: impl FnOnce(String) -> Fut,
-) -> anyhow::Result<T>
+) -> Result<T>
 where
-    Fut: std::future::Future<Output = anyhow::Result<T>>,
+    Fut: std::future::Future<Output = Result<T>>,
 {
     let task_type = super::producer::unique_task_type(scenario);
     let outcome = measure(task_type.clone()).await;
@@ -96,7 +100,7 @@ where
 /// After a failed run: deletes the tasks of `task_type` that are not
 /// finished, so that no later claim has to step over them. Best effort: a
 /// failure is only logged.
-pub async fn tidy(database_url: &str, task_type: &str) {
+pub(crate) async fn tidy(database_url: &str, task_type: &str) {
     let deleted = async {
         let client = connect(database_url).await?;
         client
@@ -117,7 +121,7 @@ pub async fn tidy(database_url: &str, task_type: &str) {
         ),
         Err(err) => tracing::warn!(
             task_type,
-            error = format!("{err:#}"),
+            error = err.to_string(),
             "cannot delete the unfinished tasks of the failed run"
         ),
     }
@@ -126,11 +130,11 @@ pub async fn tidy(database_url: &str, task_type: &str) {
 /// Inserts the `--preexisting-finished` rows if asked, then counts the
 /// finished rows of the table. A database that cannot be read only makes
 /// the count unknown, unless rows were to be inserted.
-pub async fn history(database_url: &str, insert: u64) -> anyhow::Result<Option<u64>> {
+pub(crate) async fn history(database_url: &str, insert: u64) -> Result<Option<u64>> {
     let client = match connect(database_url).await {
         Ok(client) => client,
         Err(err) if insert == 0 => {
-            tracing::warn!(error = format!("{err:#}"), "cannot count the finished rows");
+            tracing::warn!(error = err.to_string(), "cannot count the finished rows");
             return Ok(None);
         }
         Err(err) => return Err(err),
@@ -153,7 +157,7 @@ pub async fn history(database_url: &str, insert: u64) -> anyhow::Result<Option<u
     match count_finished(&client).await {
         Ok(n) => Ok(Some(n)),
         Err(err) => {
-            tracing::warn!(error = format!("{err:#}"), "cannot count the finished rows");
+            tracing::warn!(error = err.to_string(), "cannot count the finished rows");
             Ok(None)
         }
     }

@@ -7,7 +7,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use anyhow::bail;
+use super::error::{Error, Result};
 use tokio::time::Instant;
 
 use super::db;
@@ -25,27 +25,27 @@ const STALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Arguments of `leasehold bench drain`.
 #[derive(Debug, Clone, clap::Args)]
-pub struct DrainArgs {
+pub(crate) struct DrainArgs {
     /// Which server to drive (by default a spawned node).
     #[command(flatten)]
-    pub target: Target,
+    pub(crate) target: Target,
 
     /// How many tasks, sessions and slots.
     #[command(flatten)]
-    pub workload: Workload,
+    pub(crate) workload: Workload,
 }
 
 /// The size of a drain, shared by `drain` and `sql-only` so that their
 /// figures compare.
 #[derive(Debug, Clone, clap::Args)]
-pub struct Workload {
+pub(crate) struct Workload {
     /// Tasks created up front and drained.
     #[arg(
         long,
         default_value_t = 100_000,
         value_parser = clap::value_parser!(u32).range(1..=10_000_000)
     )]
-    pub tasks: u32,
+    pub(crate) tasks: u32,
 
     /// Worker sessions draining them, each on its own connection (in
     /// `sql-only`, simulated: one worker id of the claims each).
@@ -54,7 +54,7 @@ pub struct Workload {
         default_value_t = 4,
         value_parser = clap::value_parser!(u32).range(1..=10_000)
     )]
-    pub sessions: u32,
+    pub(crate) sessions: u32,
 
     /// Slots of each worker session.
     #[arg(
@@ -62,53 +62,53 @@ pub struct Workload {
         default_value_t = 250,
         value_parser = clap::value_parser!(i32).range(1..=10_000)
     )]
-    pub slots: i32,
+    pub(crate) slots: i32,
 
     /// First insert this many completed tasks (of a type of their own) with
     /// one SQL statement through `--database-url`, then VACUUM ANALYZE, to
     /// measure the drain with a large history present. They are kept.
     #[arg(long, default_value_t = 0, value_name = "N")]
-    pub preexisting_finished: u64,
+    pub(crate) preexisting_finished: u64,
 }
 
 /// Result of the `drain` scenario.
 #[derive(Debug, Clone)]
-pub struct DrainReport {
+pub(crate) struct DrainReport {
     /// The server driven, in a few words.
-    pub server: String,
+    pub(crate) server: String,
     /// Where the node lives (what its CPU figure covers).
-    pub node_kind: NodeKind,
+    pub(crate) node_kind: NodeKind,
     /// The arguments of the run.
-    pub args: DrainArgs,
+    pub(crate) args: DrainArgs,
     /// Task type used by the run (unique to it).
-    pub task_type: String,
+    pub(crate) task_type: String,
     /// Finished rows in the table when the drain started (`None` when the
     /// database could not be read).
-    pub preexisting_finished_rows: Option<u64>,
+    pub(crate) preexisting_finished_rows: Option<u64>,
     /// From the first task arriving on any stream to the last completion
     /// acknowledged.
-    pub elapsed: Duration,
+    pub(crate) elapsed: Duration,
     /// The node's CPU time over the drain (sessions opening included).
-    pub server_cpu: Option<Duration>,
+    pub(crate) server_cpu: Option<Duration>,
     /// The node's resident memory at the end of the drain, in bytes.
-    pub server_rss: Option<u64>,
+    pub(crate) server_rss: Option<u64>,
     /// This process's CPU time over the drain (the bench clients; the node
     /// too when it runs in-process).
-    pub bench_cpu: Option<Duration>,
+    pub(crate) bench_cpu: Option<Duration>,
     /// Per session, in order: what it did.
-    pub sessions: Vec<WorkerStats>,
+    pub(crate) sessions: Vec<WorkerStats>,
     /// Tasks pushed more than once (a server bug if ever non-zero).
-    pub duplicates: u64,
+    pub(crate) duplicates: u64,
 }
 
 impl DrainReport {
     /// Tasks completed per second.
-    pub fn rate(&self) -> f64 {
+    pub(crate) fn rate(&self) -> f64 {
         per_second(u64::from(self.args.workload.tasks), self.elapsed)
     }
 
     /// The node's CPU seconds per 1,000 tasks.
-    pub fn server_cpu_per_1k(&self) -> Option<f64> {
+    pub(crate) fn server_cpu_per_1k(&self) -> Option<f64> {
         per_1k(self.server_cpu, self.args.workload.tasks)
     }
 
@@ -191,14 +191,14 @@ impl Report for DrainReport {
 
 /// The `drain` scenario against `node`. Should the run fail, the tasks of the run still unfinished are deleted
 /// through `--database-url`.
-pub async fn run(node: &Node, args: &DrainArgs) -> anyhow::Result<DrainReport> {
+pub(crate) async fn run(node: &Node, args: &DrainArgs) -> Result<DrainReport> {
     db::with_own_task_type("drain", &args.target.database_url, |task_type| async move {
         measure(node, args, &task_type).await
     })
     .await
 }
 
-async fn measure(node: &Node, args: &DrainArgs, task_type: &str) -> anyhow::Result<DrainReport> {
+async fn measure(node: &Node, args: &DrainArgs, task_type: &str) -> Result<DrainReport> {
     let endpoint = node.endpoint();
     let task_type = task_type.to_owned();
     let preexisting_finished_rows = db::history(
@@ -238,18 +238,24 @@ async fn measure(node: &Node, args: &DrainArgs, task_type: &str) -> anyhow::Resu
                         last = Some(ack.at);
                     }
                 }
-                Ok(None) => bail!("every worker session ended; {completed} of {total} completed"),
-                Err(_) => bail!(
-                    "no progress for {STALL_TIMEOUT:?}: {} arrived and {completed} of {total} \
+                Ok(None) => {
+                    return Err(Error::Scenario(format!(
+                        "every worker session ended; {completed} of {total} completed"
+                    )))
+                }
+                Err(_) => {
+                    return Err(Error::Scenario(format!(
+                        "no progress for {STALL_TIMEOUT:?}: {} arrived and {completed} of {total} \
                      completed",
-                    arrived.len()
-                ),
+                        arrived.len()
+                    )))
+                }
             }
         }
         let (Some(first), Some(last)) = (first, last) else {
-            bail!("nothing was drained");
+            return Err(Error::Scenario("nothing was drained".into()));
         };
-        anyhow::Ok((last.saturating_duration_since(first), duplicates))
+        Ok::<_, Error>((last.saturating_duration_since(first), duplicates))
     }
     .await;
     let server_after = node.usage();

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use anyhow::Context;
+use super::error::{Context, Error, Result};
 use tokio::time::Instant;
 
 use super::db;
@@ -15,10 +15,10 @@ use crate::proto;
 
 /// Arguments of `leasehold bench enqueue`.
 #[derive(Debug, Clone, clap::Args)]
-pub struct EnqueueArgs {
+pub(crate) struct EnqueueArgs {
     /// Which server to drive.
     #[command(flatten)]
-    pub target: Target,
+    pub(crate) target: Target,
 
     /// Tasks created by each of the two phases (batched, then single).
     #[arg(
@@ -26,7 +26,7 @@ pub struct EnqueueArgs {
         default_value_t = 20_000,
         value_parser = clap::value_parser!(u32).range(1..=10_000_000)
     )]
-    pub tasks: u32,
+    pub(crate) tasks: u32,
 
     /// Tasks per CreateTasks call in the batched phase.
     #[arg(
@@ -34,7 +34,7 @@ pub struct EnqueueArgs {
         default_value_t = 1000,
         value_parser = clap::value_parser!(u32).range(1..=10_000)
     )]
-    pub batch: u32,
+    pub(crate) batch: u32,
 
     /// Concurrent clients of the single-call phase, each calling CreateTask
     /// one task at a time on its own connection.
@@ -43,39 +43,39 @@ pub struct EnqueueArgs {
         default_value_t = 4,
         value_parser = clap::value_parser!(u32).range(1..=1000)
     )]
-    pub clients: u32,
+    pub(crate) clients: u32,
 }
 
 /// Result of the `enqueue` scenario.
 #[derive(Debug, Clone)]
-pub struct EnqueueReport {
+pub(crate) struct EnqueueReport {
     /// The server driven, in a few words.
-    pub server: String,
+    pub(crate) server: String,
     /// The arguments of the run.
-    pub args: EnqueueArgs,
+    pub(crate) args: EnqueueArgs,
     /// Task type used by the run (unique to it).
-    pub task_type: String,
+    pub(crate) task_type: String,
     /// Wall time of the batched phase.
-    pub batch_elapsed: Duration,
+    pub(crate) batch_elapsed: Duration,
     /// Round trip of each CreateTasks call.
-    pub batch_calls: Summary,
+    pub(crate) batch_calls: Summary,
     /// Wall time of the single-call phase.
-    pub single_elapsed: Duration,
+    pub(crate) single_elapsed: Duration,
     /// Round trip of each CreateTask call.
-    pub single_calls: Summary,
+    pub(crate) single_calls: Summary,
     /// Tasks of the run deleted afterwards; `None` when the database could
     /// not be reached (the tasks were left pending).
-    pub deleted: Option<u64>,
+    pub(crate) deleted: Option<u64>,
 }
 
 impl EnqueueReport {
     /// Tasks per second of the batched phase.
-    pub fn batch_rate(&self) -> f64 {
+    pub(crate) fn batch_rate(&self) -> f64 {
         per_second(u64::from(self.args.tasks), self.batch_elapsed)
     }
 
     /// Tasks per second of the single-call phase.
-    pub fn single_rate(&self) -> f64 {
+    pub(crate) fn single_rate(&self) -> f64 {
         per_second(u64::from(self.args.tasks), self.single_elapsed)
     }
 }
@@ -132,7 +132,7 @@ impl Report for EnqueueReport {
 /// The `enqueue` scenario against `node`. The run's tasks are deleted at
 /// the end through `--database-url`: left pending, every later claim would
 /// have to step over them.
-pub async fn run(node: &Node, args: &EnqueueArgs) -> anyhow::Result<EnqueueReport> {
+pub(crate) async fn run(node: &Node, args: &EnqueueArgs) -> Result<EnqueueReport> {
     let endpoint = node.endpoint();
     let task_type = unique_task_type("enqueue");
     let tasks = args.tasks as usize;
@@ -169,9 +169,11 @@ pub async fn run(node: &Node, args: &EnqueueArgs) -> anyhow::Result<EnqueueRepor
                         .context("CreateTask failed")?
                         .into_inner();
                     calls.push(call.elapsed());
-                    anyhow::ensure!(response.task.is_some(), "CreateTask answered no task");
+                    if response.task.is_none() {
+                        return Err(Error::Scenario("CreateTask answered no task".into()));
+                    }
                 }
-                anyhow::Ok(calls)
+                Ok::<_, Error>(calls)
             }));
         }
         let mut single_calls = Vec::with_capacity(tasks);
@@ -180,7 +182,7 @@ pub async fn run(node: &Node, args: &EnqueueArgs) -> anyhow::Result<EnqueueRepor
         }
         let single_elapsed = started.elapsed();
         tracing::info!(tasks, elapsed = ?single_elapsed, "single-call phase done");
-        anyhow::Ok((batch_calls, batch_elapsed, single_calls, single_elapsed))
+        Ok::<_, Error>((batch_calls, batch_elapsed, single_calls, single_elapsed))
     }
     .await;
     let deleted = clean_up(&args.target.database_url, &task_type).await;
@@ -209,7 +211,7 @@ async fn clean_up(database_url: &str, task_type: &str) -> Option<u64> {
         Ok(n) => Some(n),
         Err(err) => {
             tracing::warn!(
-                error = format!("{err:#}"),
+                error = err.to_string(),
                 task_type,
                 "cannot delete the tasks of the run: they stay pending"
             );

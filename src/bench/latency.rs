@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use super::error::{Context, Error, Result};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior};
 use tonic::transport::Channel;
@@ -24,10 +24,10 @@ const ARRIVAL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Arguments of `leasehold bench latency`.
 #[derive(Debug, Clone, clap::Args)]
-pub struct LatencyArgs {
+pub(crate) struct LatencyArgs {
     /// Which server to drive.
     #[command(flatten)]
-    pub target: Target,
+    pub(crate) target: Target,
 
     /// Tasks measured (after 10 warm-up tasks that are not counted).
     #[arg(
@@ -35,19 +35,19 @@ pub struct LatencyArgs {
         default_value_t = 200,
         value_parser = clap::value_parser!(u32).range(1..=1_000_000)
     )]
-    pub tasks: u32,
+    pub(crate) tasks: u32,
 
     /// Tasks created per second, one CreateTask call at a time.
     #[arg(long, default_value_t = 20.0, value_parser = parse_rate)]
-    pub rate: f64,
+    pub(crate) rate: f64,
 
     /// Idle worker sessions waiting for the tasks.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1000))]
-    pub sessions: u32,
+    pub(crate) sessions: u32,
 
     /// Slots of each worker session.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(i32).range(1..=10_000))]
-    pub slots: i32,
+    pub(crate) slots: i32,
 }
 
 /// Parses a task rate: a positive number of tasks per second, at most
@@ -65,23 +65,23 @@ fn parse_rate(text: &str) -> Result<f64, String> {
 
 /// Result of the `latency` scenario.
 #[derive(Debug, Clone)]
-pub struct LatencyReport {
+pub(crate) struct LatencyReport {
     /// The server driven, in a few words.
-    pub server: String,
+    pub(crate) server: String,
     /// The arguments of the run.
-    pub args: LatencyArgs,
+    pub(crate) args: LatencyArgs,
     /// Task type used by the run (unique to it).
-    pub task_type: String,
+    pub(crate) task_type: String,
     /// Push latency of the measured tasks.
-    pub push: Summary,
+    pub(crate) push: Summary,
     /// Round trip of their CreateTask calls.
-    pub create: Summary,
+    pub(crate) create: Summary,
     /// Tasks created per second, as achieved.
-    pub achieved_rate: f64,
+    pub(crate) achieved_rate: f64,
     /// Per session, in order: what it did (warm-up included).
-    pub sessions: Vec<WorkerStats>,
+    pub(crate) sessions: Vec<WorkerStats>,
     /// Tasks pushed more than once (a server bug if ever non-zero).
-    pub duplicates: u64,
+    pub(crate) duplicates: u64,
 }
 
 impl Report for LatencyReport {
@@ -122,13 +122,13 @@ impl Report for LatencyReport {
 
 /// Warm-up tasks of the `latency` scenario, created and pushed before the
 /// measured ones and not counted.
-pub const WARM_UP: u32 = 10;
+pub(crate) const WARM_UP: u32 = 10;
 
 /// The `latency` scenario against `node`: opens the worker sessions, runs
 /// the warm-up, measures `args.tasks` tasks and closes the sessions.
 /// Should the run fail, the tasks of the run still unfinished are deleted
 /// through `--database-url`.
-pub async fn run(node: &Node, args: &LatencyArgs) -> anyhow::Result<LatencyReport> {
+pub(crate) async fn run(node: &Node, args: &LatencyArgs) -> Result<LatencyReport> {
     db::with_own_task_type(
         "latency",
         &args.target.database_url,
@@ -137,11 +137,7 @@ pub async fn run(node: &Node, args: &LatencyArgs) -> anyhow::Result<LatencyRepor
     .await
 }
 
-async fn measure(
-    node: &Node,
-    args: &LatencyArgs,
-    task_type: &str,
-) -> anyhow::Result<LatencyReport> {
+async fn measure(node: &Node, args: &LatencyArgs, task_type: &str) -> Result<LatencyReport> {
     let endpoint = node.endpoint();
     let task_type = task_type.to_owned();
     let mut tasks = task_client(endpoint).await?;
@@ -167,7 +163,7 @@ async fn measure(
             &mut events,
         )
         .await?;
-        anyhow::Ok(Phase {
+        Ok::<_, Error>(Phase {
             duplicates: warm_up.duplicates + measured.duplicates,
             ..measured
         })
@@ -209,7 +205,7 @@ async fn paced(
     count: u32,
     rate: f64,
     events: &mut mpsc::UnboundedReceiver<Event>,
-) -> anyhow::Result<Phase> {
+) -> Result<Phase> {
     let count = count as usize;
     // Per task id: when its CreateTask call started, and how long it took.
     let mut sent: HashMap<String, (Instant, Duration)> = HashMap::with_capacity(count);
@@ -277,11 +273,17 @@ async fn paced(
                 }
                 record(arrival, &mut arrived);
             }
-            Ok(None) => bail!("every worker session ended; {missing} tasks were not pushed"),
-            Err(_) => bail!(
-                "{missing} of {count} tasks were not pushed within {ARRIVAL_TIMEOUT:?} \
+            Ok(None) => {
+                return Err(Error::Scenario(format!(
+                    "every worker session ended; {missing} tasks were not pushed"
+                )))
+            }
+            Err(_) => {
+                return Err(Error::Scenario(format!(
+                    "{missing} of {count} tasks were not pushed within {ARRIVAL_TIMEOUT:?} \
                  of the last CreateTask"
-            ),
+                )))
+            }
         }
     }
 

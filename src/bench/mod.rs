@@ -4,61 +4,64 @@
 //! on stdout; logs go to stderr).
 //!
 //! Scenarios, one module and one subcommand each:
-//! - [`enqueue`]: tasks created per second, through CreateTasks in batches
+//! - `enqueue`: tasks created per second, through CreateTasks in batches
 //!   and through single CreateTask calls from a few concurrent clients.
-//! - [`drain`]: tasks handed out and completed per second by worker
+//! - `drain`: tasks handed out and completed per second by worker
 //!   sessions over real streams, and the server's CPU time per 1,000 tasks.
-//! - [`latency`]: push latency, from the CreateTask call to the task on a
+//! - `latency`: push latency, from the CreateTask call to the task on a
 //!   worker's stream.
-//! - [`reclaim`]: from a silent session's `locked_until` to the task
+//! - `reclaim`: from a silent session's `locked_until` to the task
 //!   reaching another worker.
-//! - [`sessions`]: the server's memory and CPU with many idle sessions
+//! - `sessions`: the server's memory and CPU with many idle sessions
 //!   heartbeating their leases.
-//! - [`sql_only`]: the claim and complete statements driven without gRPC,
+//! - `sql_only`: the claim and complete statements driven without gRPC,
 //!   the ceiling the server can approach.
 //!
-//! Shared pieces: [`Target`] and [`Node`] (a running server, a node in this
-//! process, or a node spawned as a child process so its CPU time and memory
-//! are its own), [`Workers`] and [`SessionStream`] (simulated workers),
-//! [`Summary`] and [`Report`] (figures and output), [`Usage`] (`/proc`).
+//! Shared pieces: `target` (a running server, a node in this process, or a
+//! node spawned as a child process so its CPU time and memory are its own),
+//! `workers` (simulated workers), `report` (figures and output), `system`
+//! (`/proc`), `db` (the SQL a scenario runs itself), `producer` (creating
+//! tasks) and [`Error`] (why a run failed).
 //! Every run uses task types unique to it, so rows of earlier runs never
 //! take part.
 
-pub mod db;
-pub mod drain;
-pub mod enqueue;
-pub mod latency;
-pub mod producer;
-pub mod reclaim;
-pub mod report;
-pub mod sessions;
-pub mod sql_only;
-pub mod system;
-pub mod target;
-pub mod workers;
+mod db;
+mod drain;
+mod enqueue;
+mod error;
+mod latency;
+mod producer;
+mod reclaim;
+mod report;
+mod sessions;
+mod sql_only;
+mod system;
+mod target;
+mod workers;
 
-pub use drain::{DrainArgs, DrainReport};
-pub use enqueue::{EnqueueArgs, EnqueueReport};
-pub use latency::{LatencyArgs, LatencyReport, WARM_UP};
-pub use reclaim::{ReclaimArgs, ReclaimReport};
-pub use report::{millis, Report, Summary};
-pub use sessions::{SessionsArgs, SessionsReport};
-pub use sql_only::{SqlOnlyArgs, SqlOnlyReport};
-pub use system::Usage;
-pub use target::{channel_to, Node, NodeKind, Target, DEFAULT_DATABASE_URL};
-pub use workers::{Ack, Arrival, Event, SessionStream, WorkerStats, Workers};
+pub use error::{Error, StoreError};
+
+use drain::DrainArgs;
+use enqueue::EnqueueArgs;
+use latency::LatencyArgs;
+use reclaim::ReclaimArgs;
+use report::Report;
+use sessions::SessionsArgs;
+use sql_only::SqlOnlyArgs;
+use target::Node;
+pub(crate) use target::NodeKind;
 
 /// Arguments of `leasehold bench`.
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
     /// The scenario to run.
     #[command(subcommand)]
-    pub scenario: Scenario,
+    pub(crate) scenario: Scenario,
 }
 
 /// A benchmark scenario, one subcommand of `leasehold bench` each.
 #[derive(Debug, clap::Subcommand)]
-pub enum Scenario {
+pub(crate) enum Scenario {
     /// Enqueue rate: N tasks through CreateTasks in batches (one call at a
     /// time), then N through single CreateTask calls from a few concurrent
     /// clients; tasks per second of each. The run's tasks are deleted
@@ -90,8 +93,9 @@ pub enum Scenario {
 }
 
 /// Runs the chosen scenario and prints its report: a human table, then one
-/// JSON line.
-pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+/// JSON line. A run whose report says it failed (its figures printed first)
+/// ends with [`Error::Scenario`].
+pub async fn run(args: BenchArgs) -> Result<(), Error> {
     let report: Box<dyn Report> = match args.scenario {
         Scenario::Enqueue(args) => {
             let node = Node::start(&args.target, NodeKind::InProcess).await?;
@@ -126,14 +130,14 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     print!("{}", report.table());
     println!("{}", report.json_line());
     match report.failure() {
-        Some(failure) => anyhow::bail!(failure),
+        Some(failure) => Err(Error::Scenario(failure)),
         None => Ok(()),
     }
 }
 
 /// Stops the node whatever the outcome; the scenario's error wins over the
 /// node's.
-async fn finish<R>(node: Node, outcome: anyhow::Result<R>) -> anyhow::Result<R> {
+async fn finish<R>(node: Node, outcome: error::Result<R>) -> error::Result<R> {
     let stopped = node.stop().await;
     let report = outcome?;
     stopped?;
@@ -145,7 +149,9 @@ async fn finish<R>(node: Node, outcome: anyhow::Result<R>) -> anyhow::Result<R> 
 pub(crate) mod testing {
     use clap::Parser;
 
-    use super::{BenchArgs, Node, NodeKind, Target};
+    use super::error::Result;
+    use super::target::{Node, NodeKind, Target};
+    use super::BenchArgs;
     pub(crate) use crate::testing::FreshDatabase;
 
     #[derive(Debug, Parser)]
@@ -160,7 +166,7 @@ pub(crate) mod testing {
     }
 
     /// Parses `leasehold <args>`, which must start with `bench`.
-    pub fn parse(args: &[&str]) -> Result<BenchArgs, clap::Error> {
+    pub(crate) fn parse(args: &[&str]) -> Result<BenchArgs, clap::Error> {
         let Bench::Bench(bench) =
             Cli::try_parse_from(std::iter::once("leasehold").chain(args.iter().copied()))?.bench;
         Ok(bench)
@@ -169,12 +175,12 @@ pub(crate) mod testing {
     /// Runs `scenario` against a node of `kind` started as `target` says, then
     /// stops the node and drops `db`; returns what the scenario returned.
     /// Panics if the node cannot start or stop.
-    pub async fn on_node<R>(
+    pub(crate) async fn on_node<R>(
         db: FreshDatabase,
         target: &Target,
         kind: NodeKind,
-        scenario: impl AsyncFnOnce(&Node) -> anyhow::Result<R>,
-    ) -> anyhow::Result<R> {
+        scenario: impl AsyncFnOnce(&Node) -> Result<R>,
+    ) -> Result<R> {
         let node = Node::start(target, kind).await.unwrap();
         let outcome = scenario(&node).await;
         node.stop().await.unwrap();

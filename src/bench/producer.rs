@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use anyhow::Context;
+use super::error::{Context, Error, Result};
 use tokio::time::Instant;
 use tonic::transport::Channel;
 
@@ -12,15 +12,15 @@ use crate::proto::task_service_client::TaskServiceClient;
 
 /// Tasks per CreateTasks call when a scenario sets up its tasks (the API
 /// takes up to 10,000; this keeps each answer well under 4 MiB).
-pub const SETUP_BATCH: usize = 5000;
+pub(crate) const SETUP_BATCH: usize = 5000;
 
 /// A client of the task service on a connection of its own.
-pub async fn task_client(endpoint: &str) -> anyhow::Result<TaskServiceClient<Channel>> {
+pub(crate) async fn task_client(endpoint: &str) -> Result<TaskServiceClient<Channel>> {
     Ok(TaskServiceClient::new(channel_to(endpoint).await?))
 }
 
 /// `count` requests for tasks of `task_type` with empty params.
-pub fn requests(task_type: &str, count: usize) -> Vec<proto::CreateTaskRequest> {
+pub(crate) fn requests(task_type: &str, count: usize) -> Vec<proto::CreateTaskRequest> {
     (0..count)
         .map(|_| proto::CreateTaskRequest {
             task_type: task_type.to_owned(),
@@ -32,12 +32,12 @@ pub fn requests(task_type: &str, count: usize) -> Vec<proto::CreateTaskRequest> 
 /// Creates `count` tasks of `task_type` through CreateTasks, `batch` per
 /// call, one call at a time; returns the duration of each call. Fails if
 /// any call fails or answers for fewer tasks than it was given.
-pub async fn create_tasks(
+pub(crate) async fn create_tasks(
     client: &mut TaskServiceClient<Channel>,
     task_type: &str,
     count: usize,
     batch: usize,
-) -> anyhow::Result<Vec<Duration>> {
+) -> Result<Vec<Duration>> {
     let batch = batch.max(1);
     let mut calls = Vec::with_capacity(count.div_ceil(batch));
     let mut left = count;
@@ -51,18 +51,19 @@ pub async fn create_tasks(
             .context("CreateTasks failed")?
             .into_inner();
         calls.push(started.elapsed());
-        anyhow::ensure!(
-            response.results.len() == n,
-            "CreateTasks answered for {} of {n} tasks",
-            response.results.len()
-        );
+        if response.results.len() != n {
+            return Err(Error::Scenario(format!(
+                "CreateTasks answered for {} of {n} tasks",
+                response.results.len()
+            )));
+        }
         left -= n;
     }
     Ok(calls)
 }
 
 /// Creates a scenario's tasks up front, logging how long it took.
-pub async fn set_up_tasks(endpoint: &str, task_type: &str, count: usize) -> anyhow::Result<()> {
+pub(crate) async fn set_up_tasks(endpoint: &str, task_type: &str, count: usize) -> Result<()> {
     if count == 0 {
         return Ok(());
     }
@@ -81,6 +82,6 @@ pub async fn set_up_tasks(endpoint: &str, task_type: &str, count: usize) -> anyh
 }
 
 /// A task type unique to one run of `scenario`: `bench.<scenario>.<uuid>`.
-pub fn unique_task_type(scenario: &str) -> String {
+pub(crate) fn unique_task_type(scenario: &str) -> String {
     format!("bench.{scenario}.{}", uuid::Uuid::new_v4().simple())
 }

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
 
-use anyhow::{bail, Context};
+use super::error::{Context, Error, Result};
 use tokio::task::JoinHandle;
 
 use super::db;
@@ -26,10 +26,10 @@ const RESCUE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Arguments of `leasehold bench reclaim`.
 #[derive(Debug, Clone, clap::Args)]
-pub struct ReclaimArgs {
+pub(crate) struct ReclaimArgs {
     /// Which server to drive.
     #[command(flatten)]
-    pub target: Target,
+    pub(crate) target: Target,
 
     /// Tasks leased by the silent session.
     #[arg(
@@ -37,34 +37,34 @@ pub struct ReclaimArgs {
         default_value_t = 50,
         value_parser = clap::value_parser!(u32).range(1..=10_000)
     )]
-    pub tasks: u32,
+    pub(crate) tasks: u32,
 
     /// Lease length of the silent session's tasks (1s to 1h).
     #[arg(long, default_value = "1s", value_parser = parse_lease)]
-    pub lease: Duration,
+    pub(crate) lease: Duration,
 }
 
 /// Result of the `reclaim` scenario.
 #[derive(Debug, Clone)]
-pub struct ReclaimReport {
+pub(crate) struct ReclaimReport {
     /// The server driven, in a few words.
-    pub server: String,
+    pub(crate) server: String,
     /// The arguments of the run.
-    pub args: ReclaimArgs,
+    pub(crate) args: ReclaimArgs,
     /// Task type used by the run (unique to it).
-    pub task_type: String,
+    pub(crate) task_type: String,
     /// Per task, from `locked_until` to the task arriving on the second
     /// worker.
-    pub rescue: Summary,
+    pub(crate) rescue: Summary,
     /// Per task, from `locked_until` to `cancel` arriving on the silent
     /// session; `None` if none arrived.
-    pub cancel: Option<Summary>,
+    pub(crate) cancel: Option<Summary>,
     /// Tasks that reached the second worker before their lease ran out (a
     /// server bug if ever non-zero; they count as 0 ms above).
-    pub early: u64,
+    pub(crate) early: u64,
     /// True when the second worker registered only after the first lease
     /// had run out (the figures then include its start-up).
-    pub late_start: bool,
+    pub(crate) late_start: bool,
 }
 
 impl Report for ReclaimReport {
@@ -111,7 +111,7 @@ impl Report for ReclaimReport {
 
 /// The `reclaim` scenario against `node`. Should the run fail, the tasks
 /// of the run still unfinished are deleted through `--database-url`.
-pub async fn run(node: &Node, args: &ReclaimArgs) -> anyhow::Result<ReclaimReport> {
+pub(crate) async fn run(node: &Node, args: &ReclaimArgs) -> Result<ReclaimReport> {
     db::with_own_task_type(
         "reclaim",
         &args.target.database_url,
@@ -120,11 +120,7 @@ pub async fn run(node: &Node, args: &ReclaimArgs) -> anyhow::Result<ReclaimRepor
     .await
 }
 
-async fn measure(
-    node: &Node,
-    args: &ReclaimArgs,
-    task_type: &str,
-) -> anyhow::Result<ReclaimReport> {
+async fn measure(node: &Node, args: &ReclaimArgs, task_type: &str) -> Result<ReclaimReport> {
     let endpoint = node.endpoint();
     let task_type = task_type.to_owned();
     let count = args.tasks as usize;
@@ -163,7 +159,7 @@ async fn measure(
                 expiry.insert(lease.task_id, until);
             }
         }
-        anyhow::Ok(())
+        Ok::<_, Error>(())
     })
     .await
     .with_context(|| {
@@ -217,11 +213,19 @@ async fn measure(
                     }
                 }
                 Ok(Some(Event::Acked(_))) => {}
-                Ok(None) => bail!("the second worker's session ended"),
-                Err(_) => bail!("only {seen} of {count} tasks reached the second worker"),
+                Ok(None) => {
+                    return Err(Error::Scenario(
+                        "the second worker's session ended".into(),
+                    ))
+                }
+                Err(_) => {
+                    return Err(Error::Scenario(format!(
+                        "only {seen} of {count} tasks reached the second worker"
+                    )))
+                }
             }
         }
-        anyhow::Ok((delays, early))
+        Ok::<_, Error>((delays, early))
     }
     .await;
     let closed = workers.close().await;

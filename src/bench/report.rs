@@ -7,7 +7,7 @@ use super::workers::WorkerStats;
 
 /// The result of a scenario, printed as a human table followed by one JSON
 /// line (the last line on stdout; logs go to stderr).
-pub trait Report {
+pub(crate) trait Report {
     /// The report as a human table (several lines, each ending in `\n`).
     fn table(&self) -> String;
     /// The report as one line of JSON with the scenario's stable keys.
@@ -21,26 +21,26 @@ pub trait Report {
 
 /// Latency figures of a set of samples, by nearest rank.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Summary {
+pub(crate) struct Summary {
     /// Number of samples.
-    pub count: usize,
+    pub(crate) count: usize,
     /// Median.
-    pub p50: Duration,
+    pub(crate) p50: Duration,
     /// 90th percentile.
-    pub p90: Duration,
+    pub(crate) p90: Duration,
     /// 99th percentile.
-    pub p99: Duration,
+    pub(crate) p99: Duration,
     /// Largest sample.
-    pub max: Duration,
+    pub(crate) max: Duration,
     /// Smallest sample.
-    pub min: Duration,
+    pub(crate) min: Duration,
     /// Arithmetic mean.
-    pub mean: Duration,
+    pub(crate) mean: Duration,
 }
 
 impl Summary {
     /// Summarises `samples`; `None` when there are none.
-    pub fn of(mut samples: Vec<Duration>) -> Option<Self> {
+    pub(crate) fn of(mut samples: Vec<Duration>) -> Option<Self> {
         if samples.is_empty() {
             return None;
         }
@@ -63,7 +63,7 @@ impl Summary {
 
     /// One table row: `name` then p50, p90, p99, max, min and mean in
     /// milliseconds, under [`Summary::HEADER`].
-    pub fn row(&self, name: &str) -> String {
+    pub(crate) fn row(&self, name: &str) -> String {
         format!(
             "  {name:<15} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3}\n",
             millis(self.p50),
@@ -76,23 +76,23 @@ impl Summary {
     }
 
     /// The header line of [`Summary::row`]s.
-    pub const HEADER: &'static str =
+    pub(crate) const HEADER: &'static str =
         "\n                     p50       p90       p99       max       min      mean\n";
 }
 
 /// Milliseconds rounded to the microsecond, for reports.
-pub fn millis(duration: Duration) -> f64 {
+pub(crate) fn millis(duration: Duration) -> f64 {
     (duration.as_secs_f64() * 1_000_000.0).round() / 1000.0
 }
 
 /// `value` rounded to `decimals` decimal places.
-pub fn round(value: f64, decimals: i32) -> f64 {
+pub(crate) fn round(value: f64, decimals: i32) -> f64 {
     let scale = 10f64.powi(decimals);
     (value * scale).round() / scale
 }
 
 /// Items per second over `elapsed`; zero when nothing was timed.
-pub fn per_second(items: u64, elapsed: Duration) -> f64 {
+pub(crate) fn per_second(items: u64, elapsed: Duration) -> f64 {
     if elapsed.is_zero() {
         0.0
     } else {
@@ -101,12 +101,12 @@ pub fn per_second(items: u64, elapsed: Duration) -> f64 {
 }
 
 /// Bytes as mebibytes.
-pub fn mib(bytes: u64) -> f64 {
+pub(crate) fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
 }
 
 /// An optional figure for a table: the number, or `unknown`.
-pub fn or_unknown(value: Option<f64>, decimals: usize) -> String {
+pub(crate) fn or_unknown(value: Option<f64>, decimals: usize) -> String {
     match value {
         Some(value) => format!("{value:.decimals$}"),
         None => "unknown".to_owned(),
@@ -114,13 +114,13 @@ pub fn or_unknown(value: Option<f64>, decimals: usize) -> String {
 }
 
 /// CPU seconds per 1,000 of `items`, for tables and JSON lines.
-pub fn per_1k(cpu: Option<Duration>, items: u32) -> Option<f64> {
+pub(crate) fn per_1k(cpu: Option<Duration>, items: u32) -> Option<f64> {
     cpu.map(|cpu| cpu.as_secs_f64() * 1000.0 / f64::from(items))
 }
 
 /// The `drained` row of a table: `tasks` in `elapsed`, their rate, and
 /// what the time was measured between (`span`).
-pub fn drained_row(tasks: u32, elapsed: Duration, span: &str) -> String {
+pub(crate) fn drained_row(tasks: u32, elapsed: Duration, span: &str) -> String {
     format!(
         "  drained     {tasks} tasks in {:.3} s: {:.0} tasks/s ({span})\n",
         elapsed.as_secs_f64(),
@@ -130,7 +130,7 @@ pub fn drained_row(tasks: u32, elapsed: Duration, span: &str) -> String {
 
 /// How many tasks each worker session received, `12 / 9 / 11`; with more
 /// than `shown` sessions, only the first `shown` then `/ ... (N sessions)`.
-pub fn received(sessions: &[WorkerStats], shown: usize) -> String {
+pub(crate) fn received(sessions: &[WorkerStats], shown: usize) -> String {
     let received: Vec<String> = sessions.iter().map(|s| s.received.to_string()).collect();
     if received.len() > shown {
         format!(
@@ -145,7 +145,7 @@ pub fn received(sessions: &[WorkerStats], shown: usize) -> String {
 
 /// The `anomalies` row of a run of [`Workers`](super::workers::Workers):
 /// completions refused and tasks pushed twice; empty when there were none.
-pub fn anomalies_row(sessions: &[WorkerStats], duplicates: u64) -> String {
+pub(crate) fn anomalies_row(sessions: &[WorkerStats], duplicates: u64) -> String {
     let refused: u64 = sessions.iter().map(|s| s.refused).sum();
     if refused > 0 || duplicates > 0 {
         format!("  anomalies   {refused} completions refused, {duplicates} tasks pushed twice\n")
@@ -157,13 +157,13 @@ pub fn anomalies_row(sessions: &[WorkerStats], duplicates: u64) -> String {
 /// Builds one JSON object with its keys in insertion order (serde_json's
 /// own map sorts them), starting with `"scenario"`.
 #[derive(Debug, Clone)]
-pub struct JsonLine {
+pub(crate) struct JsonLine {
     out: String,
 }
 
 impl JsonLine {
     /// `{"scenario":"<scenario>"`.
-    pub fn new(scenario: &str) -> Self {
+    pub(crate) fn new(scenario: &str) -> Self {
         let mut line = Self {
             out: String::from("{"),
         };
@@ -172,7 +172,7 @@ impl JsonLine {
     }
 
     /// Appends `"key":value`; `None`, NaN and infinities become `null`.
-    pub fn field(mut self, key: &str, value: impl Into<serde_json::Value>) -> Self {
+    pub(crate) fn field(mut self, key: &str, value: impl Into<serde_json::Value>) -> Self {
         self.push(key, value.into());
         self
     }
@@ -187,7 +187,7 @@ impl JsonLine {
     }
 
     /// The finished line (no newline).
-    pub fn finish(mut self) -> String {
+    pub(crate) fn finish(mut self) -> String {
         self.out.push('}');
         self.out
     }

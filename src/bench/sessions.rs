@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use super::error::{Context, Error, Result};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::{Instant, MissedTickBehavior};
@@ -39,10 +39,10 @@ const SPARE_FILES: u64 = 256;
 
 /// Arguments of `leasehold bench sessions`.
 #[derive(Debug, Clone, clap::Args)]
-pub struct SessionsArgs {
+pub(crate) struct SessionsArgs {
     /// Which server to drive (by default a spawned node).
     #[command(flatten)]
-    pub target: Target,
+    pub(crate) target: Target,
 
     /// Idle sessions held open, each on its own connection (about one open
     /// file each on both sides; the soft limit is raised up to the hard
@@ -52,7 +52,7 @@ pub struct SessionsArgs {
         default_value_t = 1000,
         value_parser = clap::value_parser!(u32).range(1..=100_000)
     )]
-    pub sessions: u32,
+    pub(crate) sessions: u32,
 
     /// Leases each session holds and heartbeats.
     #[arg(
@@ -60,22 +60,22 @@ pub struct SessionsArgs {
         default_value_t = 2,
         value_parser = clap::value_parser!(u32).range(0..=10_000)
     )]
-    pub leases: u32,
+    pub(crate) leases: u32,
 
     /// Lease length; the sessions heartbeat every third of it, as the
     /// server recommends.
     #[arg(long, default_value = "30s", value_parser = parse_lease)]
-    pub lease: Duration,
+    pub(crate) lease: Duration,
 
     /// Measurement window, once every session holds its leases.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
-    pub duration: Duration,
+    pub(crate) duration: Duration,
 }
 
 impl SessionsArgs {
     /// Open files this process needs: one connection per session, and the
     /// node's side too when it runs in this process.
-    pub fn open_files_needed(&self) -> u64 {
+    pub(crate) fn open_files_needed(&self) -> u64 {
         let per_session = match self.target.kind(NodeKind::Spawned) {
             NodeKind::InProcess => 2,
             NodeKind::Spawned | NodeKind::Remote => 1,
@@ -101,53 +101,53 @@ struct Tally {
 
 /// Result of the `sessions` scenario.
 #[derive(Debug, Clone)]
-pub struct SessionsReport {
+pub(crate) struct SessionsReport {
     /// The server driven, in a few words.
-    pub server: String,
+    pub(crate) server: String,
     /// Where the node lives (what its figures cover).
-    pub node_kind: NodeKind,
+    pub(crate) node_kind: NodeKind,
     /// The arguments of the run.
-    pub args: SessionsArgs,
+    pub(crate) args: SessionsArgs,
     /// Task type used by the run (unique to it).
-    pub task_type: String,
+    pub(crate) task_type: String,
     /// The recommended heartbeat interval the sessions used.
-    pub heartbeat_interval: Duration,
+    pub(crate) heartbeat_interval: Duration,
     /// The node's resident memory before the sessions opened, in bytes.
-    pub rss_before: Option<u64>,
+    pub(crate) rss_before: Option<u64>,
     /// The node's largest resident memory seen in the window, in bytes.
-    pub rss: Option<u64>,
+    pub(crate) rss: Option<u64>,
     /// The node's CPU time over the window.
-    pub cpu: Option<Duration>,
+    pub(crate) cpu: Option<Duration>,
     /// This process's CPU time over the window.
-    pub bench_cpu: Option<Duration>,
+    pub(crate) bench_cpu: Option<Duration>,
     /// Length of the window as measured.
-    pub window: Duration,
+    pub(crate) window: Duration,
     /// Heartbeats sent in the window.
-    pub heartbeats_sent: u64,
+    pub(crate) heartbeats_sent: u64,
     /// Heartbeats answered in the window.
-    pub heartbeats: u64,
+    pub(crate) heartbeats: u64,
     /// Lease renewals answered `held` in the window.
-    pub renewals: u64,
+    pub(crate) renewals: u64,
     /// Round trip of the heartbeats answered in the window.
-    pub heartbeat_rtt: Option<Summary>,
+    pub(crate) heartbeat_rtt: Option<Summary>,
     /// Renewals answered lost or cancelled, and cancels pushed, over the
     /// whole run (zero unless something is wrong).
-    pub lost: u64,
+    pub(crate) lost: u64,
     /// Leases completed at the end.
-    pub completed: u64,
+    pub(crate) completed: u64,
     /// Why completing the leases and closing the sessions failed, if it
     /// did (the figures above stand; the run then exits with an error).
-    pub close_failure: Option<String>,
+    pub(crate) close_failure: Option<String>,
 }
 
 impl SessionsReport {
     /// The node's resident memory in MiB.
-    pub fn rss_mb(&self) -> Option<f64> {
+    pub(crate) fn rss_mb(&self) -> Option<f64> {
         self.rss.map(mib)
     }
 
     /// The node's CPU use over the window, in percent of one core.
-    pub fn cpu_percent(&self) -> Option<f64> {
+    pub(crate) fn cpu_percent(&self) -> Option<f64> {
         self.cpu.map(|cpu| percent(cpu, self.window))
     }
 }
@@ -259,7 +259,7 @@ struct Window {
 /// limit ([`SessionsArgs::open_files_needed`]) before it starts a spawned
 /// node, so that the node inherits it. Should the run fail, the tasks of
 /// the run still unfinished are deleted through `--database-url`.
-pub async fn run(node: &Node, args: &SessionsArgs) -> anyhow::Result<SessionsReport> {
+pub(crate) async fn run(node: &Node, args: &SessionsArgs) -> Result<SessionsReport> {
     ensure_open_files(args.open_files_needed())?;
     let task_type = unique_task_type("sessions");
     let outcome = measure(node, args, &task_type).await;
@@ -269,11 +269,7 @@ pub async fn run(node: &Node, args: &SessionsArgs) -> anyhow::Result<SessionsRep
     outcome
 }
 
-async fn measure(
-    node: &Node,
-    args: &SessionsArgs,
-    task_type: &str,
-) -> anyhow::Result<SessionsReport> {
+async fn measure(node: &Node, args: &SessionsArgs, task_type: &str) -> Result<SessionsReport> {
     let endpoint = node.endpoint().to_owned();
     let sessions = args.sessions as usize;
     let leases = args.leases as usize;
@@ -324,7 +320,7 @@ async fn measure(
         match tokio::time::timeout_at(close_deadline, set.join_next()).await {
             Ok(Some(Ok(Ok(())))) => {}
             Ok(Some(Ok(Err(err)))) => {
-                close_failure.get_or_insert(format!("{err:#}"));
+                close_failure.get_or_insert(err.to_string());
             }
             Ok(Some(Err(err))) => {
                 close_failure.get_or_insert(format!("a session task panicked: {err}"));
@@ -372,9 +368,9 @@ async fn measure_window(
     node: &Node,
     args: &SessionsArgs,
     tally: &Tally,
-    set: &mut JoinSet<anyhow::Result<()>>,
+    set: &mut JoinSet<Result<()>>,
     intervals: &mut tokio::sync::mpsc::UnboundedReceiver<Duration>,
-) -> anyhow::Result<Window> {
+) -> Result<Window> {
     let sessions = args.sessions as usize;
     let settle = Instant::now() + SETTLE_TIMEOUT;
     let mut registered = 0usize;
@@ -390,10 +386,14 @@ async fn measure_window(
             },
             Some(joined) = set.join_next() => {
                 joined.context("session task panicked")??;
-                bail!("a session ended while the others were opening");
+                return Err(Error::Scenario(
+                    "a session ended while the others were opening".into(),
+                ));
             }
             _ = tokio::time::sleep_until(settle) => {
-                bail!("only {registered} of {sessions} sessions registered in {SETTLE_TIMEOUT:?}");
+                return Err(Error::Scenario(format!(
+                    "only {registered} of {sessions} sessions registered in {SETTLE_TIMEOUT:?}"
+                )));
             }
         }
     }
@@ -401,14 +401,16 @@ async fn measure_window(
     let wanted = u64::from(args.sessions) * u64::from(args.leases);
     while tally.leases.load(Ordering::Relaxed) < wanted {
         if Instant::now() >= settle {
-            bail!(
+            return Err(Error::Scenario(format!(
                 "only {} of {wanted} leases were handed out in {SETTLE_TIMEOUT:?}",
                 tally.leases.load(Ordering::Relaxed)
-            );
+            )));
         }
         if let Some(joined) = set.try_join_next() {
             joined.context("session task panicked")??;
-            bail!("a session ended while the leases were handed out");
+            return Err(Error::Scenario(
+                "a session ended while the leases were handed out".into(),
+            ));
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -430,7 +432,7 @@ async fn measure_window(
             _ = tokio::time::sleep_until(end) => break,
             Some(joined) = set.join_next() => {
                 joined.context("session task panicked")??;
-                bail!("a session ended during the measurement");
+                return Err(Error::Scenario("a session ended during the measurement".into()));
             }
         }
         if let Some(now) = node.usage() {
@@ -475,7 +477,7 @@ async fn idle(
     offset: Duration,
     tally: Arc<Tally>,
     mut stop: watch::Receiver<bool>,
-) -> anyhow::Result<()> {
+) -> Result<()> {
     let interval = stream.heartbeat_interval();
     let SessionStream {
         index, tx, mut rx, ..
@@ -499,7 +501,10 @@ async fn idle(
                 let kind = match end_if_closing(message, index, tx.is_none()) {
                     Ok(Some(message)) => message.kind,
                     Ok(None) => break,
-                    Err(status) => bail!("the server ended session {index}: {status}"),
+                    Err(status) => {
+                        let what = format!("the server ended session {index}");
+                        return Err(status).context(what);
+                    }
                 };
                 match kind {
                     Some(connect_response::Kind::Task(leased)) => {

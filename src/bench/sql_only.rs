@@ -18,7 +18,7 @@
 
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use super::error::{Context, Error, Result};
 use tokio::sync::{mpsc, Semaphore};
 use tokio::time::Instant;
 
@@ -34,13 +34,13 @@ use crate::model::{Claim, LeaseRef, NewTask};
 use crate::store::{Fenced, Store};
 
 /// Most tasks claimed by one statement (as the dispatcher's `MAX_CLAIM`).
-pub const MAX_CLAIM: usize = 1000;
+pub(crate) const MAX_CLAIM: usize = 1000;
 /// Most completions written by one statement (as the dispatcher's
 /// `MAX_BATCH`).
-pub const MAX_COMPLETE: usize = 1000;
+pub(crate) const MAX_COMPLETE: usize = 1000;
 /// Completion statements in flight at once (as the dispatcher's batcher of
 /// completions).
-pub const COMPLETE_PARALLEL: usize = 4;
+pub(crate) const COMPLETE_PARALLEL: usize = 4;
 
 /// Lease length of the claims: the server's default.
 const LEASE: Duration = Duration::from_secs(30);
@@ -51,43 +51,43 @@ const STALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Arguments of `leasehold bench sql-only`.
 #[derive(Debug, Clone, clap::Args)]
-pub struct SqlOnlyArgs {
+pub(crate) struct SqlOnlyArgs {
     /// Postgres URL. The database is created if it does not exist and
     /// migrated.
     #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
-    pub database_url: String,
+    pub(crate) database_url: String,
 
     /// How many tasks, simulated sessions (each a worker id of the claims)
     /// and slots: the same flags and defaults as `drain`.
     #[command(flatten)]
-    pub workload: Workload,
+    pub(crate) workload: Workload,
 }
 
 /// Result of the `sql-only` scenario.
 #[derive(Debug, Clone)]
-pub struct SqlOnlyReport {
+pub(crate) struct SqlOnlyReport {
     /// The arguments of the run.
-    pub args: SqlOnlyArgs,
+    pub(crate) args: SqlOnlyArgs,
     /// Task type used by the run (unique to it).
-    pub task_type: String,
+    pub(crate) task_type: String,
     /// Finished rows in the table when the run started.
-    pub preexisting_finished_rows: Option<u64>,
+    pub(crate) preexisting_finished_rows: Option<u64>,
     /// From the first claim that returned tasks to the last completion
     /// written.
-    pub elapsed: Duration,
+    pub(crate) elapsed: Duration,
     /// Claim statements run, and tasks they returned.
-    pub claims: (u64, u64),
+    pub(crate) claims: (u64, u64),
     /// Completion statements run, and completions they wrote.
-    pub completes: (u64, u64),
+    pub(crate) completes: (u64, u64),
     /// Completions that were not applied (zero unless something is wrong).
-    pub refused: u64,
+    pub(crate) refused: u64,
     /// This process's CPU time over the run.
-    pub cpu: Option<Duration>,
+    pub(crate) cpu: Option<Duration>,
 }
 
 impl SqlOnlyReport {
     /// Tasks completed per second.
-    pub fn rate(&self) -> f64 {
+    pub(crate) fn rate(&self) -> f64 {
         per_second(u64::from(self.args.workload.tasks), self.elapsed)
     }
 }
@@ -175,7 +175,7 @@ struct Written {
 }
 
 /// The `sql-only` scenario.
-pub async fn run(args: &SqlOnlyArgs) -> anyhow::Result<SqlOnlyReport> {
+pub(crate) async fn run(args: &SqlOnlyArgs) -> Result<SqlOnlyReport> {
     // The server's own pool settings, and its migrations.
     let config = Config::with_database_url(&args.database_url);
     let store = crate::server::prepare_database(&config)
@@ -204,8 +204,16 @@ pub async fn run(args: &SqlOnlyArgs) -> anyhow::Result<SqlOnlyReport> {
                 dedup_key: None,
             })
             .collect();
-        let created = store.task_insert_many(&news, None).await?;
-        anyhow::ensure!(created.len() == n, "inserted {} of {n}", created.len());
+        let created = store
+            .task_insert_many(&news, None)
+            .await
+            .context("cannot insert the tasks of the run")?;
+        if created.len() != n {
+            return Err(Error::Scenario(format!(
+                "inserted {} of {n}",
+                created.len()
+            )));
+        }
         left -= n;
     }
     tracing::info!(
@@ -239,11 +247,7 @@ pub async fn run(args: &SqlOnlyArgs) -> anyhow::Result<SqlOnlyReport> {
 type Outcome = (Duration, (u64, u64), (u64, u64), u64);
 
 /// The claim loop, with the completion writer beside it.
-async fn claim_and_complete(
-    store: &Store,
-    task_type: &str,
-    args: &SqlOnlyArgs,
-) -> anyhow::Result<Outcome> {
+async fn claim_and_complete(store: &Store, task_type: &str, args: &SqlOnlyArgs) -> Result<Outcome> {
     let total = args.workload.tasks as usize;
     let sessions = args.workload.sessions as usize;
     let run = uuid::Uuid::new_v4().simple().to_string();
@@ -253,7 +257,7 @@ async fn claim_and_complete(
     let mut free: Vec<usize> = vec![args.workload.slots as usize; sessions];
 
     let (complete_tx, complete_rx) = mpsc::unbounded_channel::<(LeaseRef, usize)>();
-    let (written_tx, mut written_rx) = mpsc::unbounded_channel::<anyhow::Result<Written>>();
+    let (written_tx, mut written_rx) = mpsc::unbounded_channel::<Result<Written>>();
     let writer = tokio::spawn(write_completions(store.clone(), complete_rx, written_tx));
 
     let mut rotation = 0usize;
@@ -328,18 +332,20 @@ async fn claim_and_complete(
                     lease_token,
                 };
                 if complete_tx.send((lease, session)).is_err() {
-                    bail!("the completion writer stopped");
+                    return Err(Error::Scenario("the completion writer stopped".into()));
                 }
             }
         }
         if wait || claimed >= total {
             match tokio::time::timeout(STALL_TIMEOUT, written_rx.recv()).await {
                 Ok(Some(written)) => apply(written?, &mut free, &mut completed, &mut last),
-                Ok(None) => bail!("the completion writer stopped"),
-                Err(_) => bail!(
-                    "no completion for {STALL_TIMEOUT:?}: {claimed} claimed, {completed} of \
+                Ok(None) => return Err(Error::Scenario("the completion writer stopped".into())),
+                Err(_) => {
+                    return Err(Error::Scenario(format!(
+                        "no completion for {STALL_TIMEOUT:?}: {claimed} claimed, {completed} of \
                      {total} completed"
-                ),
+                    )))
+                }
             }
         }
         while let Ok(written) = written_rx.try_recv() {
@@ -349,7 +355,7 @@ async fn claim_and_complete(
     drop(complete_tx);
     let _ = writer.await;
     let (Some(first), Some(last)) = (first, last) else {
-        bail!("nothing was claimed");
+        return Err(Error::Scenario("nothing was claimed".into()));
     };
     Ok((
         last.saturating_duration_since(first),
@@ -365,7 +371,7 @@ async fn claim_and_complete(
 async fn write_completions(
     store: Store,
     mut queue: mpsc::UnboundedReceiver<(LeaseRef, usize)>,
-    written: mpsc::UnboundedSender<anyhow::Result<Written>>,
+    written: mpsc::UnboundedSender<Result<Written>>,
 ) {
     let permits = std::sync::Arc::new(Semaphore::new(COMPLETE_PARALLEL));
     loop {

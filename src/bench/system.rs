@@ -3,23 +3,23 @@
 
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use super::error::{Context, Error, Result};
 
 /// CPU time and memory of a process at one moment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Usage {
+pub(crate) struct Usage {
     /// User plus system CPU time since the process started.
-    pub cpu: Duration,
+    pub(crate) cpu: Duration,
     /// Resident set size now, in bytes.
-    pub rss_bytes: u64,
+    pub(crate) rss_bytes: u64,
     /// Largest resident set size so far, in bytes.
-    pub peak_rss_bytes: u64,
+    pub(crate) peak_rss_bytes: u64,
 }
 
 impl Usage {
     /// Reads `/proc/<pid>/stat` and `/proc/<pid>/status`; `None` means this
     /// process (`/proc/self`).
-    pub fn of(pid: Option<u32>) -> anyhow::Result<Self> {
+    pub(crate) fn of(pid: Option<u32>) -> Result<Self> {
         let dir = match pid {
             Some(pid) => format!("/proc/{pid}"),
             None => "/proc/self".to_owned(),
@@ -28,11 +28,12 @@ impl Usage {
             .with_context(|| format!("cannot read {dir}/stat"))?;
         let status = std::fs::read_to_string(format!("{dir}/status"))
             .with_context(|| format!("cannot read {dir}/status"))?;
-        let ticks = cpu_ticks(&stat).with_context(|| format!("unexpected {dir}/stat"))?;
+        let ticks =
+            cpu_ticks(&stat).ok_or_else(|| Error::Proc(format!("unexpected {dir}/stat")))?;
         Ok(Self {
             cpu: ticks_to_duration(ticks, clock_ticks_per_second()),
             rss_bytes: status_kib(&status, "VmRSS:")
-                .with_context(|| format!("no VmRSS in {dir}/status"))?
+                .ok_or_else(|| Error::Proc(format!("no VmRSS in {dir}/status")))?
                 * 1024,
             peak_rss_bytes: status_kib(&status, "VmHWM:").unwrap_or(0) * 1024,
         })
@@ -40,14 +41,14 @@ impl Usage {
 }
 
 /// CPU time spent between two readings; `None` unless both were taken.
-pub fn cpu_between(before: Option<Usage>, after: Option<Usage>) -> Option<Duration> {
+pub(crate) fn cpu_between(before: Option<Usage>, after: Option<Usage>) -> Option<Duration> {
     Some(after?.cpu.saturating_sub(before?.cpu))
 }
 
 /// `utime + stime` of a `/proc/<pid>/stat` line, in clock ticks. The command
 /// name (field 2) may hold spaces and parentheses, so fields are counted
 /// from the last `)`: state is field 3, utime 14 and stime 15.
-pub fn cpu_ticks(stat: &str) -> Option<u64> {
+pub(crate) fn cpu_ticks(stat: &str) -> Option<u64> {
     let rest = &stat[stat.rfind(')')? + 1..];
     let fields: Vec<&str> = rest.split_whitespace().collect();
     let utime: u64 = fields.get(14 - 3)?.parse().ok()?;
@@ -56,7 +57,7 @@ pub fn cpu_ticks(stat: &str) -> Option<u64> {
 }
 
 /// A `kB` line of `/proc/<pid>/status`, e.g. `VmRSS:   1234 kB`.
-pub fn status_kib(status: &str, key: &str) -> Option<u64> {
+pub(crate) fn status_kib(status: &str, key: &str) -> Option<u64> {
     status
         .lines()
         .find_map(|line| line.strip_prefix(key))?
@@ -88,7 +89,7 @@ fn clock_ticks_per_second() -> u64 {
 /// soft limit (up to the hard limit) when it is lower. Child processes
 /// started afterwards inherit the raised limit. Returns the soft limit now
 /// in force.
-pub fn ensure_open_files(needed: u64) -> anyhow::Result<u64> {
+pub(crate) fn ensure_open_files(needed: u64) -> Result<u64> {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -104,11 +105,11 @@ pub fn ensure_open_files(needed: u64) -> anyhow::Result<u64> {
         return Ok(soft);
     }
     if hard < needed {
-        bail!(
+        return Err(Error::Scenario(format!(
             "about {needed} open files are needed but the hard limit is {hard}: \
              raise it (e.g. `ulimit -Hn {needed}` as root, or LimitNOFILE= in a \
              systemd unit) or use fewer sessions"
-        );
+        )));
     }
     limit.rlim_cur = hard as libc::rlim_t;
     // SAFETY: setrlimit reads the struct we pass; raising the soft limit up

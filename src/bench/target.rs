@@ -7,7 +7,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use super::error::{Context, Error, Result};
 use tokio::time::Instant;
 use tonic::transport::Channel;
 
@@ -17,7 +17,7 @@ use crate::server::Running;
 
 /// Database of a node started for the run when neither `--database-url` nor
 /// `DATABASE_URL` names one.
-pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/leasehold_bench";
+pub(crate) const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/leasehold_bench";
 
 /// Drain grace of a node started for the run: the workers have closed their
 /// sessions by the time it stops, so it never needs long.
@@ -37,23 +37,23 @@ const SPAWNED_LOG_FILTER: &str = "warn,leasehold::server=info";
 
 /// Which server a scenario drives.
 #[derive(Debug, Clone, clap::Args)]
-pub struct Target {
+pub(crate) struct Target {
     /// Drive the server running at this address (`http://host:port`)
     /// instead of starting a node for the run. Its CPU time and memory are
     /// then unknown.
     #[arg(long, value_name = "URL", conflicts_with_all = ["spawn", "in_process"])]
-    pub server: Option<String>,
+    pub(crate) server: Option<String>,
 
     /// Start the node as a child process (`leasehold serve` on a free port
     /// of 127.0.0.1), so that its CPU time and memory are its own. The
     /// default of `drain` and `sessions`.
     #[arg(long, conflicts_with = "in_process")]
-    pub spawn: bool,
+    pub(crate) spawn: bool,
 
     /// Start the node inside the bench process (its CPU time and memory
     /// then include the bench clients). The default of the other scenarios.
     #[arg(long)]
-    pub in_process: bool,
+    pub(crate) in_process: bool,
 
     /// Postgres URL of the node started for the run. With `--server`, the
     /// scenarios that read or tidy the database directly (`drain
@@ -61,12 +61,12 @@ pub struct Target {
     /// `enqueue`) use it too, so it must name that server's database. A
     /// missing database is created and migrated.
     #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
-    pub database_url: String,
+    pub(crate) database_url: String,
 }
 
 /// Where the node of a run lives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum NodeKind {
+pub(crate) enum NodeKind {
     /// A server that was already running (`--server`).
     Remote,
     /// Started inside the bench process (`--in-process`).
@@ -78,7 +78,7 @@ pub enum NodeKind {
 impl NodeKind {
     /// What the node's CPU and memory figures cover, as a note for report
     /// tables: empty for a spawned node (its own figures).
-    pub fn caveat(self) -> &'static str {
+    pub(crate) fn caveat(self) -> &'static str {
         match self {
             NodeKind::InProcess => " (in-process: includes the bench clients)",
             NodeKind::Remote => " (running server: not measured)",
@@ -89,7 +89,7 @@ impl NodeKind {
 
 /// Parses a `--lease` length: a humantime duration the server accepts
 /// (1s to 1h).
-pub fn parse_lease(text: &str) -> Result<Duration, String> {
+pub(crate) fn parse_lease(text: &str) -> Result<Duration, String> {
     let lease = humantime::parse_duration(text).map_err(|err| err.to_string())?;
     if (crate::wire::limit::MIN_LEASE..=crate::wire::limit::MAX_LEASE).contains(&lease) {
         Ok(lease)
@@ -111,7 +111,7 @@ impl Target {
     }
 
     /// The kind of node the flags ask for, `default` when they name none.
-    pub fn kind(&self, default: NodeKind) -> NodeKind {
+    pub(crate) fn kind(&self, default: NodeKind) -> NodeKind {
         if self.server.is_some() {
             NodeKind::Remote
         } else if self.spawn {
@@ -127,7 +127,7 @@ impl Target {
 /// The server a run talks to; [`Node::stop`] shuts down a node started for
 /// the run.
 #[derive(Debug)]
-pub struct Node {
+pub(crate) struct Node {
     endpoint: String,
     kind: NodeKind,
     running: Option<Running>,
@@ -138,7 +138,7 @@ impl Node {
     /// Connects to `--server`, or starts a node on a free port of 127.0.0.1
     /// over `--database-url`: in this process or as a child process, as the
     /// flags say or else as `default` says.
-    pub async fn start(target: &Target, default: NodeKind) -> anyhow::Result<Self> {
+    pub(crate) async fn start(target: &Target, default: NodeKind) -> Result<Self> {
         match target.kind(default) {
             NodeKind::Remote => Ok(Self {
                 endpoint: target.server.clone().expect("remote means --server"),
@@ -149,8 +149,12 @@ impl Node {
             NodeKind::InProcess => {
                 let mut config = Config::with_database_url(&target.database_url);
                 config.drain_grace = NODE_DRAIN_GRACE;
-                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-                config.listen = listener.local_addr()?;
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                    .await
+                    .context("cannot listen on 127.0.0.1")?;
+                config.listen = listener
+                    .local_addr()
+                    .context("cannot read the address of the in-process node")?;
                 let running = crate::server::start(config, listener)
                     .await
                     .context("cannot start the in-process node")?;
@@ -174,17 +178,17 @@ impl Node {
     }
 
     /// The address of the server, `http://host:port`.
-    pub fn endpoint(&self) -> &str {
+    pub(crate) fn endpoint(&self) -> &str {
         &self.endpoint
     }
 
     /// Where the node lives.
-    pub fn kind(&self) -> NodeKind {
+    pub(crate) fn kind(&self) -> NodeKind {
         self.kind
     }
 
     /// The node in a few words, for report tables.
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         match (&self.kind, &self.child) {
             (NodeKind::Remote, _) => format!("{} (running server)", self.endpoint),
             (NodeKind::InProcess, _) => format!("{} (in-process node)", self.endpoint),
@@ -199,7 +203,7 @@ impl Node {
     /// this process's (bench clients included) for an in-process node, and
     /// `None` for a server given by `--server` or when `/proc` cannot be
     /// read.
-    pub fn usage(&self) -> Option<Usage> {
+    pub(crate) fn usage(&self) -> Option<Usage> {
         let pid = match (&self.kind, &self.child) {
             (NodeKind::Remote, _) => return None,
             (NodeKind::InProcess, _) => None,
@@ -217,7 +221,7 @@ impl Node {
 
     /// Shuts a node started for the run down gracefully (SIGTERM for a
     /// spawned one); does nothing to a server given by `--server`.
-    pub async fn stop(mut self) -> anyhow::Result<()> {
+    pub(crate) async fn stop(mut self) -> Result<()> {
         if let Some(running) = self.running.take() {
             running
                 .shutdown()
@@ -232,9 +236,12 @@ impl Node {
 }
 
 /// A connected channel to `endpoint` (`http://host:port`).
-pub async fn channel_to(endpoint: &str) -> anyhow::Result<Channel> {
+pub(crate) async fn channel_to(endpoint: &str) -> Result<Channel> {
     Channel::from_shared(endpoint.to_owned())
-        .with_context(|| format!("`{endpoint}` is not a valid server address"))?
+        .map_err(|source| Error::Address {
+            address: endpoint.to_owned(),
+            source,
+        })?
         .connect()
         .await
         .with_context(|| format!("cannot connect to {endpoint}"))
@@ -253,7 +260,7 @@ struct ChildNode {
 impl ChildNode {
     /// Runs this same executable as `serve --listen 127.0.0.1:0` and waits
     /// for the `listening ... addr=` line on its standard error.
-    async fn spawn(database_url: &str) -> anyhow::Result<Self> {
+    async fn spawn(database_url: &str) -> Result<Self> {
         let exe = std::env::current_exe().context("cannot find the leasehold executable")?;
         let mut command = Command::new(&exe);
         command
@@ -304,19 +311,30 @@ impl ChildNode {
             }
             Ok(Ok(Err(log))) => {
                 let status = node.child.as_mut().and_then(|c| c.wait().ok());
-                bail!("the spawned node exited ({status:?}) before listening; its log:\n{log}")
+                Err(Error::Scenario(format!(
+                    "the spawned node exited ({status:?}) before listening; its log:\n{log}"
+                )))
             }
-            Ok(Err(_)) => bail!("the log reader of the spawned node stopped"),
-            Err(_) => bail!("the spawned node did not listen within {SPAWN_TIMEOUT:?}"),
+            Ok(Err(_)) => Err(Error::Scenario(
+                "the log reader of the spawned node stopped".into(),
+            )),
+            Err(_) => Err(Error::Scenario(format!(
+                "the spawned node did not listen within {SPAWN_TIMEOUT:?}"
+            ))),
         }
     }
 
     /// SIGTERM, then waits for a graceful exit (SIGKILL after
     /// [`EXIT_TIMEOUT`]). Fails if the node exited with an error.
-    async fn stop(mut self) -> anyhow::Result<()> {
+    async fn stop(mut self) -> Result<()> {
         let mut child = self.child.take().expect("a child node is stopped once");
-        if let Some(status) = child.try_wait()? {
-            bail!("the spawned node had already exited with {status}");
+        if let Some(status) = child
+            .try_wait()
+            .context("cannot wait for the spawned node")?
+        {
+            return Err(Error::Scenario(format!(
+                "the spawned node had already exited with {status}"
+            )));
         }
         // SAFETY: kill sends a signal to the child we started and reap only
         // below, so the pid cannot have been reused.
@@ -325,16 +343,23 @@ impl ChildNode {
         }
         let deadline = Instant::now() + EXIT_TIMEOUT;
         loop {
-            if let Some(status) = child.try_wait()? {
+            if let Some(status) = child
+                .try_wait()
+                .context("cannot wait for the spawned node")?
+            {
                 if status.success() {
                     return Ok(());
                 }
-                bail!("the spawned node exited with {status}");
+                return Err(Error::Scenario(format!(
+                    "the spawned node exited with {status}"
+                )));
             }
             if Instant::now() >= deadline {
                 let _ = child.kill();
                 let _ = child.wait();
-                bail!("the spawned node did not stop within {EXIT_TIMEOUT:?} of SIGTERM: killed");
+                return Err(Error::Scenario(format!(
+                    "the spawned node did not stop within {EXIT_TIMEOUT:?} of SIGTERM: killed"
+                )));
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -380,7 +405,7 @@ fn forward_log(
 }
 
 /// The address of a `listening ... addr=host:port ...` log line.
-pub fn listening_addr(line: &str) -> Option<String> {
+pub(crate) fn listening_addr(line: &str) -> Option<String> {
     if !line.contains("listening") {
         return None;
     }

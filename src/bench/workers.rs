@@ -5,7 +5,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use anyhow::{bail, Context};
+use super::error::{Context, Error, Result};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -16,37 +16,33 @@ use crate::proto::worker_service_client::WorkerServiceClient;
 use crate::proto::{self, connect_request, connect_response};
 
 /// How long closing the worker sessions may take at the end of a run.
-pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A pushed task as a worker saw it.
 #[derive(Debug, Clone)]
-pub struct Arrival {
+pub(crate) struct Arrival {
     /// Id of the task.
-    pub task_id: String,
+    pub(crate) task_id: String,
     /// When the worker read it off its stream.
-    pub at: Instant,
+    pub(crate) at: Instant,
     /// The same moment by the wall clock, to compare with server times.
-    pub wall: SystemTime,
+    pub(crate) wall: SystemTime,
     /// Which session (index) received it.
-    pub session: usize,
+    pub(crate) session: usize,
 }
 
 /// The server's answer to a completion, as a worker saw it.
 #[derive(Debug, Clone)]
-pub struct Ack {
-    /// Id of the task.
-    pub task_id: String,
+pub(crate) struct Ack {
     /// When the worker read it off its stream.
-    pub at: Instant,
-    /// Which session (index) received it.
-    pub session: usize,
+    pub(crate) at: Instant,
     /// True when the completion was recorded.
-    pub ok: bool,
+    pub(crate) ok: bool,
 }
 
 /// What a worker of a [`Workers`] fleet reports.
 #[derive(Debug, Clone)]
-pub enum Event {
+pub(crate) enum Event {
     /// A task was pushed to it.
     Arrived(Arrival),
     /// Its completion of a task was answered.
@@ -55,34 +51,34 @@ pub enum Event {
 
 /// What one worker session did during a run.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct WorkerStats {
+pub(crate) struct WorkerStats {
     /// Tasks pushed to it.
-    pub received: u64,
+    pub(crate) received: u64,
     /// Completions the server acknowledged as recorded.
-    pub completed: u64,
+    pub(crate) completed: u64,
     /// Completions the server refused (any acknowledgement other than OK).
-    pub refused: u64,
+    pub(crate) refused: u64,
 }
 
 /// Worker sessions that take one task type and complete every pushed task
 /// at once over the stream, so their slots never fill. Every hand-out and
 /// every acknowledgement is reported, timestamped when read off the stream.
 #[derive(Debug)]
-pub struct Workers {
+pub(crate) struct Workers {
     stop: watch::Sender<bool>,
-    handles: Vec<JoinHandle<anyhow::Result<WorkerStats>>>,
+    handles: Vec<JoinHandle<Result<WorkerStats>>>,
 }
 
 impl Workers {
     /// Opens `sessions` sessions of `slots` slots on `endpoint`, each on its
     /// own connection, taking only `task_type`; returns once every one is
     /// registered, with the receiver of their events.
-    pub async fn open(
+    pub(crate) async fn open(
         endpoint: &str,
         task_type: &str,
         sessions: usize,
         slots: i32,
-    ) -> anyhow::Result<(Self, mpsc::UnboundedReceiver<Event>)> {
+    ) -> Result<(Self, mpsc::UnboundedReceiver<Event>)> {
         let (events, events_rx) = mpsc::unbounded_channel();
         let (stop, stop_rx) = watch::channel(false);
         let mut handles = Vec::with_capacity(sessions);
@@ -108,7 +104,7 @@ impl Workers {
 
     /// Waits for the acknowledgements of the completions sent so far, closes
     /// every session and returns what each did, in session order.
-    pub async fn close(self) -> anyhow::Result<Vec<WorkerStats>> {
+    pub(crate) async fn close(self) -> Result<Vec<WorkerStats>> {
         let _ = self.stop.send(true);
         let mut stats = Vec::with_capacity(self.handles.len());
         for (index, mut handle) in self.handles.into_iter().enumerate() {
@@ -120,7 +116,9 @@ impl Workers {
                 ),
                 Err(_) => {
                     handle.abort();
-                    bail!("worker session {index} did not close within {CLOSE_TIMEOUT:?}");
+                    return Err(Error::Scenario(format!(
+                        "worker session {index} did not close within {CLOSE_TIMEOUT:?}"
+                    )));
                 }
             }
         }
@@ -130,35 +128,35 @@ impl Workers {
 
 /// One registered session stream: the sender of the worker's messages and
 /// the stream of the server's.
-pub struct SessionStream {
+pub(crate) struct SessionStream {
     /// Index of the session within its run, for logs and reports.
-    pub index: usize,
+    pub(crate) index: usize,
     /// The worker's side; dropping it closes the stream, and the server
     /// then ends its side.
-    pub tx: mpsc::Sender<proto::ConnectRequest>,
+    pub(crate) tx: mpsc::Sender<proto::ConnectRequest>,
     /// The server's side.
-    pub rx: tonic::Streaming<proto::ConnectResponse>,
+    pub(crate) rx: tonic::Streaming<proto::ConnectResponse>,
     /// The server's answer to `register`.
-    pub registered: proto::SessionRegistered,
+    pub(crate) registered: proto::SessionRegistered,
 }
 
 impl SessionStream {
     /// Connects to `endpoint` on a connection of its own, sends `register`
     /// and waits for `registered`.
-    pub async fn open(
+    pub(crate) async fn open(
         endpoint: &str,
         register: proto::RegisterWorker,
         index: usize,
-    ) -> anyhow::Result<Self> {
+    ) -> Result<Self> {
         Self::open_on(channel_to(endpoint).await?, register, index).await
     }
 
     /// As [`SessionStream::open`], on a given channel.
-    pub async fn open_on(
+    pub(crate) async fn open_on(
         channel: Channel,
         register: proto::RegisterWorker,
         index: usize,
-    ) -> anyhow::Result<Self> {
+    ) -> Result<Self> {
         let (tx, rx) = mpsc::channel(1024);
         tx.send(proto::ConnectRequest {
             kind: Some(connect_request::Kind::Register(register)),
@@ -183,12 +181,14 @@ impl SessionStream {
                 rx,
                 registered,
             }),
-            other => bail!("expected `registered` first, got {other:?}"),
+            other => Err(Error::Scenario(format!(
+                "expected `registered` first, got {other:?}"
+            ))),
         }
     }
 
     /// The heartbeat interval the server recommends (a third of the lease).
-    pub fn heartbeat_interval(&self) -> Duration {
+    pub(crate) fn heartbeat_interval(&self) -> Duration {
         self.registered
             .heartbeat_interval
             .as_ref()
@@ -201,18 +201,18 @@ impl SessionStream {
 }
 
 /// A protobuf duration as a std one (negative counts as zero).
-pub fn std_duration(d: &prost_types::Duration) -> Duration {
+pub(crate) fn std_duration(d: &prost_types::Duration) -> Duration {
     Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32)
 }
 
 /// A protobuf timestamp as a system time (before the epoch counts as the
 /// epoch).
-pub fn system_time(t: &prost_types::Timestamp) -> SystemTime {
+pub(crate) fn system_time(t: &prost_types::Timestamp) -> SystemTime {
     SystemTime::UNIX_EPOCH + Duration::new(t.seconds.max(0) as u64, t.nanos.max(0) as u32)
 }
 
 /// A complete message for a pushed lease, with an empty result.
-pub fn complete(lease: &proto::Lease) -> proto::ConnectRequest {
+pub(crate) fn complete(lease: &proto::Lease) -> proto::ConnectRequest {
     proto::ConnectRequest {
         kind: Some(connect_request::Kind::Complete(
             proto::CompleteTaskRequest {
@@ -227,7 +227,7 @@ pub fn complete(lease: &proto::Lease) -> proto::ConnectRequest {
 /// A message read off session `index`'s stream, `Ok(None)` at its end. Once
 /// the worker has closed its side (`closing`), an error is how the stream
 /// may end, so it counts as the end too (logged at debug level).
-pub fn end_if_closing(
+pub(crate) fn end_if_closing(
     message: Result<Option<proto::ConnectResponse>, tonic::Status>,
     index: usize,
     closing: bool,
@@ -248,7 +248,7 @@ async fn complete_at_once(
     session: SessionStream,
     events: mpsc::UnboundedSender<Event>,
     mut stop: watch::Receiver<bool>,
-) -> anyhow::Result<WorkerStats> {
+) -> Result<WorkerStats> {
     let SessionStream {
         index, tx, mut rx, ..
     } = session;
@@ -272,7 +272,7 @@ async fn complete_at_once(
         let kind = match end_if_closing(message, index, tx.is_none()) {
             Ok(Some(message)) => message.kind,
             Ok(None) => break,
-            Err(status) => bail!("the server ended the session: {status}"),
+            Err(status) => return Err(status).context("the server ended the session"),
         };
         match kind {
             Some(connect_response::Kind::Task(leased)) => {
@@ -308,12 +308,7 @@ async fn complete_at_once(
                         "completion refused"
                     );
                 }
-                let _ = events.send(Event::Acked(Ack {
-                    task_id: ack.task_id,
-                    at,
-                    session: index,
-                    ok,
-                }));
+                let _ = events.send(Event::Acked(Ack { at, ok }));
             }
             Some(connect_response::Kind::Drain(_)) => {
                 tracing::warn!(session = index, "the server is draining this session");
