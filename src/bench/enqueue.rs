@@ -202,11 +202,7 @@ pub(crate) async fn run(node: &Node, args: &EnqueueArgs) -> Result<EnqueueReport
 /// Deletes the run's tasks; `None` (and a warning) if the database cannot
 /// be reached.
 async fn clean_up(database_url: &str, task_type: &str) -> Option<u64> {
-    let deleted = async {
-        let client = db::connect(database_url).await?;
-        db::delete_type(&client, task_type).await
-    }
-    .await;
+    let deleted = db::delete_type(database_url, task_type).await;
     match deleted {
         Ok(n) => Some(n),
         Err(err) => {

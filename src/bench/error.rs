@@ -33,15 +33,8 @@ pub enum Error {
     /// `/proc` did not read as expected.
     #[error("{0}")]
     Proc(String),
-    /// A statement the bench runs itself failed.
-    #[error("{what}: {}", with_causes(.source))]
-    Database {
-        /// What the bench was doing.
-        what: String,
-        /// What the database said.
-        source: tokio_postgres::Error,
-    },
-    /// A statement of the node's store (run by `sql-only`) failed.
+    /// A statement of the store failed (`sql-only`'s, or what a scenario
+    /// does to the database around the node).
     #[error("{what}: {source}")]
     Store {
         /// What the bench was doing.
@@ -116,8 +109,8 @@ pub enum Error {
 pub struct StoreError(crate::store::Error);
 
 /// `err` then each of its causes, `: `-separated, for the errors whose
-/// message leaves out their cause (`tokio_postgres` says only `db error`,
-/// the transport only `transport error`). A cause whose text ends the
+/// message leaves out their cause (the transport says only `transport
+/// error`). A cause whose text ends the
 /// previous one's is not repeated.
 fn with_causes(err: &(dyn std::error::Error + 'static)) -> String {
     let mut out = err.to_string();
@@ -157,12 +150,6 @@ impl Wrap for Error {
 impl Wrap for std::io::Error {
     fn wrap(self, what: String) -> Error {
         Error::Io { what, source: self }
-    }
-}
-
-impl Wrap for tokio_postgres::Error {
-    fn wrap(self, what: String) -> Error {
-        Error::Database { what, source: self }
     }
 }
 
@@ -278,7 +265,7 @@ mod tests {
         assert!(status.to_string().starts_with("CreateTask failed: "));
     }
 
-    /// An error whose message leaves its cause out, as tokio-postgres's.
+    /// An error whose message leaves its cause out, as the transport's.
     #[derive(Debug, thiserror::Error)]
     #[error("{message}")]
     struct Terse {

@@ -12,8 +12,10 @@
 //! - `row`: the columns statements return and the one row-to-task mapping;
 //! - `node`: the node directory behind ListWorkers;
 //! - `notify`: the notification channels and the node's LISTEN connection;
+//! - `bench`: what the benchmarks do to a database around a node;
 //! - `error`: the one mapping of Postgres and pool failures.
 
+mod bench;
 mod error;
 #[macro_use]
 mod row;
@@ -249,6 +251,7 @@ impl Store {
             .chain(lease::STATEMENTS)
             .chain(node::STATEMENTS)
             .chain(notify::STATEMENTS)
+            .chain(bench::STATEMENTS)
         {
             client.prepare(sql).await?;
         }

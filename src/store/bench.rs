@@ -1,0 +1,72 @@
+//! Statements the benchmarks run around a node rather than through it:
+//! seeding a history of finished tasks, counting it, and deleting the
+//! tasks of a run. Never used by a node.
+
+use super::{Result, Store};
+
+/// Inserts finished (completed) tasks of a type, in one statement.
+const TASK_SEED_FINISHED: &str = "INSERT INTO task (id, task_type, status, attempts, \
+       started_at, completed_at, locked_by, lease_token, result) \
+     SELECT gen_random_uuid(), $1, 'completed', 1, now(), now(), 'bench-preexisting', \
+       gen_random_uuid(), '{}'::jsonb \
+     FROM generate_series(1, $2::int8)";
+
+const TASK_COUNT_FINISHED: &str =
+    "SELECT count(*) FROM task WHERE status IN ('completed', 'failed', 'cancelled')";
+
+const TASK_DELETE_TYPE: &str = "DELETE FROM task WHERE task_type = $1";
+
+const TASK_DELETE_UNFINISHED: &str =
+    "DELETE FROM task WHERE task_type = $1 AND status IN ('pending', 'processing')";
+
+/// Every statement of this module, for the preparation test.
+#[cfg(test)]
+pub(super) const STATEMENTS: &[&str] = &[
+    TASK_SEED_FINISHED,
+    TASK_COUNT_FINISHED,
+    TASK_DELETE_TYPE,
+    TASK_DELETE_UNFINISHED,
+];
+
+impl Store {
+    /// Inserts `count` completed tasks of `task_type`, then vacuums and
+    /// analyzes the table so that what follows sees it as a long-lived
+    /// table would be (statistics, visibility map, hint bits). Returns how
+    /// many rows were inserted.
+    pub(crate) async fn bench_seed_finished(&self, task_type: &str, count: u64) -> Result<u64> {
+        let client = self.client().await?;
+        let count = i64::try_from(count).unwrap_or(i64::MAX);
+        let inserted = client
+            .execute(TASK_SEED_FINISHED, &[&task_type, &count])
+            .await?;
+        client.batch_execute("VACUUM (ANALYZE) task").await?;
+        Ok(inserted)
+    }
+
+    /// How many finished tasks the table holds.
+    pub(crate) async fn bench_count_finished(&self) -> Result<u64> {
+        let client = self.client().await?;
+        let row = client.query_one(TASK_COUNT_FINISHED, &[]).await?;
+        Ok(row.try_get::<_, i64>(0)? as u64)
+    }
+
+    /// Deletes the tasks of `task_type` (only the pending and processing
+    /// ones with `unfinished_only`); returns how many there were. After a
+    /// full delete the table is vacuumed: without it, the next run's claims
+    /// would walk the deleted rows' index entries until a node got to them.
+    pub(crate) async fn bench_delete_type(
+        &self,
+        task_type: &str,
+        unfinished_only: bool,
+    ) -> Result<u64> {
+        let client = self.client().await?;
+        if unfinished_only {
+            return Ok(client
+                .execute(TASK_DELETE_UNFINISHED, &[&task_type])
+                .await?);
+        }
+        let deleted = client.execute(TASK_DELETE_TYPE, &[&task_type]).await?;
+        client.batch_execute("VACUUM (SKIP_LOCKED) task").await?;
+        Ok(deleted)
+    }
+}
