@@ -5,6 +5,10 @@
 //! CPU use, and how long heartbeats wait for their answer. At the end every
 //! session completes its leases (heartbeating them until the completion is
 //! acknowledged, as a worker would) and closes.
+//!
+//! One scenario, one file (about 600 lines with its test): its arguments,
+//! the opening of the sessions, the measuring window and the report are
+//! read together.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};

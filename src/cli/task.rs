@@ -1,4 +1,8 @@
 //! `leasehold task create|get|list|cancel|retry|purge`.
+//!
+//! One file for the six subcommands (about 600 lines with their tests):
+//! they share their arguments' types and their output helpers, and each
+//! is a few dozen lines.
 
 use std::io::BufRead;
 use std::path::PathBuf;
