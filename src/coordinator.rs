@@ -2,13 +2,19 @@
 //! a call does (which events it publishes, whom it wakes, whose lease it
 //! revokes), and turns store outcomes (fencing results, missing rows,
 //! conflicts) into domain errors. It never sees protobuf or SQL.
+//!
+//! The lease hand-outs and give-backs the dispatcher performs on its own
+//! (a push, a task that never reached its worker) publish their `leased` and
+//! `released` events there, in the one place every claim and release goes
+//! through.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use tokio::sync::mpsc;
 use uuid::Uuid;
 
-use crate::dispatch::{Dispatcher, Session};
+use crate::dispatch::{Dispatcher, Push, Session};
 use crate::error::Error;
 use crate::events::{Hub, Subscription};
 use crate::model::{
@@ -79,10 +85,7 @@ impl Coordinator {
     pub(crate) fn session_open(
         &self,
         spec: SessionSpec,
-    ) -> Result<(
-        Arc<Session>,
-        tokio::sync::mpsc::UnboundedReceiver<crate::dispatch::Push>,
-    )> {
+    ) -> Result<(Arc<Session>, mpsc::UnboundedReceiver<Push>)> {
         self.dispatcher.register(spec)
     }
 

@@ -135,3 +135,86 @@ impl Dispatcher {
         self.inner.kick.notify_one();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::model::{NewTask, SessionSpec, Status};
+    use crate::testing::FreshDatabase;
+
+    /// A task pushed to a session whose stream has gone is given back: the
+    /// session's slot is free, and the task is pending again with its
+    /// attempt not counted, however many times it was pushed in vain.
+    #[tokio::test]
+    async fn a_task_that_cannot_be_pushed_is_given_back_without_using_an_attempt() {
+        let db = FreshDatabase::new();
+        let store = Store::new(&db.url(), 4, Duration::from_secs(5)).unwrap();
+        store.database_create_if_missing().await.unwrap();
+        store.migrate().await.unwrap();
+        let (stop, shutdown) = watch::channel(false);
+        let events = Hub::start(store.clone(), shutdown.clone());
+        let settings = Settings {
+            node_id: Uuid::now_v7(),
+            poll_interval: Duration::from_millis(50),
+            backoff: Backoff {
+                base: Duration::from_secs(1),
+                max: Duration::from_secs(1),
+            },
+        };
+        let dispatcher = Dispatcher::start(store.clone(), settings, events, shutdown);
+        let (session, pushes) = dispatcher
+            .register(SessionSpec {
+                worker_id: "w".into(),
+                task_types: vec!["gone".into()],
+                slots: 1,
+                lease_duration: Duration::from_secs(30),
+                labels: serde_json::json!({}),
+            })
+            .unwrap();
+        // The stream has ended: nothing pushed reaches a worker.
+        drop(pushes);
+        let task = NewTask {
+            id: Uuid::now_v7(),
+            task_type: "gone".into(),
+            params: serde_json::json!({}),
+            priority: 0,
+            max_attempts: 3,
+            scheduled_for: None,
+            library_id: None,
+            series_id: None,
+            book_id: None,
+            dedup_key: None,
+        };
+        store.task_insert(&task, None).await.unwrap();
+        dispatcher.wake();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        // Pushed (and given back) at least once.
+        loop {
+            let row = store.task_get(task.id).await.unwrap().unwrap();
+            if row.started_at.is_some() {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "never pushed");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        dispatcher.unregister(&session);
+        loop {
+            let row = store.task_get(task.id).await.unwrap().unwrap();
+            if row.status == Status::Pending && row.lease_token.is_none() {
+                assert_eq!(row.attempts, 0);
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "never given back: {row:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(session.free(), 1);
+        let _ = stop.send(true);
+        drop(store);
+        db.drop_it().await;
+    }
+}

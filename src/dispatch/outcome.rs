@@ -137,9 +137,11 @@ impl Dispatcher {
     }
 
     /// Releases a lease whose task never reached its worker (pushed while
-    /// draining, or to a stream that had ended), in the background: a
-    /// failure only leaves the lease to expire.
+    /// draining, or to a stream that had ended). The session's slot is free
+    /// at once; the release itself runs in the background, and a failure
+    /// only leaves the lease to expire.
     pub(crate) fn give_back(&self, lease: LeaseRef) {
+        self.forget(lease);
         let dispatcher = self.clone();
         tokio::spawn(async move {
             if let Err(err) = dispatcher.release(lease).await {
