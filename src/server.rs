@@ -311,8 +311,8 @@ async fn health_loop(
         for (job, state) in jobs.read() {
             let status = match state {
                 Health::Starting => ServingStatus::Unknown,
-                Health::Healthy { .. } => ServingStatus::Serving,
-                Health::Failing { .. } | Health::Stopped => ServingStatus::NotServing,
+                Health::Healthy => ServingStatus::Serving,
+                Health::Failing | Health::Stopped => ServingStatus::NotServing,
             };
             health
                 .set_service_status(format!("{JOB_SERVICE_PREFIX}{job}"), status)

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use futures_util::FutureExt;
 use tokio::sync::watch;
@@ -12,26 +12,20 @@ use tokio::task::JoinSet;
 
 use super::Job;
 
-/// How long a stopping node waits for its jobs' last passes and stop hooks.
-const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a stopping node waits for its jobs' stop hooks (a pass in
+/// flight is cancelled at once). Longer than a database call may wait for a
+/// connection, so that the directory can still delete the node's row.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How a job is doing.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Health {
     /// Its first pass has not finished yet.
     Starting,
     /// Its last pass succeeded.
-    Healthy {
-        /// When that pass finished.
-        at: SystemTime,
-    },
-    /// Its last passes failed.
-    Failing {
-        /// How many in a row.
-        failures: u32,
-        /// What the last one said.
-        error: String,
-    },
+    Healthy,
+    /// Its last pass failed.
+    Failing,
     /// The node stopped it.
     Stopped,
 }
@@ -72,8 +66,8 @@ impl Supervisor {
         HealthBoard(self.board.clone())
     }
 
-    /// Stops every job: a pass in flight finishes, then each job's stop hook
-    /// runs. Waits for them, but not past a few seconds.
+    /// Stops every job: a pass in flight is cancelled, then each job's stop
+    /// hook runs. Waits for them, but not past [`STOP_TIMEOUT`].
     pub(crate) async fn stop(mut self) {
         let _ = self.stop.send(true);
         let all = async { while self.jobs.join_next().await.is_some() {} };
@@ -81,6 +75,15 @@ impl Supervisor {
             tracing::warn!("maintenance jobs did not stop in time");
             self.jobs.abort_all();
         }
+    }
+}
+
+/// A supervisor dropped without [`Supervisor::stop`] (its node dropped
+/// without a shutdown) stops its jobs the same way, in the background: the
+/// jobs see the stop channel close.
+impl Drop for Supervisor {
+    fn drop(&mut self) {
+        self.jobs.detach_all();
     }
 }
 
@@ -106,11 +109,15 @@ async fn run<J: Job>(mut job: J, board: Board, mut stop: watch::Receiver<bool>) 
     };
     let mut failures: u32 = 0;
     loop {
-        if *stop.borrow() {
-            break;
-        }
+        // A pass is cancelled when the node stops: its statements are each
+        // atomic, and what a cut pass left undone the next node's pass does.
+        let pass = AssertUnwindSafe(job.pass()).catch_unwind();
+        let outcome = tokio::select! {
+            outcome = pass => outcome,
+            () = stopped(&mut stop) => break,
+        };
         // A panic in a pass is a failed pass: the job goes on.
-        let outcome = match AssertUnwindSafe(job.pass()).catch_unwind().await {
+        let outcome = match outcome {
             Ok(outcome) => outcome.map_err(|err| err.to_string()),
             Err(panic) => Err(format!("pass panicked: {}", panic_message(panic.as_ref()))),
         };
@@ -120,32 +127,35 @@ async fn run<J: Job>(mut job: J, board: Board, mut stop: watch::Receiver<bool>) 
                     tracing::info!(job = J::NAME, failures, "maintenance job recovered");
                 }
                 failures = 0;
-                set(Health::Healthy {
-                    at: SystemTime::now(),
-                });
+                set(Health::Healthy);
                 delay
             }
             Err(error) => {
                 failures = failures.saturating_add(1);
-                // The first failure of a streak is news; the rest (a
-                // database outage, say) are not worth a line each.
-                if failures == 1 {
-                    tracing::warn!(job = J::NAME, %error, "maintenance pass failed");
+                // A long outage (the database away for an hour) is worth a
+                // line now and then, not one per retry: the 1st, 2nd, 4th,
+                // 8th... failure in a row.
+                if failures.is_power_of_two() {
+                    tracing::warn!(job = J::NAME, %error, failures, "maintenance pass failed");
                 } else {
                     tracing::debug!(job = J::NAME, %error, failures, "maintenance pass failed");
                 }
-                let delay = job.retry_after(failures);
-                set(Health::Failing { failures, error });
-                delay
+                set(Health::Failing);
+                job.retry_after(failures)
             }
         };
         tokio::select! {
             () = job.wait(delay) => {}
-            _ = stop.wait_for(|stop| *stop) => break,
+            () = stopped(&mut stop) => break,
         }
     }
     job.stop().await;
     set(Health::Stopped);
+}
+
+/// Completes once the job must stop: the supervisor says so, or is gone.
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|stop| *stop).await;
 }
 
 fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
@@ -213,10 +223,57 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        assert!(matches!(board.read()[0], ("flaky", Health::Healthy { .. })));
+        assert_eq!(board.read(), vec![("flaky", Health::Healthy)]);
         supervisor.stop().await;
         assert!(*stopped.lock().unwrap());
         assert_eq!(board.read(), vec![("flaky", Health::Stopped)]);
+    }
+
+    /// A job whose pass never ends; counts its stop hook.
+    struct Stuck {
+        stopped: Arc<Mutex<bool>>,
+    }
+
+    impl Job for Stuck {
+        const NAME: &'static str = "stuck";
+
+        async fn pass(&mut self) -> Result<Duration, store::Error> {
+            std::future::pending().await
+        }
+
+        async fn stop(&mut self) {
+            *self.stopped.lock().unwrap() = true;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_pass_in_flight_is_cancelled_at_stop_and_the_stop_hook_runs() {
+        let stopped = Arc::new(Mutex::new(false));
+        let mut supervisor = Supervisor::new();
+        supervisor.spawn(Stuck {
+            stopped: stopped.clone(),
+        });
+        tokio::time::timeout(Duration::from_secs(5), supervisor.stop())
+            .await
+            .expect("stop waited for a pass that never ends");
+        assert!(*stopped.lock().unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_dropped_supervisor_stops_its_jobs() {
+        let stopped = Arc::new(Mutex::new(false));
+        let mut supervisor = Supervisor::new();
+        supervisor.spawn(Stuck {
+            stopped: stopped.clone(),
+        });
+        let board = supervisor.health_board();
+        drop(supervisor);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while board.read() != vec![("stuck", Health::Stopped)] {
+            assert!(tokio::time::Instant::now() < deadline, "still running");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(*stopped.lock().unwrap());
     }
 
     /// A job with the trait's default back-off.

@@ -33,11 +33,12 @@ pub(crate) struct Vacuumer {
 }
 
 impl Vacuumer {
-    /// A vacuumer that acts at `threshold` dead rows (at least 1).
+    /// A vacuumer that acts at `threshold` dead rows (a node with
+    /// `--vacuum-threshold 0` runs none).
     pub(crate) fn new(store: Store, threshold: u64) -> Self {
         Self {
             store,
-            threshold: threshold.max(1),
+            threshold,
             backoff: Duration::ZERO,
         }
     }
