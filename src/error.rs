@@ -119,6 +119,25 @@ impl From<Error> for tonic::Status {
     }
 }
 
+/// An error and its causes, `: `-separated, for messages and logs: some
+/// errors leave their cause out of their message (a transport error says
+/// only `transport error`, tokio-postgres `error connecting to server`),
+/// others embed it (thiserror's `{0}`). A cause whose text the message
+/// already holds is not repeated.
+pub(crate) fn chain(err: &dyn std::error::Error) -> String {
+    let mut message = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+        source = cause.source();
+    }
+    message
+}
+
 #[cfg(feature = "server")]
 impl From<crate::store::Error> for Error {
     fn from(err: crate::store::Error) -> Self {
@@ -138,6 +157,48 @@ impl From<crate::store::Error> for Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn chains_skip_repeated_causes() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("outer: {0}")]
+        struct Outer(#[source] std::io::Error);
+        let err = Outer(std::io::Error::other("refused"));
+        assert_eq!(chain(&err), "outer: refused");
+    }
+
+    /// An error whose message leaves its cause out, as the transport's.
+    #[derive(Debug, thiserror::Error)]
+    #[error("{message}")]
+    struct Terse {
+        message: &'static str,
+        source: Option<Box<Terse>>,
+    }
+
+    #[test]
+    fn causes_left_out_of_a_message_are_shown_once() {
+        fn terse(message: &'static str, source: Option<Terse>) -> Terse {
+            Terse {
+                message,
+                source: source.map(Box::new),
+            }
+        }
+        let err = terse(
+            "transport error",
+            Some(terse(
+                "tcp connect error",
+                Some(terse(
+                    "tcp connect error",
+                    Some(terse("Connection refused", None)),
+                )),
+            )),
+        );
+        assert_eq!(
+            chain(&err),
+            "transport error: tcp connect error: Connection refused"
+        );
+        assert_eq!(chain(&terse("db error", None)), "db error");
+    }
 
     #[test]
     fn invalid_argument_names_the_field() {

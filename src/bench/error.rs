@@ -60,7 +60,7 @@ pub enum Error {
         source: tonic::codegen::http::uri::InvalidUri,
     },
     /// No connection could be made to the server.
-    #[error("{what}: {}", with_causes(.source))]
+    #[error("{what}: {}", crate::error::chain(.source))]
     Transport {
         /// What the bench was doing.
         what: String,
@@ -107,26 +107,6 @@ pub enum Error {
 #[derive(Debug, thiserror::Error)]
 #[error(transparent)]
 pub struct StoreError(crate::store::Error);
-
-/// `err` then each of its causes, `: `-separated, for the errors whose
-/// message leaves out their cause (the transport says only `transport
-/// error`). A cause whose text ends the
-/// previous one's is not repeated.
-fn with_causes(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = err.to_string();
-    let mut last = out.clone();
-    let mut next = err.source();
-    while let Some(cause) = next {
-        let text = cause.to_string();
-        if !last.ends_with(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        last = text;
-        next = cause.source();
-    }
-    out
-}
 
 /// The result of a bench step.
 pub(crate) type Result<T, E = Error> = std::result::Result<T, E>;
@@ -263,38 +243,5 @@ mod tests {
             .context("CreateTask failed")
             .unwrap_err();
         assert!(status.to_string().starts_with("CreateTask failed: "));
-    }
-
-    /// An error whose message leaves its cause out, as the transport's.
-    #[derive(Debug, thiserror::Error)]
-    #[error("{message}")]
-    struct Terse {
-        message: &'static str,
-        source: Option<Box<Terse>>,
-    }
-
-    #[test]
-    fn causes_left_out_of_a_message_are_shown_once() {
-        fn terse(message: &'static str, source: Option<Terse>) -> Terse {
-            Terse {
-                message,
-                source: source.map(Box::new),
-            }
-        }
-        let err = terse(
-            "transport error",
-            Some(terse(
-                "tcp connect error",
-                Some(terse(
-                    "tcp connect error",
-                    Some(terse("Connection refused", None)),
-                )),
-            )),
-        );
-        assert_eq!(
-            with_causes(&err),
-            "transport error: tcp connect error: Connection refused"
-        );
-        assert_eq!(with_causes(&terse("db error", None)), "db error");
     }
 }

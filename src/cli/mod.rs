@@ -38,6 +38,7 @@ use std::io::Write;
 use std::process::ExitCode;
 
 use crate::client::{self, Client};
+use crate::error::chain;
 
 pub use stats::StatsArgs;
 pub use task::{CancelArgs, CreateArgs, GetArgs, ListArgs, PurgeArgs, RetryArgs, TaskCommand};
@@ -150,22 +151,6 @@ fn describe(err: &client::Error) -> String {
     }
 }
 
-/// An error and its sources, skipping sources whose text the message
-/// already contains (thiserror messages often embed their source).
-fn chain(err: &dyn std::error::Error) -> String {
-    let mut message = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if !message.contains(&text) {
-            message.push_str(": ");
-            message.push_str(&text);
-        }
-        source = cause.source();
-    }
-    message
-}
-
 /// The canonical name of a gRPC code, as grpcurl and the contract spell it.
 fn code_name(code: tonic::Code) -> &'static str {
     use tonic::Code;
@@ -216,14 +201,5 @@ mod tests {
     fn statuses_print_their_canonical_code() {
         let err = client::Error::from(tonic::Status::not_found("task 1 does not exist"));
         assert_eq!(describe(&err), "NOT_FOUND: task 1 does not exist");
-    }
-
-    #[test]
-    fn chains_skip_repeated_causes() {
-        #[derive(Debug, thiserror::Error)]
-        #[error("outer: {0}")]
-        struct Outer(#[source] std::io::Error);
-        let err = Outer(std::io::Error::other("refused"));
-        assert_eq!(chain(&err), "outer: refused");
     }
 }

@@ -24,7 +24,7 @@ impl From<tokio_postgres::Error> for Error {
         // log; clients never see it).
         let detail = match err.as_db_error() {
             Some(db) => format!("{}: {}", db.code().code(), db),
-            None => with_causes(&err),
+            None => crate::error::chain(&err),
         };
         let Some(code) = err.code() else {
             // No SQLSTATE: the connection broke, timed out or never opened.
@@ -52,19 +52,6 @@ impl From<tokio_postgres::Error> for Error {
         }
         Error::Other(detail)
     }
-}
-
-/// The error and its causes: tokio-postgres' own message leaves the cause
-/// out (`error connecting to server`, without why).
-fn with_causes(err: &tokio_postgres::Error) -> String {
-    let mut out = err.to_string();
-    let mut cause = std::error::Error::source(err);
-    while let Some(err) = cause {
-        out.push_str(": ");
-        out.push_str(&err.to_string());
-        cause = err.source();
-    }
-    out
 }
 
 impl From<deadpool_postgres::PoolError> for Error {
