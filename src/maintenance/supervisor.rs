@@ -98,7 +98,7 @@ impl HealthBoard {
             .lock()
             .expect("lock poisoned")
             .iter()
-            .map(|(name, health)| (*name, health.clone()))
+            .map(|(name, health)| (*name, *health))
             .collect()
     }
 }
