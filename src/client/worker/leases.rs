@@ -1,6 +1,7 @@
-//! What the worker holds and owes, as the session loop keeps it across
-//! streams: the leases whose handlers run or wait for a slot, and the
-//! outcomes sent but not yet acknowledged.
+//! What the worker holds and owes across streams ([`Leases`]): the leases
+//! whose handlers run or wait for a slot, and the outcomes sent but not yet
+//! acknowledged. The session loop owns one and talks to it only through its
+//! methods, which keep these rules:
 //!
 //! - A lease is held from its hand-out until its handler finishes, the
 //!   server cancels it, or a heartbeat answers it lost. Only held leases are
@@ -9,50 +10,56 @@
 //! - An outcome stays queued until the server acknowledges it; the next
 //!   session sends it again. Repeating an outcome with the same token is
 //!   harmless, so each task completes exactly once.
+//! - Never more handlers run than the worker has slots: a task pushed while
+//!   every slot runs a handler (perhaps a cancelled one winding down) waits,
+//!   its lease held and heartbeated.
 
+use std::collections::{HashMap, VecDeque};
 use std::panic::AssertUnwindSafe;
+use std::time::Duration;
 
 use futures_util::FutureExt;
+use tokio::sync::mpsc;
+use tokio::task::{JoinError, JoinSet};
 use tokio_util::sync::CancellationToken;
 
 use super::context::{Handler, HandlerResult, ProgressReport, TaskContext, TaskError};
-use super::session::SessionLoop;
 use crate::client::{from_struct, to_struct};
 use crate::proto::{self, connect_request, AckStatus, LeaseStatus, OutcomeKind};
 use crate::wire::{convert, limit};
 
 /// A lease whose handler is running.
-pub(super) struct Held {
-    pub(super) lease_token: String,
+struct Held {
+    lease_token: String,
     /// The handler's token is a child of this one: a handler that cancels
     /// its own token (say, through a drop guard) stops nothing here.
-    pub(super) cancel: CancellationToken,
+    cancel: CancellationToken,
 }
 
 /// A handler ready to start.
-pub(super) struct Ready {
-    pub(super) task_id: String,
-    pub(super) lease_token: String,
-    pub(super) handler: Handler,
-    pub(super) ctx: TaskContext,
+struct Ready {
+    task_id: String,
+    lease_token: String,
+    handler: Handler,
+    ctx: TaskContext,
 }
 
 /// How a handler ended.
 pub(super) struct Finished {
-    pub(super) task_id: String,
-    pub(super) lease_token: String,
-    pub(super) result: HandlerResult,
+    task_id: String,
+    lease_token: String,
+    result: HandlerResult,
 }
 
 /// An outcome waiting for the server's acknowledgement.
-pub(super) struct Pending {
-    pub(super) kind: OutcomeKind,
-    pub(super) message: connect_request::Kind,
+struct Pending {
+    kind: OutcomeKind,
+    message: connect_request::Kind,
     /// The lease the outcome is about; answers name it.
-    pub(super) lease_token: String,
+    lease_token: String,
     /// Whether this is already the stand-in for an outcome the server
     /// refused as invalid (so a second refusal gives up).
-    pub(super) fallback: bool,
+    fallback: bool,
 }
 
 /// The server's limit on a fail message, in characters.
@@ -61,15 +68,161 @@ const MAX_ERROR_CHARS: usize = limit::ERROR_MAX_CHARS;
 /// The server's limit on leases per heartbeat.
 const MAX_HEARTBEAT_LEASES: usize = limit::MAX_HEARTBEAT_LEASES;
 
-impl SessionLoop {
+/// How long, when the worker stops, cancelled handlers may take to return
+/// (a command runner kills its processes in that time) before they are
+/// aborted.
+const HANDLER_EXIT_WAIT: Duration = Duration::from_secs(10);
+
+/// What a handler did: finished (or panicked past its guard, or was
+/// aborted), or reported progress.
+pub(super) enum Activity {
+    Finished(Result<Finished, JoinError>),
+    Progress(ProgressReport),
+}
+
+/// The leases a worker holds, the handlers that run them, and the outcomes
+/// waiting for their acknowledgement.
+pub(super) struct Leases {
+    slots: usize,
+    handlers: HashMap<String, Handler>,
+    held: HashMap<String, Held>,
+    pending: HashMap<String, Pending>,
+    running: JoinSet<Finished>,
+    /// Handlers of held leases waiting for a free slot, in arrival order.
+    waiting: VecDeque<Ready>,
+    progress_tx: mpsc::Sender<ProgressReport>,
+    progress_rx: mpsc::Receiver<ProgressReport>,
+}
+
+impl Leases {
+    /// Nothing held, for a worker of `slots` running `handlers`.
+    pub(super) fn new(slots: usize, handlers: HashMap<String, Handler>) -> Self {
+        let (progress_tx, progress_rx) = mpsc::channel(1024);
+        Self {
+            slots: slots.max(1),
+            handlers,
+            held: HashMap::new(),
+            pending: HashMap::new(),
+            running: JoinSet::new(),
+            waiting: VecDeque::new(),
+            progress_tx,
+            progress_rx,
+        }
+    }
+
+    /// Nothing held and nothing waiting for an acknowledgement.
+    pub(super) fn idle(&self) -> bool {
+        self.held.is_empty() && self.pending.is_empty()
+    }
+
+    /// How many leases are held.
+    pub(super) fn held(&self) -> usize {
+        self.held.len()
+    }
+
+    /// Waits until a handler finishes or reports progress; never, when no
+    /// handler runs.
+    pub(super) async fn activity(&mut self) -> Activity {
+        tokio::select! {
+            Some(joined) = self.running.join_next(), if !self.running.is_empty() => {
+                Activity::Finished(joined)
+            }
+            Some(report) = self.progress_rx.recv() => Activity::Progress(report),
+        }
+    }
+
+    /// Waits until a handler finishes; never, when none runs. (Progress
+    /// reports wait in their queue.)
+    pub(super) async fn finished_handler(&mut self) -> Activity {
+        match self.running.join_next().await {
+            Some(joined) => Activity::Finished(joined),
+            None => std::future::pending().await,
+        }
+    }
+
+    /// What to send about `activity`: a progress report while its lease is
+    /// held; for a finished handler, the progress it reported before it
+    /// returned, then its outcome. A freed slot starts the next waiting
+    /// handler.
+    pub(super) fn settle(&mut self, activity: Activity) -> Vec<connect_request::Kind> {
+        let mut out = Vec::new();
+        match activity {
+            Activity::Progress(report) => out.extend(self.progress(report)),
+            Activity::Finished(joined) => {
+                while let Ok(report) = self.progress_rx.try_recv() {
+                    out.extend(self.progress(report));
+                }
+                if let Ok(finished) = joined {
+                    out.extend(self.finished(finished));
+                }
+                self.start_waiting();
+            }
+        }
+        out
+    }
+
+    /// The outcomes sent and not acknowledged, to send again on a new
+    /// stream.
+    pub(super) fn unacknowledged(&self) -> Vec<connect_request::Kind> {
+        self.pending.values().map(|p| p.message.clone()).collect()
+    }
+
+    /// The outcomes of these tasks, to send again (the server could not
+    /// record them a moment ago).
+    pub(super) fn resend(&self, task_ids: Vec<String>) -> Vec<connect_request::Kind> {
+        task_ids
+            .iter()
+            .filter_map(|task_id| self.pending.get(task_id))
+            .map(|pending| pending.message.clone())
+            .collect()
+    }
+
+    /// The server took a task away: its handler is cancelled, if it runs
+    /// that very lease.
+    pub(super) fn cancel(&mut self, cancel: &proto::CancelLease) {
+        if !self.holds(&cancel.task_id, &cancel.lease_token) {
+            return;
+        }
+        if let Some(held) = self.forget(&cancel.task_id) {
+            tracing::info!(task_id = %cancel.task_id, reason = ?cancel.reason(), "task taken away; cancelling its handler");
+            held.cancel.cancel();
+        }
+    }
+
+    /// Gives up on everything held (shutdown with no server reachable, or a
+    /// refused registration): handlers are cancelled; the leases expire and
+    /// the server hands the tasks out again, so nothing is lost.
+    pub(super) fn abandon(&mut self) {
+        for (_, held) in self.held.drain() {
+            held.cancel.cancel();
+        }
+        if !self.pending.is_empty() {
+            tracing::warn!(
+                outcomes = self.pending.len(),
+                "stopping with unacknowledged outcomes; their leases will expire and the tasks run again"
+            );
+        }
+        self.pending.clear();
+    }
+
+    /// When the worker stops: handlers cancelled at the end get a moment to
+    /// clean up before they are aborted.
+    pub(super) async fn wind_down(&mut self) {
+        let _ = tokio::time::timeout(HANDLER_EXIT_WAIT, async {
+            while self.running.join_next().await.is_some() {}
+        })
+        .await;
+        self.running.abort_all();
+    }
+
     /// Takes a lease out of `held`.
-    pub(super) fn forget(&mut self, task_id: &str) -> Option<Held> {
+    fn forget(&mut self, task_id: &str) -> Option<Held> {
         self.held.remove(task_id)
     }
 
     /// Queues an outcome until the server acknowledges it, and returns the
     /// message to send.
-    pub(super) fn queue(
+    fn queue(
         &mut self,
         task_id: String,
         kind: OutcomeKind,
@@ -89,7 +242,7 @@ impl SessionLoop {
 
     /// Records a finished handler: its outcome is queued if the lease is
     /// still held by that very attempt.
-    pub(super) fn finished(&mut self, finished: Finished) -> Option<connect_request::Kind> {
+    fn finished(&mut self, finished: Finished) -> Option<connect_request::Kind> {
         let held = self.held.get(&finished.task_id)?;
         if held.lease_token != finished.lease_token {
             return None;
@@ -125,9 +278,13 @@ impl SessionLoop {
     }
 
     /// Starts the handler of a pushed task, or queues it until a slot is
-    /// free. Answers with a release when the worker is draining or far over
-    /// its slots, and with a fail when the task cannot be run at all.
-    pub(super) fn start(&mut self, leased: proto::LeasedTask) -> Option<connect_request::Kind> {
+    /// free. Answers with a release when the worker is `draining` or far
+    /// over its slots, and with a fail when the task cannot be run at all.
+    pub(super) fn start(
+        &mut self,
+        leased: proto::LeasedTask,
+        draining: bool,
+    ) -> Option<connect_request::Kind> {
         let (task, lease) = match (leased.task, leased.lease) {
             (Some(task), Some(lease)) => (task, lease),
             _ => {
@@ -148,7 +305,7 @@ impl SessionLoop {
         // lease is moot (answers name their lease, so a late one settles
         // nothing of the new lease).
         self.pending.remove(&task.id);
-        if self.drain_deadline.is_some() || self.held.len() >= 2 * self.slots {
+        if draining || self.held.len() >= 2 * self.slots {
             // Pushed while draining, or far beyond the slots (a new session
             // is dealt tasks before it has re-attached the leases it still
             // runs): give it back at once, without using an attempt.
@@ -158,7 +315,7 @@ impl SessionLoop {
             });
             return Some(self.queue(task.id, OutcomeKind::Release, message));
         }
-        let Some(handler) = self.worker.handlers.get(&task.task_type).cloned() else {
+        let Some(handler) = self.handlers.get(&task.task_type).cloned() else {
             let error = format!(
                 "no handler for task type {:?} on this worker",
                 task.task_type
@@ -235,7 +392,7 @@ impl SessionLoop {
 
     /// Starts waiting handlers while slots are free, skipping leases that
     /// were taken away meanwhile.
-    pub(super) fn start_waiting(&mut self) {
+    fn start_waiting(&mut self) {
         while self.running.len() < self.slots {
             let Some(ready) = self.waiting.pop_front() else {
                 return;
@@ -266,7 +423,7 @@ impl SessionLoop {
     }
 
     /// The message for a progress report, if its lease is still held.
-    pub(super) fn progress(&self, report: ProgressReport) -> Option<connect_request::Kind> {
+    fn progress(&self, report: ProgressReport) -> Option<connect_request::Kind> {
         let current = self.holds(&report.task_id, &report.lease_token);
         current.then_some(connect_request::Kind::Progress(proto::ReportProgress {
             task_id: report.task_id,
@@ -297,7 +454,7 @@ impl SessionLoop {
 
     /// Heartbeats naming every held lease explicitly, so that leases taken
     /// on an earlier session are re-attached to this one; split to the
-    /// server's per-heartbeat limit.
+    /// server's per-heartbeat limit. None when nothing is held.
     pub(super) fn heartbeat(&self) -> Vec<connect_request::Kind> {
         let leases: Vec<proto::LeaseRenewal> = self
             .held
@@ -336,7 +493,7 @@ impl SessionLoop {
     }
 
     /// Whether `lease_token` is the lease held on `task_id`.
-    pub(super) fn holds(&self, task_id: &str, lease_token: &str) -> bool {
+    fn holds(&self, task_id: &str, lease_token: &str) -> bool {
         self.held
             .get(task_id)
             .is_some_and(|held| held.lease_token == lease_token)
@@ -382,11 +539,18 @@ impl SessionLoop {
         AckNext::Nothing
     }
 
-    /// The drain deadline passed: cancel the handlers still running and
-    /// give their leases back (the attempts do not count).
+    /// The drain deadline passed: a handler that finished just now keeps
+    /// its result; the ones still running are cancelled and their leases
+    /// given back (the attempts do not count).
     pub(super) fn release_all(&mut self) -> Vec<connect_request::Kind> {
-        let task_ids: Vec<String> = self.held.keys().cloned().collect();
         let mut out = Vec::new();
+        while let Some(joined) = self.running.try_join_next() {
+            if let Ok(finished) = joined {
+                out.extend(self.finished(finished));
+            }
+        }
+        let task_ids: Vec<String> = self.held.keys().cloned().collect();
+        let mut released = 0;
         for task_id in task_ids {
             let Some(held) = self.forget(&task_id) else {
                 continue;
@@ -397,12 +561,10 @@ impl SessionLoop {
                 lease_token: held.lease_token,
             });
             out.push(self.queue(task_id, OutcomeKind::Release, message));
+            released += 1;
         }
-        if !out.is_empty() {
-            tracing::warn!(
-                released = out.len(),
-                "drain timeout: released the tasks still running"
-            );
+        if released > 0 {
+            tracing::warn!(released, "drain timeout: released the tasks still running");
         }
         out
     }

@@ -6,12 +6,12 @@
 //!   ([`TaskError`]);
 //! - `session`: the session loop, the worker's one background task, which
 //!   owns the stream and reconnects;
-//! - `leases`: what the loop holds and owes across streams, and the rules
-//!   that make each task complete exactly once.
+//! - `leases`: what the loop holds and owes across streams (a `Leases` it
+//!   owns and talks to through its methods), and the rules that make each
+//!   task complete exactly once.
 //!
 //! Handlers run as their own tokio tasks and talk to the loop through
-//! channels, so every piece of state has one owner and the rules sit in one
-//! place.
+//! channels, so every piece of state has one owner.
 
 mod builder;
 mod context;

@@ -2,20 +2,17 @@
 //! registers, re-attaches what it holds, serves the stream until it breaks
 //! or drains, and reconnects (with jittered back-off, to the next server)
 //! until the worker stops. What it holds between streams (leases, running
-//! handlers, unacknowledged outcomes) is kept in `leases`.
+//! handlers, unacknowledged outcomes) is its [`Leases`].
 
-use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
 use rand::Rng;
 use tokio::sync::mpsc;
-use tokio::task::JoinSet;
 use tokio::time::{Instant, MissedTickBehavior};
 use tonic::transport::Channel;
 use tonic::Code;
 
-use super::context::ProgressReport;
-use super::leases::{AckNext, Finished, Held, Pending, Ready};
+use super::leases::{AckNext, Leases};
 use super::Worker;
 use crate::client::{Error, Result};
 use crate::proto::{
@@ -35,17 +32,10 @@ enum SessionEnd {
 
 /// The session loop's state, which outlives each stream.
 pub(super) struct SessionLoop {
-    pub(super) worker: Worker,
-    pub(super) slots: usize,
-    pub(super) held: HashMap<String, Held>,
-    pub(super) pending: HashMap<String, Pending>,
-    pub(super) running: JoinSet<Finished>,
-    /// Handlers of held leases waiting for a free slot, in arrival order.
-    pub(super) waiting: VecDeque<Ready>,
-    pub(super) progress_tx: mpsc::Sender<ProgressReport>,
-    pub(super) progress_rx: mpsc::Receiver<ProgressReport>,
+    worker: Worker,
+    leases: Leases,
     /// Set once shutdown began: when the remaining work must be released.
-    pub(super) drain_deadline: Option<Instant>,
+    drain_deadline: Option<Instant>,
 }
 
 /// How long releases sent at the drain deadline may wait for their answers.
@@ -56,44 +46,23 @@ const RELEASE_ANSWER_WAIT: Duration = Duration::from_secs(5);
 /// at once instead of waiting out its lease.
 const DRAIN_LINGER: Duration = Duration::from_millis(300);
 
-/// When the worker stops, how long it waits for cancelled handlers to
-/// return (a command runner kills its processes in that time) before it
-/// aborts them.
-const HANDLER_EXIT_WAIT: Duration = Duration::from_secs(10);
-
 /// The longest heartbeat interval honoured, whatever the server says.
 const MAX_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(3600);
 
 impl SessionLoop {
-    pub(super) fn new(worker: Worker) -> Self {
-        let (progress_tx, progress_rx) = mpsc::channel(1024);
-        let slots = usize::try_from(worker.register.slots).unwrap_or(1).max(1);
+    pub(super) fn new(mut worker: Worker) -> Self {
+        let slots = usize::try_from(worker.register.slots).unwrap_or(1);
+        let leases = Leases::new(slots, std::mem::take(&mut worker.handlers));
         Self {
             worker,
-            slots,
-            held: HashMap::new(),
-            pending: HashMap::new(),
-            running: JoinSet::new(),
-            waiting: VecDeque::new(),
-            progress_tx,
-            progress_rx,
+            leases,
             drain_deadline: None,
         }
     }
 
-    fn idle(&self) -> bool {
-        self.held.is_empty() && self.pending.is_empty()
-    }
-
     pub(super) async fn run(mut self) -> Result<()> {
         let result = self.serve().await;
-        // Handlers cancelled at the end get a moment to clean up (a command
-        // runner kills its processes) before they are aborted.
-        let _ = tokio::time::timeout(HANDLER_EXIT_WAIT, async {
-            while self.running.join_next().await.is_some() {}
-        })
-        .await;
-        self.running.abort_all();
+        self.leases.wind_down().await;
         result
     }
 
@@ -108,7 +77,7 @@ impl SessionLoop {
                 SessionEnd::Done => return Ok(()),
                 SessionEnd::Fatal(status) => {
                     tracing::error!(%address, code = ?status.code(), message = status.message(), "server refused the worker");
-                    self.abandon();
+                    self.leases.abandon();
                     return Err(Error::Status(status));
                 }
                 SessionEnd::Broken(why) => {
@@ -119,7 +88,7 @@ impl SessionLoop {
             let delay = self.backoff(failures);
             failures = failures.saturating_add(1);
             if !self.wait_offline(delay).await {
-                self.abandon();
+                self.leases.abandon();
                 return Ok(());
             }
         }
@@ -146,38 +115,20 @@ impl SessionLoop {
                 let deadline = *self
                     .drain_deadline
                     .get_or_insert_with(|| after(self.worker.drain_timeout));
-                if self.idle() || Instant::now() >= deadline {
+                if self.leases.idle() || Instant::now() >= deadline {
                     return false;
                 }
             }
             tokio::select! {
                 () = tokio::time::sleep_until(until) => return true,
-                Some(joined) = self.running.join_next(), if !self.running.is_empty() => {
-                    if let Ok(finished) = joined {
-                        self.finished(finished);
-                    }
-                    self.start_waiting();
+                // Outcomes are queued until the next stream sends them.
+                activity = self.leases.finished_handler() => {
+                    self.leases.settle(activity);
                 }
                 () = self.worker.shutdown.cancelled(), if self.drain_deadline.is_none() => {}
                 () = sleep_until_opt(self.drain_deadline) => {}
             }
         }
-    }
-
-    /// Gives up on everything held (shutdown with no server reachable, or a
-    /// refused registration): handlers are cancelled; the leases expire and
-    /// the server hands the tasks out again, so nothing is lost.
-    fn abandon(&mut self) {
-        for (_, held) in self.held.drain() {
-            held.cancel.cancel();
-        }
-        if !self.pending.is_empty() {
-            tracing::warn!(
-                outcomes = self.pending.len(),
-                "stopping with unacknowledged outcomes; their leases will expire and the tasks run again"
-            );
-        }
-        self.pending.clear();
     }
 
     /// One session: register, then serve until the stream ends.
@@ -213,7 +164,7 @@ impl SessionLoop {
             %address,
             session_id = %registered.session_id,
             node_id = %registered.node_id,
-            held = self.held.len(),
+            held = self.leases.held(),
             "worker session registered"
         );
         let interval = registered
@@ -231,10 +182,8 @@ impl SessionLoop {
             opening.push(connect_request::Kind::Drain(proto::DrainSession {}));
             drain_sent_at = Some(Instant::now());
         }
-        if !self.held.is_empty() {
-            opening.extend(self.heartbeat());
-        }
-        opening.extend(self.pending.values().map(|p| p.message.clone()));
+        opening.extend(self.leases.heartbeat());
+        opening.extend(self.leases.unacknowledged());
         if !self.send_all(&tx, opening).await {
             return SessionEnd::Broken("stream closed while re-attaching".into());
         }
@@ -248,10 +197,10 @@ impl SessionLoop {
 
         loop {
             let linger_until = drain_sent_at.map(|at: Instant| at + DRAIN_LINGER);
-            if self.idle() && linger_until.is_some_and(|until| Instant::now() >= until) {
+            if self.leases.idle() && linger_until.is_some_and(|until| Instant::now() >= until) {
                 return SessionEnd::Done;
             }
-            if node_draining && self.idle() {
+            if node_draining && self.leases.idle() {
                 // Nothing left for the draining node: move on now rather
                 // than wait for it to close the stream.
                 return SessionEnd::Broken("node is draining".into());
@@ -261,20 +210,17 @@ impl SessionLoop {
                 message = inbound.message() => match message {
                     Ok(Some(proto::ConnectResponse { kind: Some(kind) })) => {
                         match kind {
-                            connect_response::Kind::Task(leased) => out.extend(self.start(leased)),
-                            connect_response::Kind::HeartbeatAck(ack) => self.heartbeat_ack(ack),
-                            connect_response::Kind::Ack(ack) => match self.ack(ack) {
+                            connect_response::Kind::Task(leased) => {
+                                let draining = self.drain_deadline.is_some();
+                                out.extend(self.leases.start(leased, draining));
+                            }
+                            connect_response::Kind::HeartbeatAck(ack) => self.leases.heartbeat_ack(ack),
+                            connect_response::Kind::Ack(ack) => match self.leases.ack(ack) {
                                 AckNext::Nothing => {}
                                 AckNext::Later(task_id) => unavailable.push(task_id),
                                 AckNext::Send(message) => out.push(message),
                             },
-                            connect_response::Kind::Cancel(cancel) => {
-                                let current = self.holds(&cancel.task_id, &cancel.lease_token);
-                                if let Some(held) = current.then(|| self.forget(&cancel.task_id)).flatten() {
-                                    tracing::info!(task_id = %cancel.task_id, reason = ?cancel.reason(), "task taken away; cancelling its handler");
-                                    held.cancel.cancel();
-                                }
-                            }
+                            connect_response::Kind::Cancel(cancel) => self.leases.cancel(&cancel),
                             connect_response::Kind::Drain(_) => {
                                 tracing::info!(%address, "node is draining; finishing held tasks, then reconnecting");
                                 node_draining = true;
@@ -290,51 +236,26 @@ impl SessionLoop {
                         return SessionEnd::Broken(format!("{}: {}", status.code(), status.message()))
                     }
                 },
-                Some(joined) = self.running.join_next(), if !self.running.is_empty() => {
-                    // Progress the handler reported before it returned goes
-                    // out before its outcome.
-                    while let Ok(report) = self.progress_rx.try_recv() {
-                        out.extend(self.progress(report));
-                    }
-                    if let Ok(finished) = joined {
-                        out.extend(self.finished(finished));
-                    }
-                    self.start_waiting();
-                }
-                Some(report) = self.progress_rx.recv() => out.extend(self.progress(report)),
-                _ = heartbeat.tick() => {
-                    if !self.held.is_empty() {
-                        out.extend(self.heartbeat());
-                    }
-                }
+                activity = self.leases.activity() => out.extend(self.leases.settle(activity)),
+                _ = heartbeat.tick() => out.extend(self.leases.heartbeat()),
                 _ = resend.tick(), if !unavailable.is_empty() => {
-                    for task_id in unavailable.drain(..) {
-                        if let Some(pending) = self.pending.get(&task_id) {
-                            out.push(pending.message.clone());
-                        }
-                    }
+                    out.extend(self.leases.resend(std::mem::take(&mut unavailable)));
                 }
                 () = self.worker.shutdown.cancelled(), if self.drain_deadline.is_none() => {
-                    tracing::info!(held = self.held.len(), "worker shutting down: draining");
+                    tracing::info!(held = self.leases.held(), "worker shutting down: draining");
                     self.drain_deadline = Some(after(self.worker.drain_timeout));
                     drain_sent_at = Some(Instant::now());
                     out.push(connect_request::Kind::Drain(proto::DrainSession {}));
-                    out.extend(self.release_waiting());
+                    out.extend(self.leases.release_waiting());
                 }
-                () = sleep_until_opt(linger_until), if self.idle() => {}
-                () = sleep_until_opt(self.drain_deadline), if !self.held.is_empty() => {
-                    // A handler that finished just now keeps its result.
-                    while let Some(joined) = self.running.try_join_next() {
-                        if let Ok(finished) = joined {
-                            out.extend(self.finished(finished));
-                        }
-                    }
-                    out.extend(self.release_all());
+                () = sleep_until_opt(linger_until), if self.leases.idle() => {}
+                () = sleep_until_opt(self.drain_deadline), if self.leases.held() > 0 => {
+                    out.extend(self.leases.release_all());
                 }
                 // Releases sent but never answered: stop anyway; the leases
                 // expire on their own.
                 () = sleep_until_opt(self.drain_deadline.and_then(|d| d.checked_add(RELEASE_ANSWER_WAIT))) => {
-                    self.abandon();
+                    self.leases.abandon();
                     return SessionEnd::Done;
                 }
             }
