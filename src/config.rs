@@ -6,6 +6,8 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use crate::wire::limit::{MAX_LEASE, MIN_LEASE};
+
 /// Server configuration. Every field is a command-line flag with an
 /// environment variable of the same meaning, listed by `leasehold serve --help`.
 #[derive(Debug, Clone, clap::Args)]
@@ -68,8 +70,6 @@ pub struct Config {
     #[arg(long, env = "LEASEHOLD_VACUUM_THRESHOLD", default_value_t = 20_000)]
     pub vacuum_threshold: u64,
 }
-
-use crate::wire::limit::{MAX_LEASE, MIN_LEASE};
 
 impl Config {
     /// A configuration with every default, for the given database.

@@ -8,7 +8,8 @@ pub(crate) struct FreshDatabase {
 
 impl FreshDatabase {
     /// A new name under the test server (`LEASEHOLD_TEST_DATABASE_URL`,
-    /// else the local default); created on first use by the node.
+    /// else the local default). Nothing is created: a node, or the test
+    /// through the store, creates the database on first use.
     pub(crate) fn new() -> Self {
         let admin = std::env::var("LEASEHOLD_TEST_DATABASE_URL")
             .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_owned());

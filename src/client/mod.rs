@@ -19,7 +19,7 @@
 //! # }
 //! ```
 //!
-//! Files: `channel` (addresses and connections), `request` (the builders
+//! Files: `channel` (addresses and connections), `builder` (the builders
 //! [`NewTask`], [`TaskFilter`], [`WatchFilter`]), `error`, and `worker`
 //! (the [`Worker`] and its session loop). [`Client`] itself is here: a thin
 //! layer over the generated stubs that builds requests, walks pages, and
@@ -27,9 +27,9 @@
 //! whether a create may be repeated is the caller's decision (a
 //! `dedup_key` makes it safe).
 
+mod builder;
 mod channel;
 mod error;
-mod request;
 mod worker;
 
 use std::collections::VecDeque;
@@ -39,10 +39,10 @@ use std::time::SystemTime;
 use futures_util::{Stream, StreamExt, TryStreamExt};
 use tonic::transport::Channel;
 
+pub use builder::{NewTask, TaskFilter, WatchFilter};
 pub use channel::{connect, endpoint, DEFAULT_SERVER};
 use error::missing;
 pub use error::{CreateManyError, Error, Result};
-pub use request::{NewTask, TaskFilter, WatchFilter};
 pub use worker::{HandlerResult, Shutdown, TaskContext, TaskError, Worker, WorkerBuilder};
 
 use crate::proto::{

@@ -96,7 +96,7 @@ impl Event {
 
 /// Which events a watcher wants; empty parts match everything.
 #[derive(Debug, Clone, Default)]
-pub(crate) struct Filter {
+pub(crate) struct EventFilter {
     pub(crate) task_types: HashSet<String>,
     pub(crate) statuses: HashSet<Status>,
     pub(crate) task_ids: HashSet<Uuid>,
@@ -105,7 +105,7 @@ pub(crate) struct Filter {
     pub(crate) book_id: Option<Uuid>,
 }
 
-impl Filter {
+impl EventFilter {
     /// Whether `event` passes every part of the filter.
     pub(crate) fn matches(&self, event: &Event) -> bool {
         (self.task_types.is_empty() || self.task_types.contains(&event.task_type))
@@ -138,7 +138,7 @@ mod tests {
             at: SystemTime::now(),
             error: None,
         };
-        let mut filter = Filter::default();
+        let mut filter = EventFilter::default();
         assert!(filter.matches(&event));
         filter.task_types.insert("analyze_book".into());
         filter.statuses.insert(Status::Pending);

@@ -10,6 +10,6 @@ pub(crate) mod event;
 pub(crate) mod session;
 pub(crate) mod task;
 
-pub(crate) use event::{Event, EventKind, Filter as EventFilter};
+pub(crate) use event::{Event, EventFilter, EventKind};
 pub(crate) use session::{CancelReason, SessionEntry, SessionSpec};
 pub(crate) use task::*;

@@ -45,7 +45,7 @@ const WORKER_LIST: &str = "SELECT w.id, w.node_id, w.worker_id, w.task_types, w.
 
 /// Every statement of this module, for the preparation test.
 #[cfg(test)]
-pub(crate) const STATEMENTS: &[&str] = &[
+pub(super) const STATEMENTS: &[&str] = &[
     NODE_UPSERT,
     SESSION_SYNC,
     NODE_EXPIRE,
