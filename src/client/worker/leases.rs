@@ -24,9 +24,10 @@ use tokio::task::{JoinError, JoinSet};
 use tokio_util::sync::CancellationToken;
 
 use super::context::{Handler, HandlerResult, ProgressReport, TaskContext, TaskError};
-use crate::client::{from_struct, to_struct};
+use super::message;
+use crate::client::from_struct;
 use crate::proto::{self, connect_request, AckStatus, LeaseStatus, OutcomeKind};
-use crate::wire::{convert, limit};
+use crate::wire::limit;
 
 /// A lease whose handler is running.
 struct Held {
@@ -61,9 +62,6 @@ struct Pending {
     /// refused as invalid (so a second refusal gives up).
     fallback: bool,
 }
-
-/// The server's limit on a fail message, in characters.
-const MAX_ERROR_CHARS: usize = limit::ERROR_MAX_CHARS;
 
 /// The server's limit on leases per heartbeat.
 const MAX_HEARTBEAT_LEASES: usize = limit::MAX_HEARTBEAT_LEASES;
@@ -233,7 +231,9 @@ impl Leases {
             Pending {
                 kind,
                 message: message.clone(),
-                lease_token: lease_token_of(&message).unwrap_or_default().to_owned(),
+                lease_token: message::lease_token_of(&message)
+                    .unwrap_or_default()
+                    .to_owned(),
                 fallback: false,
             },
         );
@@ -253,25 +253,11 @@ impl Leases {
         let (kind, message) = match finished.result {
             Ok(result) => (
                 OutcomeKind::Complete,
-                connect_request::Kind::Complete(proto::CompleteTaskRequest {
-                    task_id: task_id.clone(),
-                    lease_token,
-                    result: Some(result_struct(result)),
-                }),
+                message::complete(&task_id, lease_token, result),
             ),
             Err(error) => (
                 OutcomeKind::Fail,
-                connect_request::Kind::Fail(proto::FailTaskRequest {
-                    task_id: task_id.clone(),
-                    lease_token,
-                    error: clean_error(error.message, MAX_ERROR_CHARS),
-                    permanent: error.permanent,
-                    // The server refuses a longer delay; the longest it
-                    // takes is closer to what was asked than its backoff.
-                    retry_after: error
-                        .retry_after
-                        .map(|d| convert::duration(d.min(limit::MAX_RETRY_AFTER))),
-                }),
+                message::fail(&task_id, lease_token, error),
             ),
         };
         Some(self.queue(task_id, kind, message))
@@ -309,10 +295,7 @@ impl Leases {
             // Pushed while draining, or far beyond the slots (a new session
             // is dealt tasks before it has re-attached the leases it still
             // runs): give it back at once, without using an attempt.
-            let message = connect_request::Kind::Release(proto::ReleaseTaskRequest {
-                task_id: task.id.clone(),
-                lease_token: lease.lease_token,
-            });
+            let message = message::release(&task.id, lease.lease_token);
             return Some(self.queue(task.id, OutcomeKind::Release, message));
         }
         let Some(handler) = self.handlers.get(&task.task_type).cloned() else {
@@ -412,10 +395,7 @@ impl Leases {
             let current = self.holds(&ready.task_id, &ready.lease_token);
             if current {
                 self.forget(&ready.task_id);
-                let message = connect_request::Kind::Release(proto::ReleaseTaskRequest {
-                    task_id: ready.task_id.clone(),
-                    lease_token: ready.lease_token,
-                });
+                let message = message::release(&ready.task_id, ready.lease_token);
                 out.push(self.queue(ready.task_id, OutcomeKind::Release, message));
             }
         }
@@ -442,13 +422,7 @@ impl Leases {
         lease_token: String,
         error: String,
     ) -> connect_request::Kind {
-        let message = connect_request::Kind::Fail(proto::FailTaskRequest {
-            task_id: task_id.clone(),
-            lease_token,
-            error: clean_error(error, MAX_ERROR_CHARS),
-            permanent: true,
-            retry_after: None,
-        });
+        let message = message::fail(&task_id, lease_token, TaskError::permanent(error));
         self.queue(task_id, OutcomeKind::Fail, message)
     }
 
@@ -523,7 +497,7 @@ impl Leases {
                 // size limit, say): the lease is still ours. Fail the task
                 // instead of letting the lease run out and the task run
                 // again to the same end.
-                if let Some(message) = fallback(&pending.message, &ack.message) {
+                if let Some(message) = message::fallback(&pending.message, &ack.message) {
                     tracing::warn!(task_id = %ack.task_id, kind = ?kind, message = %ack.message, "outcome refused as invalid; failing the task instead");
                     pending.kind = OutcomeKind::Fail;
                     pending.message = message.clone();
@@ -556,10 +530,7 @@ impl Leases {
                 continue;
             };
             held.cancel.cancel();
-            let message = connect_request::Kind::Release(proto::ReleaseTaskRequest {
-                task_id: task_id.clone(),
-                lease_token: held.lease_token,
-            });
+            let message = message::release(&task_id, held.lease_token);
             out.push(self.queue(task_id, OutcomeKind::Release, message));
             released += 1;
         }
@@ -577,71 +548,6 @@ pub(super) enum AckNext {
     Later(String),
     /// Send this instead.
     Send(connect_request::Kind),
-}
-
-/// The fail that stands in for an outcome refused as invalid: for a
-/// complete, a permanent fail naming the reason; for a fail, the same fail
-/// without the parts that can be refused (a long message, `retry_after`).
-fn fallback(refused: &connect_request::Kind, reason: &str) -> Option<connect_request::Kind> {
-    let fail = match refused {
-        connect_request::Kind::Complete(complete) => proto::FailTaskRequest {
-            task_id: complete.task_id.clone(),
-            lease_token: complete.lease_token.clone(),
-            error: clean_error(
-                format!("the server refused the result: {reason}"),
-                MAX_ERROR_CHARS,
-            ),
-            permanent: true,
-            retry_after: None,
-        },
-        connect_request::Kind::Fail(fail) => proto::FailTaskRequest {
-            error: clean_error(fail.error.clone(), MAX_ERROR_CHARS / 2),
-            retry_after: None,
-            ..fail.clone()
-        },
-        _ => return None,
-    };
-    Some(connect_request::Kind::Fail(fail))
-}
-
-/// An error message as the server accepts it: control characters other
-/// than line breaks and tabs (terminal colour codes, say) replaced, and cut
-/// to at most `max` characters, marked when cut.
-fn clean_error(text: String, max: usize) -> String {
-    const MARK: &str = " [truncated]";
-    let clean = |c: char| {
-        if c.is_control() && !matches!(c, '\n' | '\r' | '\t') {
-            char::REPLACEMENT_CHARACTER
-        } else {
-            c
-        }
-    };
-    if text.chars().count() <= max {
-        return text.chars().map(clean).collect();
-    }
-    let keep = max.saturating_sub(MARK.chars().count());
-    let mut cut: String = text.chars().take(keep).map(clean).collect();
-    cut.push_str(MARK);
-    cut
-}
-
-/// The lease an outcome message is about.
-fn lease_token_of(message: &connect_request::Kind) -> Option<&str> {
-    match message {
-        connect_request::Kind::Complete(m) => Some(&m.lease_token),
-        connect_request::Kind::Fail(m) => Some(&m.lease_token),
-        connect_request::Kind::Release(m) => Some(&m.lease_token),
-        _ => None,
-    }
-}
-
-/// A result as the `Struct` the server stores: objects as they are, any
-/// other value under `"value"`.
-fn result_struct(result: serde_json::Value) -> prost_types::Struct {
-    match result {
-        serde_json::Value::Object(_) => to_struct(&result),
-        other => to_struct(&serde_json::json!({ "value": other })),
-    }
 }
 
 fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {

@@ -8,7 +8,8 @@
 //!   owns the stream and reconnects;
 //! - `leases`: what the loop holds and owes across streams (a `Leases` it
 //!   owns and talks to through its methods), and the rules that make each
-//!   task complete exactly once.
+//!   task complete exactly once;
+//! - `message`: the outcome messages, built as the server accepts them.
 //!
 //! Handlers run as their own tokio tasks and talk to the loop through
 //! channels, so every piece of state has one owner.
@@ -16,6 +17,7 @@
 mod builder;
 mod context;
 mod leases;
+mod message;
 mod session;
 
 use std::collections::HashMap;
