@@ -6,6 +6,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use crate::model::Status;
 use crate::wire::limit::{MAX_LEASE, MIN_LEASE};
 
 /// Server configuration. Every field is a command-line flag with an
@@ -69,6 +70,28 @@ pub struct Config {
     /// (checked every 5 s; 0 leaves it to autovacuum alone).
     #[arg(long, env = "LEASEHOLD_VACUUM_THRESHOLD", default_value_t = 20_000)]
     pub vacuum_threshold: u64,
+
+    /// How long finished tasks are kept (completed, failed and cancelled
+    /// alike, unless overridden below); `0` keeps them forever. The history
+    /// is dropped by whole days: a task is kept at least this long after it
+    /// finished, and at most a day longer.
+    #[arg(long, env = "LEASEHOLD_RETAIN_FINISHED", default_value = "14d", value_parser = humantime::parse_duration)]
+    pub retain_finished: Duration,
+
+    /// How long completed tasks are kept, instead of `--retain-finished`;
+    /// `0` keeps them forever.
+    #[arg(long, env = "LEASEHOLD_RETAIN_COMPLETED", value_parser = humantime::parse_duration)]
+    pub retain_completed: Option<Duration>,
+
+    /// How long failed tasks are kept, instead of `--retain-finished`; `0`
+    /// keeps them forever.
+    #[arg(long, env = "LEASEHOLD_RETAIN_FAILED", value_parser = humantime::parse_duration)]
+    pub retain_failed: Option<Duration>,
+
+    /// How long cancelled tasks are kept, instead of `--retain-finished`;
+    /// `0` keeps them forever.
+    #[arg(long, env = "LEASEHOLD_RETAIN_CANCELLED", value_parser = humantime::parse_duration)]
+    pub retain_cancelled: Option<Duration>,
 }
 
 impl Config {
@@ -87,7 +110,23 @@ impl Config {
             poll_interval: Duration::from_secs(2),
             drain_grace: Duration::from_secs(30),
             vacuum_threshold: 20_000,
+            retain_finished: Duration::from_secs(14 * 24 * 3600),
+            retain_completed: None,
+            retain_failed: None,
+            retain_cancelled: None,
         }
+    }
+
+    /// How long finished tasks of `status` are kept; `None`: forever.
+    pub(crate) fn retention(&self, status: Status) -> Option<Duration> {
+        let keep = match status {
+            Status::Completed => self.retain_completed,
+            Status::Failed => self.retain_failed,
+            Status::Cancelled => self.retain_cancelled,
+            Status::Pending | Status::Processing => return None,
+        }
+        .unwrap_or(self.retain_finished);
+        (!keep.is_zero()).then_some(keep)
     }
 
     /// Checks the values that flags alone cannot; called once at start-up.
@@ -125,6 +164,21 @@ mod tests {
         Config::with_database_url("postgres://x@y/z")
             .validate()
             .unwrap();
+    }
+
+    #[test]
+    fn retention_defaults_to_the_finished_one_and_zero_keeps_forever() {
+        let mut config = Config::with_database_url("postgres://x@y/z");
+        let days = |n: u64| Duration::from_secs(n * 24 * 3600);
+        assert_eq!(config.retention(Status::Failed), Some(days(14)));
+        config.retain_failed = Some(days(90));
+        config.retain_cancelled = Some(Duration::ZERO);
+        assert_eq!(config.retention(Status::Failed), Some(days(90)));
+        assert_eq!(config.retention(Status::Cancelled), None);
+        assert_eq!(config.retention(Status::Completed), Some(days(14)));
+        config.retain_finished = Duration::ZERO;
+        assert_eq!(config.retention(Status::Completed), None);
+        assert_eq!(config.retention(Status::Pending), None);
     }
 
     #[test]

@@ -16,7 +16,9 @@ use crate::config::Config;
 use crate::coordinator::Coordinator;
 use crate::dispatch::{Dispatcher, Settings};
 use crate::events::Hub;
-use crate::maintenance::{Directory, Health, NodeState, Reclaimer, Supervisor, Vacuumer};
+use crate::maintenance::{
+    Directory, Health, History, NodeState, Reclaimer, Supervisor, Vacuumer, DAYS_AHEAD,
+};
 use crate::model::Backoff;
 use crate::store::{self, Listener, Notice, Store};
 use crate::wire::proto::task_service_server::TaskServiceServer;
@@ -127,6 +129,9 @@ pub(crate) async fn prepare_database(config: &Config) -> Result<Store, Error> {
     let store = Store::new(&config.database_url, config.db_pool_size, config.db_timeout)?;
     store.database_create_if_missing().await?;
     store.migrate().await?;
+    // The history's days ahead exist before the first task can finish
+    // (nothing is dropped here; that is the running node's job).
+    store.history_upkeep(DAYS_AHEAD, |_| None).await?;
     Ok(store)
 }
 
@@ -177,6 +182,12 @@ pub async fn start(config: Config, listener: tokio::net::TcpListener) -> Result<
     ));
     if config.vacuum_threshold > 0 {
         maintenance.spawn(Vacuumer::new(store.clone(), config.vacuum_threshold));
+    }
+    {
+        let config = config.clone();
+        maintenance.spawn(History::new(store.clone(), move |status| {
+            config.retention(status)
+        }));
     }
     maintenance.spawn(Directory::new(
         store.clone(),

@@ -416,7 +416,7 @@ async fn create_from_a_file_prints_what_earlier_calls_created_when_a_later_one_f
         let rows = server
             .sql()
             .await
-            .query("SELECT id::text FROM task", &[])
+            .query("SELECT id::text FROM task_all", &[])
             .await
             .unwrap();
         rows.iter()

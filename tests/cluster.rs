@@ -36,7 +36,7 @@ async fn task_rows(cluster: &Cluster) -> Vec<TaskRow> {
         .await
         .query(
             "SELECT id::text, task_type, status, attempts, locked_by, result->>'worker' \
-             FROM task ORDER BY seq",
+             FROM task_all ORDER BY seq",
             &[],
         )
         .await
@@ -619,7 +619,10 @@ async fn sigkill_loses_nothing_and_every_task_completes_exactly_once() {
     let completed: i64 = cluster
         .sql()
         .await
-        .query_one("SELECT count(*) FROM task WHERE status = 'completed'", &[])
+        .query_one(
+            "SELECT count(*) FROM task_all WHERE status = 'completed'",
+            &[],
+        )
         .await
         .unwrap()
         .get(0);

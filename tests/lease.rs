@@ -42,7 +42,7 @@ async fn row_snapshot(server: &TestServer, id: &str) -> String {
         .await
         .query_one(
             "SELECT row(status, attempts, scheduled_for, locked_by, locked_until, lease_token, \
-             last_error, result, completed_at)::text FROM task WHERE id = $1",
+             last_error, result, completed_at)::text FROM task_all WHERE id = $1",
             &[&id],
         )
         .await
@@ -237,7 +237,7 @@ async fn concurrent_acquirers_lease_every_task_exactly_once() {
         .sql()
         .await
         .query_one(
-            "SELECT count(*) FILTER (WHERE status = 'completed' AND attempts = 1), count(*) FROM task",
+            "SELECT count(*) FILTER (WHERE status = 'completed' AND attempts = 1), count(*) FROM task_all",
             &[],
         )
         .await
@@ -433,7 +433,7 @@ async fn reclaimed(sql: &tokio_postgres::Client, id: uuid::Uuid) -> tokio_postgr
             .query_one(
                 "SELECT status, attempts, COALESCE(last_error, ''), lease_token IS NULL, \
                  CASE WHEN status = 'failed' THEN completed_at ELSE scheduled_for END \
-                 FROM task WHERE id = $1",
+                 FROM task_all WHERE id = $1",
                 &[&id],
             )
             .await
@@ -561,7 +561,7 @@ async fn failures_back_off_or_fail_for_good() {
             let id = uuid::Uuid::parse_str(&id).unwrap();
             let row = sql
                 .query_one(
-                    "SELECT status, scheduled_for, last_error FROM task WHERE id = $1",
+                    "SELECT status, scheduled_for, last_error FROM task_all WHERE id = $1",
                     &[&id],
                 )
                 .await

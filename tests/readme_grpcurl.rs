@@ -195,7 +195,7 @@ async fn readme_grpcurl_session_runs_verbatim() {
         .sql()
         .await
         .query_one(
-            "SELECT status, result, params, locked_until IS NULL FROM task WHERE id = $1",
+            "SELECT status, result, params, locked_until IS NULL FROM task_all WHERE id = $1",
             &[&id],
         )
         .await

@@ -543,7 +543,10 @@ async fn a_stalled_watcher_does_not_slow_workers_and_learns_what_it_missed() {
     let count: i64 = server
         .sql()
         .await
-        .query_one("SELECT count(*) FROM task WHERE status = 'completed'", &[])
+        .query_one(
+            "SELECT count(*) FROM task_all WHERE status = 'completed'",
+            &[],
+        )
         .await
         .unwrap()
         .get(0);
@@ -610,7 +613,7 @@ async fn shutdown_drains_sessions_and_accepts_their_outcomes() {
     let rows = server
         .sql()
         .await
-        .query("SELECT status FROM task ORDER BY seq", &[])
+        .query("SELECT status FROM task_all ORDER BY seq", &[])
         .await
         .unwrap();
     let statuses: Vec<String> = rows.iter().map(|r| r.get(0)).collect();

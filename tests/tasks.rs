@@ -471,7 +471,7 @@ async fn purge_deletes_only_finished_tasks_of_the_chosen_statuses() {
     let left: Vec<String> = server
         .sql()
         .await
-        .query("SELECT status FROM task ORDER BY status", &[])
+        .query("SELECT status FROM task_all ORDER BY status", &[])
         .await
         .unwrap()
         .iter()

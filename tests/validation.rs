@@ -29,7 +29,7 @@ async fn start() -> TestServer {
 /// The whole task table, every column of every row, in creation order.
 async fn snapshot(sql: &tokio_postgres::Client) -> String {
     sql.query_one(
-        "SELECT coalesce(json_agg(t ORDER BY t.seq), '[]')::text FROM task t",
+        "SELECT coalesce(json_agg(t ORDER BY t.seq), '[]')::text FROM task_all t",
         &[],
     )
     .await

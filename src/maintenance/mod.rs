@@ -3,7 +3,9 @@
 //! - `reclaim`: takes back leases that were not renewed;
 //! - `vacuum`: keeps the task table's dead row versions few;
 //! - `directory`: keeps this node's row and its sessions' rows fresh for
-//!   ListWorkers, and expires the rows of nodes that died.
+//!   ListWorkers, and expires the rows of nodes that died;
+//! - `history`: creates the history's days ahead and drops the days past
+//!   their retention.
 //!
 //! Every job is a [`Job`]: a pass, repeated, with the wait between passes
 //! chosen by the job. One [`Supervisor`] runs them all: it starts them,
@@ -16,6 +18,7 @@
 //! `WHERE`), so no leader is needed.
 
 mod directory;
+mod history;
 mod reclaim;
 mod supervisor;
 mod vacuum;
@@ -24,6 +27,7 @@ use std::future::Future;
 use std::time::Duration;
 
 pub(crate) use directory::{Directory, NodeState};
+pub(crate) use history::{History, DAYS_AHEAD};
 pub(crate) use reclaim::Reclaimer;
 pub(crate) use supervisor::{Health, HealthBoard, Supervisor};
 pub(crate) use vacuum::Vacuumer;

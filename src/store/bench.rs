@@ -4,17 +4,20 @@
 
 use super::{Result, Store};
 
-/// Inserts finished (completed) tasks of a type, in one statement.
-const TASK_SEED_FINISHED: &str = "INSERT INTO task (id, task_type, status, attempts, \
-       started_at, completed_at, locked_by, lease_token, result) \
-     SELECT gen_random_uuid(), $1, 'completed', 1, now(), now(), 'bench-preexisting', \
-       gen_random_uuid(), '{}'::jsonb \
-     FROM generate_series(1, $2::int8)";
+/// Inserts finished (completed) tasks of a type into today's history, in
+/// one statement.
+const TASK_SEED_FINISHED: &str = "INSERT INTO task_history (id, seq, task_type, status, \
+       priority, attempts, max_attempts, scheduled_for, created_at, started_at, \
+       completed_at, locked_by, lease_token, params, result) \
+     SELECT gen_random_uuid(), n, $1, 'completed', 0, 1, 3, now(), now(), now(), now(), \
+       'bench-preexisting', gen_random_uuid(), '{}'::jsonb, '{}'::jsonb \
+     FROM generate_series(1, $2::int8) AS n";
 
-const TASK_COUNT_FINISHED: &str =
-    "SELECT count(*) FROM task WHERE status IN ('completed', 'failed', 'cancelled')";
+const TASK_COUNT_FINISHED: &str = "SELECT count(*) FROM task_history";
 
-const TASK_DELETE_TYPE: &str = "DELETE FROM task WHERE task_type = $1";
+const TASK_DELETE_TYPE: &str = "WITH live AS (DELETE FROM task WHERE task_type = $1 RETURNING 1), \
+       finished AS (DELETE FROM task_history WHERE task_type = $1 RETURNING 1) \
+     SELECT (SELECT count(*) FROM live) + (SELECT count(*) FROM finished)";
 
 const TASK_DELETE_UNFINISHED: &str =
     "DELETE FROM task WHERE task_type = $1 AND status IN ('pending', 'processing')";
@@ -29,17 +32,19 @@ pub(super) const STATEMENTS: &[&str] = &[
 ];
 
 impl Store {
-    /// Inserts `count` completed tasks of `task_type`, then vacuums and
-    /// analyzes the table so that what follows sees it as a long-lived
-    /// table would be (statistics, visibility map, hint bits). Returns how
-    /// many rows were inserted.
+    /// Inserts `count` completed tasks of `task_type` into the history,
+    /// then vacuums and analyzes it so that what follows sees it as a
+    /// long-lived history would be (statistics, visibility map, hint bits).
+    /// Returns how many rows were inserted.
     pub(crate) async fn bench_seed_finished(&self, task_type: &str, count: u64) -> Result<u64> {
         let client = self.client().await?;
         let count = i64::try_from(count).unwrap_or(i64::MAX);
         let inserted = client
             .execute(TASK_SEED_FINISHED, &[&task_type, &count])
             .await?;
-        client.batch_execute("VACUUM (ANALYZE) task").await?;
+        client
+            .batch_execute("VACUUM (ANALYZE) task_history")
+            .await?;
         Ok(inserted)
     }
 
@@ -65,8 +70,8 @@ impl Store {
                 .execute(TASK_DELETE_UNFINISHED, &[&task_type])
                 .await?);
         }
-        let deleted = client.execute(TASK_DELETE_TYPE, &[&task_type]).await?;
+        let row = client.query_one(TASK_DELETE_TYPE, &[&task_type]).await?;
         client.batch_execute("VACUUM (SKIP_LOCKED) task").await?;
-        Ok(deleted)
+        Ok(row.try_get::<_, i64>(0)? as u64)
     }
 }

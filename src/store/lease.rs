@@ -1,16 +1,19 @@
 //! Leases: claiming, renewing, completing, failing, releasing and
-//! reclaiming them, and progress reports. Every write that depends on a lease carries the lease
-//! token in its `WHERE`; zero rows affected means the lease is gone, which is
-//! a normal outcome reported as [`Fenced`], not an error.
+//! reclaiming them, and progress reports. Every write that depends on a
+//! lease carries the lease token in its `WHERE`; zero rows affected means
+//! the lease is gone, which is a normal outcome reported as [`Fenced`], not
+//! an error.
 //!
 //! Lease design, in short: a hand-out sets `status = 'processing'`,
-//! `locked_by`, `locked_until` and a fresh random `lease_token`. Heartbeats
-//! move `locked_until`. Complete and fail keep the token on the row so a
-//! repeated call with the same token is recognised as already applied;
-//! release, expiry and an operator retry clear it, so a stale worker can
-//! never act again. The reclaimer re-checks status and expiry in the same
-//! statement that takes the lease back, so it cannot clobber a completion
-//! that landed a moment earlier.
+//! `locked_by`, `locked_until` and a fresh random `lease_token` on the live
+//! row. Heartbeats move `locked_until`. A task that ends (completed, failed
+//! for good, cancelled) moves to the history with its token, so a repeated
+//! call with the same token is recognised there as already applied; a
+//! failure with attempts left stays live, pending, with its token for the
+//! same reason. Release, expiry and an operator retry clear the token, so a
+//! stale worker can never act again. The reclaimer re-checks status and
+//! expiry in the same statement that takes the lease back, so it cannot
+//! clobber a completion that landed a moment earlier.
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, SystemTime};
@@ -21,7 +24,7 @@ use uuid::Uuid;
 
 use super::notify::NOTIFY;
 use super::row::{millis, seconds_to_duration, task_from_row};
-use super::task::{TASK_GET, TASK_GET_MANY};
+use super::task::{task_read, task_read_many};
 use super::{Announce, Channel, Result, Store};
 use crate::model::{Backoff, Claim, Failure, LeaseRef, LeaseState, Progress, Status, Task};
 
@@ -33,7 +36,6 @@ pub(super) const STATEMENTS: &[&str] = &[
     TASK_CLAIM_TYPED,
     TASK_NEXT_DUE,
     LEASE_EXTEND,
-    LEASE_STATE,
     TASK_COMPLETE_MANY,
     TASK_FAIL_MANY,
     TASK_PROGRESS,
@@ -133,12 +135,11 @@ const LEASE_EXTEND: &str = "WITH locked AS ( \
        AND t.status = 'processing' \
      RETURNING t.id, t.lease_token, t.locked_until";
 
-// Why leases were not renewed: cancelled (the token is still on the
-// cancelled row) or lost.
-const LEASE_STATE: &str = "SELECT id, status, lease_token FROM task WHERE id = ANY($1::uuid[])";
-
 // Completions and failures are written in batches (group commit): one
-// statement for every outcome that arrived together.
+// statement for every outcome that arrived together. A task that ends
+// leaves the live table in the statement that ends it and lands in the
+// history, in one transaction: a `DELETE` (which writes no index entry)
+// feeding an `INSERT` into today's partition.
 //
 // Completions, the hottest batch, skip the `locked` pass (a row-lock record
 // per task, 15-25 % of `sql-only` throughput): they lock rows in the order
@@ -146,42 +147,50 @@ const LEASE_STATE: &str = "SELECT id, status, lease_token FROM task WHERE id = A
 // then aborts one of the two as a deadlock victim, and `deadlock_retried`
 // runs it again.
 const TASK_COMPLETE_MANY: &str = concat!(
-    "UPDATE task t SET status = 'completed', result = r.result, completed_at = now(), \
-       locked_until = NULL \
-     FROM unnest($1::uuid[], $2::uuid[], $3::jsonb[]) AS r(id, token, result) \
-     WHERE t.id = r.id AND t.lease_token = r.token AND t.status = 'processing' \
-     RETURNING ",
-    t_columns!()
+    "WITH done AS ( \
+       DELETE FROM task t \
+       USING unnest($1::uuid[], $2::uuid[], $3::jsonb[]) AS r(id, token, result) \
+       WHERE t.id = r.id AND t.lease_token = r.token AND t.status = 'processing' \
+       RETURNING t.*, r.result AS new_result) ",
+    into_history!("'completed'", "last_error", "new_result")
 );
 
 // $6 backoff base ms, $7 backoff cap ms; per row a NULL retry_ms means
 // backoff. The delay is base * 2^(attempt-1), capped, then scaled by a random
-// factor in [0.5, 1) so that a burst of failures spreads out.
+// factor in [0.5, 1) so that a burst of failures spreads out. A failure with
+// attempts left stays live, pending again, and keeps its token (a repeated
+// fail is recognised); a final one moves to the history.
 const TASK_FAIL_MANY: &str = concat!(
     "WITH locked AS ( \
-       SELECT t.id, r.n FROM unnest($1::uuid[]) WITH ORDINALITY AS r(id, n) \
+       SELECT t.id, r.n, t.attempts >= t.max_attempts AS exhausted \
+       FROM unnest($1::uuid[]) WITH ORDINALITY AS r(id, n) \
        JOIN task t ON t.id = r.id ORDER BY t.id FOR UPDATE OF t), \
      r AS ( \
-       SELECT id, ($2::uuid[])[n] AS token, ($3::bool[])[n] AS permanent, \
-         ($4::float8[])[n] AS retry_ms, ($5::text[])[n] AS error FROM locked) \
-     UPDATE task t SET \
-       status = CASE WHEN r.permanent OR t.attempts >= t.max_attempts \
-         THEN 'failed' ELSE 'pending' END, \
-       scheduled_for = CASE WHEN r.permanent OR t.attempts >= t.max_attempts \
-         THEN t.scheduled_for \
-         ELSE now() + COALESCE(r.retry_ms, \
+       SELECT id, ($2::uuid[])[n] AS token, ($3::bool[])[n] OR exhausted AS is_final, \
+         ($4::float8[])[n] AS retry_ms, ($5::text[])[n] AS error FROM locked), \
+     retried AS ( \
+       UPDATE task t SET status = 'pending', \
+         scheduled_for = now() + COALESCE(r.retry_ms, \
            LEAST($7::float8, $6::float8 * power(2, LEAST(t.attempts - 1, 60))) \
-           * (0.5 + random() / 2)) * interval '1 millisecond' END, \
-       completed_at = CASE WHEN r.permanent OR t.attempts >= t.max_attempts THEN now() END, \
-       locked_by = CASE WHEN r.permanent OR t.attempts >= t.max_attempts THEN t.locked_by END, \
-       locked_until = NULL, \
-       last_error = r.error \
-     FROM r \
-     WHERE t.id = r.id AND t.lease_token = r.token AND t.status = 'processing' \
-     RETURNING ",
-    t_columns!()
+           * (0.5 + random() / 2)) * interval '1 millisecond', \
+         locked_by = NULL, locked_until = NULL, last_error = r.error \
+       FROM r \
+       WHERE t.id = r.id AND t.lease_token = r.token AND t.status = 'processing' \
+         AND NOT r.is_final \
+       RETURNING ",
+    t_columns!(),
+    "), \
+     done AS ( \
+       DELETE FROM task t USING r \
+       WHERE t.id = r.id AND t.lease_token = r.token AND t.status = 'processing' AND r.is_final \
+       RETURNING t.*, r.error AS new_error), \
+     failed AS (",
+    into_history!("'failed'", "new_error", "NULL"),
+    ") \
+     SELECT * FROM retried UNION ALL SELECT * FROM failed"
 );
 
+// Progress changes no indexed column: an update in place (HOT).
 const TASK_PROGRESS: &str = concat!(
     "UPDATE task SET progress_current = $3, progress_total = $4, progress_message = $5, \
        progress_updated_at = now() \
@@ -198,22 +207,40 @@ const TASK_RELEASE: &str = concat!(
     columns!()
 );
 
+// An expired lease with attempts left makes its task pending again at once;
+// without, the task fails and moves to the history. Either way the token is
+// cleared: the late worker can never act again.
 const LEASE_RECLAIM_EXPIRED: &str = concat!(
     "WITH expired AS ( \
        SELECT id, lease_token FROM task WHERE status = 'processing' AND locked_until <= now() \
-       ORDER BY locked_until LIMIT $1 FOR UPDATE SKIP LOCKED) \
-     UPDATE task t SET \
-       status = CASE WHEN t.attempts >= t.max_attempts THEN 'failed' ELSE 'pending' END, \
-       scheduled_for = CASE WHEN t.attempts >= t.max_attempts THEN t.scheduled_for ELSE now() END, \
-       completed_at = CASE WHEN t.attempts >= t.max_attempts THEN now() END, \
-       last_error = format('lease expired: worker %s did not renew it (attempt %s of %s)', \
-         t.locked_by, t.attempts, t.max_attempts), \
-       locked_by = CASE WHEN t.attempts >= t.max_attempts THEN t.locked_by END, \
-       locked_until = NULL, lease_token = NULL \
-     FROM expired \
-     WHERE t.id = expired.id AND t.status = 'processing' AND t.locked_until <= now() \
-     RETURNING expired.lease_token AS old_token, ",
-    t_columns!()
+       ORDER BY locked_until LIMIT $1 FOR UPDATE SKIP LOCKED), \
+     retried AS ( \
+       UPDATE task t SET status = 'pending', scheduled_for = now(), \
+         last_error = format('lease expired: worker %s did not renew it (attempt %s of %s)', \
+           t.locked_by, t.attempts, t.max_attempts), \
+         locked_by = NULL, locked_until = NULL, lease_token = NULL \
+       FROM expired \
+       WHERE t.id = expired.id AND t.status = 'processing' AND t.locked_until <= now() \
+         AND t.attempts < t.max_attempts \
+       RETURNING expired.lease_token AS old_token, ",
+    t_columns!(),
+    "), \
+     done AS ( \
+       DELETE FROM task t USING expired \
+       WHERE t.id = expired.id AND t.status = 'processing' AND t.locked_until <= now() \
+         AND t.attempts >= t.max_attempts \
+       RETURNING t.id, t.seq, t.task_type, t.priority, t.attempts, t.max_attempts, \
+         t.scheduled_for, t.created_at, t.started_at, t.locked_by, NULL::uuid AS lease_token, \
+         format('lease expired: worker %s did not renew it (attempt %s of %s)', \
+           t.locked_by, t.attempts, t.max_attempts) AS last_error, \
+         t.params, t.library_id, t.series_id, t.book_id, t.dedup_key, t.progress_current, \
+         t.progress_total, t.progress_message, t.progress_updated_at, \
+         expired.lease_token AS old_token), \
+     failed AS (",
+    into_history!("'failed'", "last_error", "NULL"),
+    ") \
+     SELECT * FROM retried \
+     UNION ALL SELECT done.old_token, failed.* FROM failed JOIN done ON done.id = failed.id"
 );
 
 const LEASE_NEXT_EXPIRY: &str =
@@ -370,15 +397,14 @@ impl Store {
                 .filter(|(s, _)| **s == LeaseState::Lost)
                 .map(|(_, (l, _))| l.task_id)
                 .collect();
-            let stmt = client.prepare_cached(LEASE_STATE).await?;
-            let mut cancelled: HashSet<(Uuid, Uuid)> = HashSet::new();
-            for row in client.query(&stmt, &[&missed]).await? {
-                if row.try_get::<_, &str>(1)? == Status::Cancelled.as_str() {
-                    if let Some(token) = row.try_get::<_, Option<Uuid>>(2)? {
-                        cancelled.insert((row.try_get(0)?, token));
-                    }
-                }
-            }
+            // Why they were not renewed: cancelled (the token is still on
+            // the cancelled task, now finished) or lost.
+            let cancelled: HashSet<(Uuid, Uuid)> = task_read_many(&client, &missed)
+                .await?
+                .into_iter()
+                .filter(|task| task.status == Status::Cancelled)
+                .filter_map(|task| Some((task.id, task.lease_token?)))
+                .collect();
             for (state, (lease, _)) in answers.iter_mut().zip(leases) {
                 if *state == LeaseState::Lost
                     && cancelled.contains(&(lease.task_id, lease.lease_token))
@@ -488,11 +514,7 @@ impl Store {
         if let Some(row) = row {
             return Ok(Fenced::Applied(Box::new(task_from_row(&row)?)));
         }
-        let stmt = client.prepare_cached(TASK_GET).await?;
-        let task = match client.query_opt(&stmt, &[&lease.task_id]).await? {
-            Some(row) => Some(task_from_row(&row)?),
-            None => None,
-        };
+        let task = task_read(client, lease.task_id).await?;
         Ok(verdict(task, lease, already_applied))
     }
 
@@ -524,9 +546,7 @@ impl Store {
             .collect();
         let mut current: HashMap<Uuid, Task> = HashMap::new();
         if !missed.is_empty() {
-            let stmt = client.prepare_cached(TASK_GET_MANY).await?;
-            for row in client.query(&stmt, &[&missed]).await? {
-                let task = task_from_row(&row)?;
+            for task in task_read_many(client, &missed).await? {
                 current.insert(task.id, task);
             }
         }

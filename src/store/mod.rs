@@ -19,6 +19,7 @@ mod bench;
 mod error;
 #[macro_use]
 mod row;
+mod history;
 mod lease;
 mod node;
 mod notify;

@@ -1,5 +1,6 @@
-//! Task rows: the column list every statement returns, and the one mapping
-//! of a row to [`Task`].
+//! Task rows: the column lists every statement returns, live or finished,
+//! the move of a live row into the history, and the one mapping of a row to
+//! [`Task`].
 
 use std::time::{Duration, SystemTime};
 
@@ -8,12 +9,15 @@ use tokio_postgres::Row;
 use super::{Error, Result};
 use crate::model::{Progress, Status, Task};
 
+/// The columns of a live task, in the shape every task statement returns
+/// (a live task has no completion time and no result yet).
 macro_rules! columns {
     () => {
         "id, seq, task_type, status, priority, attempts, max_attempts, scheduled_for, \
-         created_at, started_at, completed_at, locked_by, locked_until, lease_token, \
-         last_error, params, result, library_id, series_id, book_id, dedup_key, \
-         progress_current, progress_total, progress_message, progress_updated_at"
+         created_at, started_at, NULL::timestamptz AS completed_at, locked_by, locked_until, \
+         lease_token, last_error, params, NULL::jsonb AS result, library_id, series_id, \
+         book_id, dedup_key, progress_current, progress_total, progress_message, \
+         progress_updated_at"
     };
 }
 
@@ -21,10 +25,48 @@ macro_rules! columns {
 macro_rules! t_columns {
     () => {
         "t.id, t.seq, t.task_type, t.status, t.priority, t.attempts, t.max_attempts, \
-         t.scheduled_for, t.created_at, t.started_at, t.completed_at, t.locked_by, \
-         t.locked_until, t.lease_token, t.last_error, t.params, t.result, t.library_id, \
-         t.series_id, t.book_id, t.dedup_key, t.progress_current, t.progress_total, \
-         t.progress_message, t.progress_updated_at"
+         t.scheduled_for, t.created_at, t.started_at, NULL::timestamptz AS completed_at, \
+         t.locked_by, t.locked_until, t.lease_token, t.last_error, t.params, \
+         NULL::jsonb AS result, t.library_id, t.series_id, t.book_id, t.dedup_key, \
+         t.progress_current, t.progress_total, t.progress_message, t.progress_updated_at"
+    };
+}
+
+/// The columns of a finished task in the same shape (a finished task holds
+/// no lease any more).
+macro_rules! history_columns {
+    () => {
+        "id, seq, task_type, status, priority, attempts, max_attempts, scheduled_for, \
+         created_at, started_at, completed_at, locked_by, NULL::timestamptz AS locked_until, \
+         lease_token, last_error, params, result, library_id, series_id, book_id, dedup_key, \
+         progress_current, progress_total, progress_message, progress_updated_at"
+    };
+}
+
+/// Moves the live rows of the `done` CTE (a `DELETE ... RETURNING t.*` that
+/// may add `new_error` and `new_result`) into the history, as `$status`,
+/// finished now, with last error `$error` and result `$result` (column
+/// expressions over `done`); returns them as [`history_columns!`].
+macro_rules! into_history {
+    ($status:literal, $error:literal, $result:literal) => {
+        concat!(
+            "INSERT INTO task_history (id, seq, task_type, status, priority, attempts, \
+               max_attempts, scheduled_for, created_at, started_at, completed_at, locked_by, \
+               lease_token, last_error, params, result, library_id, series_id, book_id, \
+               dedup_key, progress_current, progress_total, progress_message, \
+               progress_updated_at) \
+             SELECT id, seq, task_type, ",
+            $status,
+            ", priority, attempts, max_attempts, scheduled_for, created_at, started_at, \
+               now(), locked_by, lease_token, ",
+            $error,
+            ", params, ",
+            $result,
+            ", library_id, series_id, book_id, dedup_key, progress_current, progress_total, \
+               progress_message, progress_updated_at \
+             FROM done RETURNING ",
+            history_columns!()
+        )
     };
 }
 

@@ -27,11 +27,14 @@ pub(super) const STATEMENTS: &[&str] = &[
     TASK_STATS,
 ];
 
+// The dedup key is unique among live tasks (every live task is pending or
+// processing): a create whose key a live task holds inserts nothing and
+// returns that task instead.
 const TASK_INSERT: &str = concat!(
     "INSERT INTO task (id, task_type, params, priority, max_attempts, scheduled_for, \
      library_id, series_id, book_id, dedup_key) \
      VALUES ($1, $2, $3, $4, $5, COALESCE($6, now()), $7, $8, $9, $10) \
-     ON CONFLICT (dedup_key) WHERE dedup_key IS NOT NULL AND status IN ('pending', 'processing') \
+     ON CONFLICT (dedup_key) WHERE dedup_key IS NOT NULL \
      DO NOTHING RETURNING ",
     columns!()
 );
@@ -46,65 +49,185 @@ const TASK_INSERT_MANY: &str = concat!(
      AS r(id, task_type, params, priority, max_attempts, scheduled_for, library_id, \
      series_id, book_id, dedup_key, n) \
      ORDER BY n \
-     ON CONFLICT (dedup_key) WHERE dedup_key IS NOT NULL AND status IN ('pending', 'processing') \
+     ON CONFLICT (dedup_key) WHERE dedup_key IS NOT NULL \
      DO NOTHING RETURNING ",
     columns!()
 );
 
-pub(super) const TASK_GET: &str = concat!("SELECT ", columns!(), " FROM task WHERE id = $1");
-
-pub(super) const TASK_GET_MANY: &str = concat!(
+// A task is live or finished, never both: both tables are read in one
+// statement, so one snapshot, and a task that moves between them meanwhile
+// is seen exactly once. `$2` bounds the completion time from below, so that
+// only the history's partitions of days since the task was created are
+// searched (see `history_bound`).
+const TASK_GET: &str = concat!(
     "SELECT ",
     columns!(),
-    " FROM task WHERE id = ANY($1::uuid[])"
+    " FROM task WHERE id = $1 \
+     UNION ALL SELECT ",
+    history_columns!(),
+    " FROM task_history WHERE id = $1 AND completed_at >= $2 \
+     LIMIT 1"
+);
+
+const TASK_GET_MANY: &str = concat!(
+    "SELECT ",
+    columns!(),
+    " FROM task WHERE id = ANY($1::uuid[]) \
+     UNION ALL SELECT ",
+    history_columns!(),
+    " FROM task_history WHERE id = ANY($1::uuid[]) AND completed_at >= $2"
 );
 
 const TASK_GET_LIVE_BY_DEDUP: &str = concat!(
     "SELECT ",
     columns!(),
-    " FROM task WHERE dedup_key = ANY($1::text[]) AND status IN ('pending', 'processing')"
+    " FROM task WHERE dedup_key = ANY($1::text[])"
 );
 
+// Every live task can be cancelled: it leaves the live table and is
+// finished, cancelled. The lease token stays on the row, so the holder's
+// next heartbeat learns that its lease was cancelled rather than lost.
 const TASK_CANCEL: &str = concat!(
-    "UPDATE task SET status = 'cancelled', completed_at = now(), locked_until = NULL, \
-       last_error = COALESCE($2, last_error) \
-     WHERE id = $1 AND status IN ('pending', 'processing') \
-     RETURNING ",
-    columns!()
+    "WITH done AS (DELETE FROM task WHERE id = $1 RETURNING *) ",
+    into_history!("'cancelled'", "COALESCE($2, last_error)", "NULL")
 );
 
+// A failed or cancelled task moves back to the live table, pending, with
+// its attempts reset and no lease: a token of an earlier attempt can never
+// act on it again. It keeps its creation number. A live task holding its
+// dedup key makes the insert, and with it the whole move, fail.
 const TASK_RETRY: &str = concat!(
-    "UPDATE task SET status = 'pending', attempts = 0, scheduled_for = now(), \
-       completed_at = NULL, locked_by = NULL, locked_until = NULL, lease_token = NULL, \
-       result = NULL \
-     WHERE id = $1 AND status IN ('failed', 'cancelled') \
-     RETURNING ",
+    "WITH moved AS ( \
+       DELETE FROM task_history WHERE id = $1 AND status IN ('failed', 'cancelled') \
+       RETURNING *) \
+     INSERT INTO task (id, seq, task_type, status, priority, attempts, max_attempts, \
+       scheduled_for, created_at, started_at, locked_by, locked_until, lease_token, \
+       last_error, params, library_id, series_id, book_id, dedup_key, progress_current, \
+       progress_total, progress_message, progress_updated_at) \
+     OVERRIDING SYSTEM VALUE \
+     SELECT id, seq, task_type, 'pending', priority, 0, max_attempts, now(), created_at, \
+       started_at, NULL, NULL, NULL, last_error, params, library_id, series_id, book_id, \
+       dedup_key, progress_current, progress_total, progress_message, progress_updated_at \
+     FROM moved RETURNING ",
     columns!()
 );
 
+// Newest first across live and finished tasks, by the time-ordered id: each
+// table gives its own first page, in one snapshot, and the two are merged.
 const TASK_LIST: &str = concat!(
-    "SELECT ",
+    "SELECT * FROM ( \
+       (SELECT ",
     columns!(),
     " FROM task \
-     WHERE (cardinality($1::text[]) = 0 OR status = ANY($1::text[])) \
-       AND (cardinality($2::text[]) = 0 OR task_type = ANY($2::text[])) \
-       AND ($3::uuid IS NULL OR library_id = $3) \
-       AND ($4::uuid IS NULL OR series_id = $4) \
-       AND ($5::uuid IS NULL OR book_id = $5) \
-       AND ($6::uuid IS NULL OR id < $6) \
+        WHERE (cardinality($1::text[]) = 0 OR status = ANY($1::text[])) \
+          AND (cardinality($2::text[]) = 0 OR task_type = ANY($2::text[])) \
+          AND ($3::uuid IS NULL OR library_id = $3) \
+          AND ($4::uuid IS NULL OR series_id = $4) \
+          AND ($5::uuid IS NULL OR book_id = $5) \
+          AND ($6::uuid IS NULL OR id < $6) \
+        ORDER BY id DESC LIMIT $7) \
+       UNION ALL \
+       (SELECT ",
+    history_columns!(),
+    " FROM task_history \
+        WHERE (cardinality($1::text[]) = 0 OR status = ANY($1::text[])) \
+          AND (cardinality($2::text[]) = 0 OR task_type = ANY($2::text[])) \
+          AND ($3::uuid IS NULL OR library_id = $3) \
+          AND ($4::uuid IS NULL OR series_id = $4) \
+          AND ($5::uuid IS NULL OR book_id = $5) \
+          AND ($6::uuid IS NULL OR id < $6) \
+        ORDER BY id DESC LIMIT $7)) t \
      ORDER BY id DESC LIMIT $7"
 );
 
+// A finer cut than the retention's whole days: rows, in bounded batches.
 const TASK_PURGE: &str = "WITH doomed AS ( \
-       SELECT id FROM task \
+       SELECT id, status, completed_at FROM task_history \
        WHERE status = ANY($1::text[]) AND completed_at < COALESCE($2, now()) \
-       ORDER BY completed_at LIMIT $3 FOR UPDATE SKIP LOCKED) \
-     DELETE FROM task t USING doomed WHERE t.id = doomed.id";
+       LIMIT $3 FOR UPDATE SKIP LOCKED) \
+     DELETE FROM task_history h USING doomed \
+     WHERE h.id = doomed.id AND h.status = doomed.status \
+       AND h.completed_at = doomed.completed_at \
+       AND h.status = ANY($1::text[]) AND h.completed_at < COALESCE($2, now())";
 
 const TASK_STATS: &str = "SELECT task_type, status, count(*) AS n, \
        EXTRACT(EPOCH FROM now() - min(scheduled_for) \
          FILTER (WHERE status = 'pending' AND scheduled_for <= now()))::float8 AS oldest \
-     FROM task GROUP BY task_type, status";
+     FROM task GROUP BY task_type, status \
+     UNION ALL \
+     SELECT task_type, status, count(*), NULL FROM task_history GROUP BY task_type, status";
+
+/// How far before a task's creation its completion may lie, by the clocks
+/// involved: the id's time is a node's clock, the completion the
+/// database's.
+const CLOCK_MARGIN: Duration = Duration::from_secs(24 * 3600);
+
+/// A lower bound of the completion time of the tasks `ids`, so that a read
+/// searches only the history's days since they were created: ids are
+/// UUIDv7, whose first 48 bits are their creation time (on the node that
+/// made them). An id of another version bounds nothing.
+fn history_bound(ids: &[Uuid]) -> SystemTime {
+    ids.iter()
+        .map(|id| match id.get_timestamp() {
+            Some(ts) if id.get_version_num() == 7 => {
+                let (secs, nanos) = ts.to_unix();
+                (SystemTime::UNIX_EPOCH + Duration::new(secs, nanos))
+                    .checked_sub(CLOCK_MARGIN)
+                    .unwrap_or(SystemTime::UNIX_EPOCH)
+            }
+            _ => SystemTime::UNIX_EPOCH,
+        })
+        .min()
+        .unwrap_or(SystemTime::UNIX_EPOCH)
+        .max(SystemTime::UNIX_EPOCH)
+}
+
+/// Reads one task, live or finished. A finished task is searched among the
+/// days since its creation first, then, should a clock have been off by
+/// more than a day, among all.
+pub(super) async fn task_read(
+    client: &deadpool_postgres::Object,
+    id: Uuid,
+) -> Result<Option<Task>> {
+    let stmt = client.prepare_cached(TASK_GET).await?;
+    let bound = history_bound(&[id]);
+    if let Some(row) = client.query_opt(&stmt, &[&id, &bound]).await? {
+        return Ok(Some(task_from_row(&row)?));
+    }
+    if bound == SystemTime::UNIX_EPOCH {
+        return Ok(None);
+    }
+    client
+        .query_opt(&stmt, &[&id, &SystemTime::UNIX_EPOCH])
+        .await?
+        .as_ref()
+        .map(task_from_row)
+        .transpose()
+}
+
+/// Reads tasks by id, live or finished, as [`task_read`] does; the ones not
+/// found are missing from the answer.
+pub(super) async fn task_read_many(
+    client: &deadpool_postgres::Object,
+    ids: &[Uuid],
+) -> Result<Vec<Task>> {
+    let stmt = client.prepare_cached(TASK_GET_MANY).await?;
+    let bound = history_bound(ids);
+    let mut tasks = tasks_from_rows(&client.query(&stmt, &[&ids, &bound]).await?)?;
+    if tasks.len() < ids.len() && bound != SystemTime::UNIX_EPOCH {
+        let found: std::collections::HashSet<Uuid> = tasks.iter().map(|t| t.id).collect();
+        let missing: Vec<Uuid> = ids
+            .iter()
+            .filter(|id| !found.contains(id))
+            .copied()
+            .collect();
+        let rows = client
+            .query(&stmt, &[&missing, &SystemTime::UNIX_EPOCH])
+            .await?;
+        tasks.extend(tasks_from_rows(&rows)?);
+    }
+    Ok(tasks)
+}
 
 /// Rows deleted per purge statement: bounded so one pass never locks much.
 const PURGE_BATCH: i64 = 1000;
@@ -268,16 +391,10 @@ impl Store {
         ))
     }
 
-    /// Reads one task.
+    /// Reads one task, live or finished.
     pub(crate) async fn task_get(&self, id: Uuid) -> Result<Option<Task>> {
         let client = self.client().await?;
-        let stmt = client.prepare_cached(TASK_GET).await?;
-        client
-            .query_opt(&stmt, &[&id])
-            .await?
-            .as_ref()
-            .map(task_from_row)
-            .transpose()
+        task_read(&client, id).await
     }
 
     /// Cancels a pending or processing task. `Err(task)` in the inner result
@@ -314,11 +431,7 @@ impl Store {
         client: &deadpool_postgres::Object,
         id: Uuid,
     ) -> Result<Option<std::result::Result<Task, Task>>> {
-        let stmt = client.prepare_cached(TASK_GET).await?;
-        Ok(match client.query_opt(&stmt, &[&id]).await? {
-            Some(row) => Some(Err(task_from_row(&row)?)),
-            None => None,
-        })
+        Ok(task_read(client, id).await?.map(Err))
     }
 
     /// One page of tasks, newest first.

@@ -109,7 +109,7 @@ impl TestServer {
     pub async fn task_count(&self) -> i64 {
         self.sql()
             .await
-            .query_one("SELECT count(*) FROM task", &[])
+            .query_one("SELECT count(*) FROM task_all", &[])
             .await
             .unwrap()
             .get(0)

@@ -1,0 +1,248 @@
+//! The history's partitions: one per status and UTC day, named
+//! `task_history_<status>_<yyyymmdd>` (migration V6 made the first ones).
+//!
+//! Days are created ahead, so that a task finishing at any moment finds its
+//! day, and dropped whole once older than their status' retention. Both are
+//! done without blocking the tasks finishing meanwhile: a day is created as
+//! a table of its own and then attached (a lock that does not conflict with
+//! inserts, where `CREATE TABLE ... PARTITION OF` would wait for every
+//! running insert and hold up the ones after it), and dropped only after it
+//! is detached `CONCURRENTLY`. Nodes take turns on an advisory lock, so two
+//! never create or drop the same day at once.
+
+use std::time::{Duration, SystemTime};
+
+use super::{Error, Result, Store};
+use crate::model::Status;
+
+/// The advisory lock nodes take turns on for partition upkeep ("lhhist").
+const HISTORY_LOCK: i64 = 0x6c68_6869_7374;
+
+/// The statuses of the history, each a partitioned table of its days.
+const STATUSES: [Status; 3] = Status::TERMINAL;
+
+/// One day of one status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Day {
+    pub(crate) status: Status,
+    /// Days since 1970-01-01 (UTC).
+    pub(crate) day: i64,
+}
+
+const SECONDS_PER_DAY: i64 = 86_400;
+
+impl Day {
+    /// The partition's name.
+    fn table(&self) -> String {
+        format!("task_history_{}_{}", self.status.as_str(), ymd(self.day))
+    }
+
+    /// When the day ends (the partition's upper bound).
+    pub(crate) fn end(&self) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(((self.day + 1) * SECONDS_PER_DAY) as u64)
+    }
+}
+
+/// `yyyymmdd` of a day since 1970-01-01 (the civil calendar, UTC).
+fn ymd(day: i64) -> String {
+    // Howard Hinnant's days-to-civil algorithm.
+    let z = day + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}{m:02}{d:02}")
+}
+
+/// The start of a day, as a timestamp literal in UTC.
+fn midnight(day: i64) -> String {
+    let d = ymd(day);
+    format!("{}-{}-{} 00:00:00+00", &d[..4], &d[4..6], &d[6..])
+}
+
+/// The day of a partition's name, if it is one of ours.
+fn parse(table: &str) -> Option<Day> {
+    let rest = table.strip_prefix("task_history_")?;
+    let (status, date) = rest.rsplit_once('_')?;
+    let status = Status::parse(status).filter(|s| s.is_terminal())?;
+    if date.len() != 8 || !date.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let (y, m, d): (i64, i64, i64) = (
+        date[..4].parse().ok()?,
+        date[4..6].parse().ok()?,
+        date[6..].parse().ok()?,
+    );
+    // Civil-to-days, the inverse of `ymd`.
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let mp = if m > 2 { m - 3 } else { m + 9 };
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let day = era * 146_097 + doe - 719_468;
+    (ymd(day) == date).then_some(Day { status, day })
+}
+
+const HISTORY_DAYS: &str = "SELECT c.relname::text, i.inhdetachpending \
+     FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
+     WHERE i.inhparent = ANY(ARRAY['task_history_completed', 'task_history_failed', \
+       'task_history_cancelled']::regclass[])";
+
+const NOW: &str = "SELECT EXTRACT(EPOCH FROM now())::float8";
+
+impl Store {
+    /// Now, by the database clock.
+    async fn history_now(&self, client: &deadpool_postgres::Object) -> Result<SystemTime> {
+        let secs: f64 = client.query_one(NOW, &[]).await?.try_get(0)?;
+        Ok(SystemTime::UNIX_EPOCH + Duration::from_secs_f64(secs.max(0.0)))
+    }
+
+    /// The days the history has, and finishes a detach that a node
+    /// stopping half way left pending.
+    pub(crate) async fn history_days(&self) -> Result<Vec<Day>> {
+        let client = self.client().await?;
+        let mut days = Vec::new();
+        for row in client.query(HISTORY_DAYS, &[]).await? {
+            let table: String = row.try_get(0)?;
+            let Some(day) = parse(&table) else {
+                continue;
+            };
+            if row.try_get::<_, bool>(1)? {
+                let parent = format!("task_history_{}", day.status.as_str());
+                client
+                    .batch_execute(&format!(
+                        "ALTER TABLE {parent} DETACH PARTITION {table} FINALIZE; \
+                         DROP TABLE {table}"
+                    ))
+                    .await?;
+                continue;
+            }
+            days.push(day);
+        }
+        days.sort_by_key(|d| (d.day, d.status.as_str()));
+        Ok(days)
+    }
+
+    /// Makes sure every status has a partition from yesterday to `ahead`
+    /// days after today (by the database clock), and drops the days of
+    /// each status that ended `retention(status)` ago or longer (`None`:
+    /// kept forever). Returns the days dropped. Skips the pass (returns
+    /// nothing) while another node does the same.
+    pub(crate) async fn history_upkeep(
+        &self,
+        ahead: i64,
+        retention: impl Fn(Status) -> Option<Duration>,
+    ) -> Result<Vec<Day>> {
+        let client = self.client().await?;
+        let locked: bool = client
+            .query_one("SELECT pg_try_advisory_lock($1)", &[&HISTORY_LOCK])
+            .await?
+            .try_get(0)?;
+        if !locked {
+            return Ok(Vec::new());
+        }
+        let outcome = self.history_upkeep_locked(&client, ahead, retention).await;
+        client
+            .execute("SELECT pg_advisory_unlock($1)", &[&HISTORY_LOCK])
+            .await?;
+        outcome
+    }
+
+    async fn history_upkeep_locked(
+        &self,
+        client: &deadpool_postgres::Object,
+        ahead: i64,
+        retention: impl Fn(Status) -> Option<Duration>,
+    ) -> Result<Vec<Day>> {
+        let now = self.history_now(client).await?;
+        let today = now
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64 / SECONDS_PER_DAY);
+        let existing = self.history_days().await?;
+        for status in STATUSES {
+            for day in today - 1..=today + ahead {
+                let day = Day { status, day };
+                if !existing.contains(&day) {
+                    self.history_create(client, &day).await?;
+                }
+            }
+        }
+        let mut dropped = Vec::new();
+        for day in existing {
+            let Some(keep) = retention(day.status) else {
+                continue;
+            };
+            // The day's last task finished at its end: it is kept at least
+            // `keep` from then (and at most a day longer).
+            if day.end() + keep <= now {
+                self.history_drop(client, &day).await?;
+                dropped.push(day);
+            }
+        }
+        Ok(dropped)
+    }
+
+    async fn history_create(&self, client: &deadpool_postgres::Object, day: &Day) -> Result<()> {
+        let table = day.table();
+        let parent = format!("task_history_{}", day.status.as_str());
+        let (from, to) = (midnight(day.day), midnight(day.day + 1));
+        // Attaching builds the day's copy of every history index on the new,
+        // empty table, and checks its rows (none) against the bounds.
+        client
+            .batch_execute(&format!(
+                "CREATE TABLE IF NOT EXISTS {table} \
+                   (LIKE {parent} INCLUDING DEFAULTS INCLUDING CONSTRAINTS); \
+                 ALTER TABLE {parent} ATTACH PARTITION {table} \
+                   FOR VALUES FROM ('{from}') TO ('{to}')"
+            ))
+            .await
+            .map_err(|err| match Error::from(err) {
+                Error::Other(msg) => Error::Other(format!("cannot create {table}: {msg}")),
+                other => other,
+            })?;
+        tracing::info!(partition = %table, "history day created");
+        Ok(())
+    }
+
+    async fn history_drop(&self, client: &deadpool_postgres::Object, day: &Day) -> Result<()> {
+        let table = day.table();
+        let parent = format!("task_history_{}", day.status.as_str());
+        // Two statements, each in its own transaction: DETACH CONCURRENTLY
+        // may not run inside one.
+        client
+            .batch_execute(&format!(
+                "ALTER TABLE {parent} DETACH PARTITION {table} CONCURRENTLY"
+            ))
+            .await?;
+        client.batch_execute(&format!("DROP TABLE {table}")).await?;
+        tracing::info!(partition = %table, "history day dropped");
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn days_are_named_by_their_civil_date_and_read_back() {
+        assert_eq!(ymd(0), "19700101");
+        assert_eq!(ymd(20_791), "20261204");
+        assert_eq!(ymd(11_016), "20000229");
+        for day in [0, 59, 60, 11_016, 20_791, 2_932_896] {
+            let d = Day {
+                status: Status::Failed,
+                day,
+            };
+            assert_eq!(parse(&d.table()), Some(d));
+        }
+        assert_eq!(parse("task_history_completed_20261332"), None);
+        assert_eq!(parse("task_history_pending_20261204"), None);
+        assert_eq!(parse("task_history_completed"), None);
+    }
+}
