@@ -183,12 +183,18 @@ impl Store {
     /// Applies pending migrations. Nodes starting together take turns on an
     /// advisory lock, so each migration runs once.
     pub(crate) async fn migrate(&self) -> Result<()> {
+        self.migrate_to(refinery::Target::Latest).await
+    }
+
+    /// Applies the migrations up to `target`.
+    async fn migrate_to(&self, target: refinery::Target) -> Result<()> {
         const MIGRATION_LOCK: i64 = 0x6c65_6173_6568_6f6c; // "leasehol"
         let mut client = self.connect_dedicated(None).await?;
         client
             .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
             .await?;
-        let report = embedded::migrations::runner()
+        let mut runner = embedded::migrations::runner().set_target(target);
+        let report = runner
             .set_migration_table_name("leasehold_schema_history")
             .run_async(&mut client)
             .await;
@@ -261,38 +267,4 @@ impl Store {
 }
 
 #[cfg(test)]
-mod tests {
-    use std::time::Duration;
-
-    use super::*;
-    use crate::testing::FreshDatabase;
-
-    #[tokio::test]
-    async fn every_store_statement_prepares_against_the_migrated_schema() {
-        let db = FreshDatabase::new();
-        let store = Store::new(&db.url(), 1, Duration::from_secs(5)).unwrap();
-        store.database_create_if_missing().await.unwrap();
-        store.migrate().await.unwrap();
-        store.statements_prepare().await.unwrap();
-        // Migrating again is a no-op.
-        store.migrate().await.unwrap();
-        // The wake-up trigger of the migrations notifies the channel the
-        // node listens on.
-        let client = store.client().await.unwrap();
-        let source: String = client
-            .query_one(
-                "SELECT prosrc FROM pg_proc WHERE proname = 'task_wake'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        assert!(
-            source.contains(&format!("'{}'", notify::WAKE_CHANNEL)),
-            "{source}"
-        );
-        drop(client);
-        drop(store);
-        db.drop_it().await;
-    }
-}
+mod tests;
