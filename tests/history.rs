@@ -7,7 +7,7 @@ mod common;
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use common::{acquire, acquire_tasks, fail_task, get_task, new_task, TestServer};
+use common::{acquire, acquire_tasks, fail_task, get_task, TestServer};
 use leasehold::proto::{self, TaskStatus};
 use tonic::Code;
 
@@ -168,7 +168,7 @@ async fn reads_paging_and_stats_span_live_and_finished_tasks_while_they_move() {
         .task_types
         .iter()
         .find(|t| t.task_type == "move_me")
-        .and_then(|t| t.counts.clone())
+        .and_then(|t| t.counts)
         .unwrap();
     let count = |status| expected.values().filter(|s| **s == status).count() as i64;
     assert_eq!(counts.pending, count(TaskStatus::Pending));
