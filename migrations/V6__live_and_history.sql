@@ -104,9 +104,20 @@ ALTER TABLE task ADD CONSTRAINT task_status_check CHECK (status IN ('pending', '
 DROP INDEX task_dedup_idx;
 CREATE UNIQUE INDEX task_dedup_idx ON task (dedup_key) WHERE dedup_key IS NOT NULL;
 
--- Room on each page for the new version of a row updated in place (a
--- progress report): such an update stays on its page (HOT) and writes no
--- index entry.
+-- Heartbeats as updates in place. A lease's expiry (`locked_until`) is no
+-- longer indexed: the reclaimer finds leases by `reclaim_at`, when it should
+-- look at them next, which a claim sets to the expiry and a heartbeat leaves
+-- alone unless it shortens the lease. A heartbeat then changes no indexed
+-- column, and Postgres writes it as a heap-only (HOT) update: no index
+-- entry, no new page. The reclaimer, finding a lease renewed since, moves
+-- its `reclaim_at` to the new expiry: one indexed write per lease length
+-- instead of one per heartbeat. A progress report is HOT too.
+ALTER TABLE task ADD COLUMN reclaim_at timestamptz;
+UPDATE task SET reclaim_at = locked_until WHERE status = 'processing';
+DROP INDEX task_processing_idx;
+CREATE INDEX task_processing_idx ON task (reclaim_at) WHERE status = 'processing';
+
+-- Room on each page for the new version of a row updated in place.
 ALTER TABLE task SET (fillfactor = 80);
 
 -- Wake-ups: one payload-free notification per statement that leaves a task

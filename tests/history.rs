@@ -404,3 +404,68 @@ async fn retention_drops_whole_days_past_it_and_nothing_younger() {
     }
     server.stop().await;
 }
+
+/// A heartbeat moves no indexed column, so Postgres writes it in place
+/// (a heap-only update, no index entry); a heartbeat that shortens the
+/// lease still has it reclaimed when the shorter lease runs out.
+#[tokio::test]
+async fn heartbeats_are_updates_in_place_and_a_shortened_lease_still_expires() {
+    let server = TestServer::start().await;
+    let mut workers = server.workers().await;
+    server
+        .tasks()
+        .await
+        .create_task(proto::CreateTaskRequest {
+            task_type: "beat".into(),
+            max_attempts: 5,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut request = acquire("w", &["beat"], 1);
+    request.lease_duration = Some(common::duration(Duration::from_secs(60)));
+    let lease = acquire_tasks(&mut workers, request).await[0]
+        .lease
+        .clone()
+        .unwrap();
+    let beat = |seconds: u64| proto::HeartbeatRequest {
+        worker_id: "w".into(),
+        leases: vec![proto::LeaseRenewal {
+            task_id: lease.task_id.clone(),
+            lease_token: lease.lease_token.clone(),
+        }],
+        lease_duration: Some(common::duration(Duration::from_secs(seconds))),
+    };
+    for _ in 0..5 {
+        workers.heartbeat(beat(60)).await.unwrap();
+    }
+    // Postgres publishes its table statistics within about a second.
+    let sql = server.sql().await;
+    let (updates, hot) = common::eventually(Duration::from_secs(10), || async {
+        let row = sql
+            .query_one(
+                "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables \
+                 WHERE relname = 'task'",
+                &[],
+            )
+            .await
+            .unwrap();
+        let (updates, hot): (i64, i64) = (row.get(0), row.get(1));
+        (updates >= 6).then_some((updates, hot))
+    })
+    .await;
+    // The claim changed the status the pending indexes depend on; each of
+    // the five renewals was in place.
+    assert_eq!((updates, hot), (6, 5));
+
+    // Shortened to a second: reclaimed once that second has passed, not
+    // when the 60 s the reclaimer last knew of would have.
+    workers.heartbeat(beat(1)).await.unwrap();
+    let task = common::eventually(Duration::from_secs(10), || async {
+        let task = get_task(&mut server.tasks().await, &lease.task_id).await;
+        (task.status() == TaskStatus::Pending).then_some(task)
+    })
+    .await;
+    assert!(task.last_error.unwrap().starts_with("lease expired"));
+    server.stop().await;
+}

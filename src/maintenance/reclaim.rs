@@ -1,11 +1,15 @@
 //! The reclaimer takes back leases that were not renewed.
 //!
-//! It sleeps until the earliest `locked_until` it knows of (asked of the
+//! It sleeps until the earliest `reclaim_at` it knows of (asked of the
 //! database, whose clock decides), but never longer than the sweep interval,
 //! so a lease granted by another node, or one that shrank, is still taken
-//! back within one interval of its expiry. Each pass reclaims in bounded
-//! batches until none is left. The statement re-checks status and expiry on
-//! the locked row, so a completion that committed a moment earlier wins.
+//! back within one interval of its expiry. A claim sets `reclaim_at` to the
+//! lease's expiry; heartbeats move only the expiry (`locked_until`), so that
+//! they are updates in place, and a lease found renewed when the reclaimer
+//! looks gets its `reclaim_at` moved to its new expiry. Each pass works in
+//! bounded batches until none is left. The reclaim statement re-checks
+//! status and expiry on the locked row, so a completion or a renewal that
+//! committed a moment earlier wins.
 
 use std::time::Duration;
 
@@ -49,6 +53,7 @@ impl Job for Reclaimer {
     /// Reclaims every expired lease, then waits until the next one expires.
     async fn pass(&mut self) -> Result<Duration, store::Error> {
         loop {
+            let rechecked = self.store.lease_recheck(BATCH).await?;
             let reclaimed = self.store.lease_reclaim_expired(BATCH).await?;
             for (task, _) in &reclaimed {
                 if task.status == Status::Failed {
@@ -57,7 +62,7 @@ impl Job for Reclaimer {
                     tracing::info!(task_id = %task.id, "lease expired: task pending again");
                 }
             }
-            let full = reclaimed.len() as i64 == BATCH;
+            let full = reclaimed.len() as i64 == BATCH || rechecked as i64 == BATCH;
             if !reclaimed.is_empty() {
                 let _ = self.reclaimed.send(reclaimed);
             }

@@ -40,6 +40,7 @@ pub(super) const STATEMENTS: &[&str] = &[
     TASK_FAIL_MANY,
     TASK_PROGRESS,
     TASK_RELEASE,
+    LEASE_RECHECK,
     LEASE_RECLAIM_EXPIRED,
     LEASE_NEXT_EXPIRY,
 ];
@@ -80,6 +81,7 @@ macro_rules! claim {
              UPDATE task t SET status = 'processing', attempts = t.attempts + 1, \
                locked_by = ($2::text[])[picked.n], \
                locked_until = now() + $3 * interval '1 millisecond', \
+               reclaim_at = now() + $3 * interval '1 millisecond', \
                started_at = now(), lease_token = gen_random_uuid(), progress_current = NULL, \
                progress_total = NULL, progress_message = NULL, progress_updated_at = NULL \
              FROM picked \
@@ -126,10 +128,17 @@ const TASK_NEXT_DUE: &str =
 // Batched writes lock their rows in id order first (`locked`), so that two
 // batches touching the same tasks in different orders queue up instead of
 // deadlocking. Only renewed leases come back; the store classifies the rest.
+//
+// A renewal moves `locked_until` only, which no index holds, so it is an
+// update in place (HOT); `reclaim_at`, which the reclaimer's index holds,
+// changes only when the lease gets shorter than the reclaimer expects.
 const LEASE_EXTEND: &str = "WITH locked AS ( \
        SELECT t.id, r.n FROM unnest($1::uuid[]) WITH ORDINALITY AS r(id, n) \
        JOIN task t ON t.id = r.id ORDER BY t.id FOR UPDATE OF t) \
-     UPDATE task t SET locked_until = now() + ($3::float8[])[locked.n] * interval '1 millisecond' \
+     UPDATE task t SET \
+       locked_until = now() + ($3::float8[])[locked.n] * interval '1 millisecond', \
+       reclaim_at = LEAST(t.reclaim_at, \
+         now() + ($3::float8[])[locked.n] * interval '1 millisecond') \
      FROM locked \
      WHERE t.id = locked.id AND t.lease_token = ($2::uuid[])[locked.n] \
        AND t.status = 'processing' \
@@ -207,13 +216,23 @@ const TASK_RELEASE: &str = concat!(
     columns!()
 );
 
+// Leases the reclaimer looked at because their `reclaim_at` passed, but
+// that were renewed since: it looks again when they now expire.
+const LEASE_RECHECK: &str = "UPDATE task SET reclaim_at = locked_until \
+     WHERE id IN ( \
+       SELECT id FROM task \
+       WHERE status = 'processing' AND reclaim_at <= now() AND locked_until > now() \
+       ORDER BY reclaim_at LIMIT $1 FOR UPDATE SKIP LOCKED) \
+       AND status = 'processing' AND locked_until > now()";
+
 // An expired lease with attempts left makes its task pending again at once;
 // without, the task fails and moves to the history. Either way the token is
 // cleared: the late worker can never act again.
 const LEASE_RECLAIM_EXPIRED: &str = concat!(
     "WITH expired AS ( \
-       SELECT id, lease_token FROM task WHERE status = 'processing' AND locked_until <= now() \
-       ORDER BY locked_until LIMIT $1 FOR UPDATE SKIP LOCKED), \
+       SELECT id, lease_token FROM task \
+       WHERE status = 'processing' AND reclaim_at <= now() AND locked_until <= now() \
+       ORDER BY reclaim_at LIMIT $1 FOR UPDATE SKIP LOCKED), \
      retried AS ( \
        UPDATE task t SET status = 'pending', scheduled_for = now(), \
          last_error = format('lease expired: worker %s did not renew it (attempt %s of %s)', \
@@ -244,7 +263,7 @@ const LEASE_RECLAIM_EXPIRED: &str = concat!(
 );
 
 const LEASE_NEXT_EXPIRY: &str =
-    "SELECT EXTRACT(EPOCH FROM (min(locked_until) - clock_timestamp()))::float8 \
+    "SELECT EXTRACT(EPOCH FROM (min(reclaim_at) - clock_timestamp()))::float8 \
      FROM task WHERE status = 'processing'";
 
 /// A statement parameter, borrowed for `'a`.
@@ -563,6 +582,14 @@ impl Store {
             .collect())
     }
 
+    /// Moves the reclaimer's next look at up to `limit` leases that were
+    /// renewed since it was due to their new expiry; returns how many.
+    pub(crate) async fn lease_recheck(&self, limit: i64) -> Result<u64> {
+        let client = self.client().await?;
+        let stmt = client.prepare_cached(LEASE_RECHECK).await?;
+        Ok(client.execute(&stmt, &[&limit]).await?)
+    }
+
     /// Takes back up to `limit` expired leases; returns each task as it is
     /// now (pending, or failed when no attempts are left) with the lease it
     /// took back.
@@ -582,8 +609,8 @@ impl Store {
             .collect()
     }
 
-    /// How long until the earliest lease runs out (zero if one has);
-    /// `None` when no task is processing.
+    /// How long until the reclaimer should look at a lease next (zero if
+    /// it should now); `None` when no task is processing.
     pub(crate) async fn lease_next_expiry(&self) -> Result<Option<Duration>> {
         let client = self.client().await?;
         let stmt = client.prepare_cached(LEASE_NEXT_EXPIRY).await?;
