@@ -96,3 +96,55 @@ pub(crate) async fn history(database_url: &str, insert: u64) -> Result<Option<u6
         }
     }
 }
+
+/// Updates of the live table so far, and how many of them were HOT; `None`
+/// (and a warning) if the database cannot be read.
+pub(crate) async fn update_counts(database_url: &str) -> Option<UpdateCounts> {
+    let counts = async {
+        connect(database_url)?
+            .bench_update_counts()
+            .await
+            .context("cannot read the table statistics")
+    }
+    .await;
+    match counts {
+        Ok((updates, hot)) => Some(UpdateCounts { updates, hot }),
+        Err(err) => {
+            tracing::warn!(error = %err, "cannot read the live table's update counts");
+            None
+        }
+    }
+}
+
+/// Updates of the live table (claims, renewals, progress, retries), and how
+/// many were heap-only (written in place, no index entry).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct UpdateCounts {
+    pub(crate) updates: u64,
+    pub(crate) hot: u64,
+}
+
+impl UpdateCounts {
+    /// What happened between `before` and `after`.
+    pub(crate) fn between(before: Option<Self>, after: Option<Self>) -> Option<Self> {
+        let (before, after) = (before?, after?);
+        Some(Self {
+            updates: after.updates.saturating_sub(before.updates),
+            hot: after.hot.saturating_sub(before.hot),
+        })
+    }
+
+    /// The table row: `updates N (HOT M, x %)`.
+    pub(crate) fn describe(counts: Option<Self>) -> String {
+        match counts {
+            Some(c) if c.updates > 0 => format!(
+                "{} ({} HOT, {:.1} %)",
+                c.updates,
+                c.hot,
+                100.0 * c.hot as f64 / c.updates as f64
+            ),
+            Some(c) => format!("{} (none HOT)", c.updates),
+            None => "unknown".to_owned(),
+        }
+    }
+}

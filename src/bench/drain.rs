@@ -10,7 +10,7 @@ use std::time::Duration;
 use super::error::{Error, Result};
 use tokio::time::Instant;
 
-use super::db;
+use super::db::{self, UpdateCounts};
 use super::producer::set_up_tasks;
 use super::report::{
     anomalies_row, drained_row, or_unknown, per_1k, per_second, received, round, JsonLine, Report,
@@ -99,6 +99,8 @@ pub(crate) struct DrainReport {
     pub(crate) sessions: Vec<WorkerStats>,
     /// Tasks pushed more than once (a server bug if ever non-zero).
     pub(crate) duplicates: u64,
+    /// Updates of the live table during the run, and how many were HOT.
+    pub(crate) updates: Option<UpdateCounts>,
 }
 
 impl DrainReport {
@@ -169,6 +171,10 @@ impl Report for DrainReport {
                 or_unknown(self.bench_cpu_per_1k(), 4)
             ));
         }
+        out.push_str(&format!(
+            "  updates     {} of the live table\n",
+            UpdateCounts::describe(self.updates)
+        ));
         out
     }
 
@@ -185,6 +191,8 @@ impl Report for DrainReport {
                 self.server_cpu_per_1k().map(|v| round(v, 4)),
             )
             .field("preexisting_finished_rows", self.preexisting_finished_rows)
+            .field("live_updates", self.updates.map(|u| u.updates))
+            .field("live_hot_updates", self.updates.map(|u| u.hot))
             .finish()
     }
 }
@@ -208,6 +216,7 @@ async fn measure(node: &Node, args: &DrainArgs, task_type: &str) -> Result<Drain
     .await?;
     set_up_tasks(endpoint, &task_type, args.workload.tasks as usize).await?;
 
+    let updates_before = db::update_counts(&args.target.database_url).await;
     let server_before = node.usage();
     let bench_before = Usage::of(None).ok();
     let (workers, mut events) = Workers::open(
@@ -263,6 +272,12 @@ async fn measure(node: &Node, args: &DrainArgs, task_type: &str) -> Result<Drain
     let closed = workers.close().await;
     let (elapsed, duplicates) = drained?;
     let sessions = closed?;
+    // Each backend publishes its table statistics within about a second.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let updates = UpdateCounts::between(
+        updates_before,
+        db::update_counts(&args.target.database_url).await,
+    );
     Ok(DrainReport {
         server: node.describe(),
         node_kind: node.kind(),
@@ -275,6 +290,7 @@ async fn measure(node: &Node, args: &DrainArgs, task_type: &str) -> Result<Drain
         bench_cpu: cpu_between(bench_before, bench_after),
         sessions,
         duplicates,
+        updates,
     })
 }
 

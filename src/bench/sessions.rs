@@ -20,7 +20,7 @@ use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::{Instant, MissedTickBehavior};
 
-use super::db;
+use super::db::{self, UpdateCounts};
 use super::producer::{set_up_tasks, unique_task_type};
 use super::report::{mib, or_unknown, per_second, round, JsonLine, Report, Summary};
 use super::system::{cpu_between, ensure_open_files, Usage};
@@ -134,6 +134,9 @@ pub(crate) struct SessionsReport {
     pub(crate) renewals: u64,
     /// Round trip of the heartbeats answered in the window.
     pub(crate) heartbeat_rtt: Option<Summary>,
+    /// Updates of the live table in the window (the renewals), and how many
+    /// were HOT.
+    pub(crate) updates: Option<UpdateCounts>,
     /// Renewals answered lost or cancelled, and cancels pushed, over the
     /// whole run (zero unless something is wrong).
     pub(crate) lost: u64,
@@ -180,6 +183,10 @@ impl Report for SessionsReport {
             per_second(self.heartbeats_sent, self.window),
             per_second(self.heartbeats, self.window),
             per_second(self.renewals, self.window)
+        ));
+        out.push_str(&format!(
+            "  updates     {} of the live table in the window\n",
+            UpdateCounts::describe(self.updates)
         ));
         if self.lost > 0 {
             out.push_str(&format!(
@@ -236,6 +243,8 @@ impl Report for SessionsReport {
             .field("leases_per_session", self.args.leases)
             .field("rss_mb", self.rss_mb().map(|v| round(v, 1)))
             .field("cpu_percent", self.cpu_percent().map(|v| round(v, 2)))
+            .field("live_updates", self.updates.map(|u| u.updates))
+            .field("live_hot_updates", self.updates.map(|u| u.hot))
             .finish()
     }
 
@@ -257,6 +266,7 @@ struct Window {
     heartbeats: u64,
     renewals: u64,
     rtt: Option<Summary>,
+    updates: Option<UpdateCounts>,
 }
 
 /// The `sessions` scenario against `node`. The caller raises the open-file
@@ -360,6 +370,7 @@ async fn measure(node: &Node, args: &SessionsArgs, task_type: &str) -> Result<Se
         heartbeats: window.heartbeats,
         renewals: window.renewals,
         heartbeat_rtt: window.rtt,
+        updates: window.updates,
         lost: tally.lost.load(Ordering::Relaxed) + tally.cancels.load(Ordering::Relaxed),
         completed: tally.completed.load(Ordering::Relaxed),
         close_failure,
@@ -420,6 +431,7 @@ async fn measure_window(
     }
     tracing::info!(leases = wanted, window = ?args.duration, "leases held: measuring");
 
+    let updates_before = db::update_counts(&args.target.database_url).await;
     let server_before = node.usage();
     let bench_before = Usage::of(None).ok();
     let sent_before = tally.heartbeats.load(Ordering::Relaxed);
@@ -444,6 +456,10 @@ async fn measure_window(
         }
     }
     let ended = Instant::now();
+    let updates = UpdateCounts::between(
+        updates_before,
+        db::update_counts(&args.target.database_url).await,
+    );
     let server_after = node.usage();
     let bench_after = Usage::of(None).ok();
     if let Some(now) = server_after {
@@ -467,6 +483,7 @@ async fn measure_window(
         heartbeats: tally.heartbeat_acks.load(Ordering::Relaxed) - acks_before,
         renewals: tally.held.load(Ordering::Relaxed) - held_before,
         rtt: Summary::of(rtt),
+        updates,
     })
 }
 

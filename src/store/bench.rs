@@ -22,6 +22,11 @@ const TASK_DELETE_TYPE: &str = "WITH live AS (DELETE FROM task WHERE task_type =
 const TASK_DELETE_UNFINISHED: &str =
     "DELETE FROM task WHERE task_type = $1 AND status IN ('pending', 'processing')";
 
+/// Updates of the live table, and how many of them were heap-only (HOT):
+/// written in place, with no index entry.
+const TASK_UPDATE_COUNTS: &str = "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables \
+     WHERE relid = 'task'::regclass";
+
 /// Every statement of this module, for the preparation test.
 #[cfg(test)]
 pub(super) const STATEMENTS: &[&str] = &[
@@ -29,6 +34,7 @@ pub(super) const STATEMENTS: &[&str] = &[
     TASK_COUNT_FINISHED,
     TASK_DELETE_TYPE,
     TASK_DELETE_UNFINISHED,
+    TASK_UPDATE_COUNTS,
 ];
 
 impl Store {
@@ -73,5 +79,17 @@ impl Store {
         let row = client.query_one(TASK_DELETE_TYPE, &[&task_type]).await?;
         client.batch_execute("VACUUM (SKIP_LOCKED) task").await?;
         Ok(row.try_get::<_, i64>(0)? as u64)
+    }
+
+    /// Updates of the live table since its statistics were reset, and how
+    /// many were heap-only, as far as the database's backends have
+    /// published them (each does within a second or so of its work).
+    pub(crate) async fn bench_update_counts(&self) -> Result<(u64, u64)> {
+        let client = self.client().await?;
+        let row = client.query_one(TASK_UPDATE_COUNTS, &[]).await?;
+        Ok((
+            row.try_get::<_, i64>(0)? as u64,
+            row.try_get::<_, i64>(1)? as u64,
+        ))
     }
 }
