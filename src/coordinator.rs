@@ -94,7 +94,7 @@ impl Coordinator {
     /// reached the worker is given back.
     pub(crate) fn session_close(&self, session: &Session, undelivered: Vec<LeaseRef>) {
         for lease in undelivered {
-            self.dispatcher.give_back(lease);
+            self.dispatcher.give_back(session, lease);
         }
         self.dispatcher.unregister(session);
     }

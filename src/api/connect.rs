@@ -15,6 +15,7 @@ use crate::coordinator::Coordinator;
 use crate::dispatch::{Push, Session};
 use crate::error::Error;
 use crate::model::{LeaseRef, Task};
+use crate::wire::limit::MAX_PUSH_BYTES;
 use crate::wire::proto::{self, connect_request, connect_response};
 use crate::wire::{convert, request};
 
@@ -96,12 +97,49 @@ struct Connection {
     permits: Arc<Semaphore>,
 }
 
-/// The lease a pushed task carries.
-fn lease_of(task: &Task) -> Option<LeaseRef> {
-    task.lease_token.map(|lease_token| LeaseRef {
-        task_id: task.id,
-        lease_token,
-    })
+/// The messages a push of `tasks` travels in: one `task` each, or, for a
+/// session that reads them, `tasks` batches of at most about
+/// [`MAX_PUSH_BYTES`] encoded (a larger task alone).
+fn task_messages(tasks: &[Task], batched: bool) -> Vec<(connect_response::Kind, Vec<LeaseRef>)> {
+    let leased = tasks
+        .iter()
+        .map(|task| (convert::leased_to_proto(task), LeaseRef::of(task)));
+    if !batched {
+        return leased
+            .map(|(task, lease)| {
+                (
+                    connect_response::Kind::Task(task),
+                    lease.into_iter().collect(),
+                )
+            })
+            .collect();
+    }
+    let mut messages = Vec::new();
+    let mut batch = Vec::new();
+    let mut leases = Vec::new();
+    let mut size = 0;
+    for (task, lease) in leased {
+        let len = prost::Message::encoded_len(&task);
+        if !batch.is_empty() && size + len > MAX_PUSH_BYTES {
+            messages.push((
+                connect_response::Kind::Tasks(proto::TaskBatch {
+                    tasks: std::mem::take(&mut batch),
+                }),
+                std::mem::take(&mut leases),
+            ));
+            size = 0;
+        }
+        size += len;
+        batch.push(task);
+        leases.extend(lease);
+    }
+    if !batch.is_empty() {
+        messages.push((
+            connect_response::Kind::Tasks(proto::TaskBatch { tasks: batch }),
+            leases,
+        ));
+    }
+    messages
 }
 
 impl Connection {
@@ -125,22 +163,33 @@ impl Connection {
                     Ok(None) | Err(_) => break,
                 },
                 push = pushes.recv() => {
-                    let mut lease = None;
-                    let response = match push {
-                        Some(Push::Task(task)) => {
-                            lease = lease_of(&task);
-                            connect_response::Kind::Task(convert::leased_to_proto(&task))
+                    let messages = match push {
+                        Some(Push::Tasks(tasks)) => {
+                            task_messages(&tasks, self.session.spec.batched_pushes)
                         }
-                        Some(Push::Cancel { lease, reason }) => {
-                            connect_response::Kind::Cancel(convert::cancel_to_proto(lease, reason))
-                        }
-                        Some(Push::Drain { grace }) => connect_response::Kind::Drain(proto::DrainNotice {
-                            grace_period: Some(convert::duration(grace)),
-                        }),
+                        Some(Push::Cancel { lease, reason }) => vec![(
+                            connect_response::Kind::Cancel(convert::cancel_to_proto(lease, reason)),
+                            Vec::new(),
+                        )],
+                        Some(Push::Drain { grace }) => vec![(
+                            connect_response::Kind::Drain(proto::DrainNotice {
+                                grace_period: Some(convert::duration(grace)),
+                            }),
+                            Vec::new(),
+                        )],
                         Some(Push::Close) | None => break,
                     };
-                    if self.out.send(respond(response)).await.is_err() {
-                        undelivered.extend(lease);
+                    let mut messages = messages.into_iter();
+                    let mut gone = false;
+                    for (message, leases) in messages.by_ref() {
+                        if self.out.send(respond(message)).await.is_err() {
+                            undelivered.extend(leases);
+                            gone = true;
+                            break;
+                        }
+                    }
+                    if gone {
+                        undelivered.extend(messages.flat_map(|(_, leases)| leases));
                         break;
                     }
                 }
@@ -152,8 +201,8 @@ impl Connection {
         // expire.
         pushes.close();
         while let Ok(push) = pushes.try_recv() {
-            if let Push::Task(task) = push {
-                undelivered.extend(lease_of(&task));
+            if let Push::Tasks(tasks) = push {
+                undelivered.extend(tasks.iter().filter_map(LeaseRef::of));
             }
         }
         self.coordinator.session_close(&self.session, undelivered);
@@ -197,6 +246,23 @@ impl Connection {
                         Err(err) => Box::new(Err(err.into_status())),
                     };
                     let _ = out.send(answer).await;
+                });
+            }
+            connect_request::Kind::Outcomes(batch) => {
+                request::outcomes(&batch)?;
+                let outcomes: Vec<Outcome> = batch
+                    .outcomes
+                    .into_iter()
+                    .filter_map(|outcome| outcome.kind)
+                    .map(|kind| Outcome::of(kind, coordinator.clone(), max_payload))
+                    .collect();
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    let acks =
+                        futures_util::future::join_all(outcomes.into_iter().map(Outcome::ack))
+                            .await;
+                    let batch = connect_response::Kind::Acks(proto::AckBatch { acks });
+                    let _ = out.send(respond(batch)).await;
                 });
             }
             connect_request::Kind::Complete(req) => Outcome {
@@ -255,14 +321,50 @@ struct Outcome {
 }
 
 impl Outcome {
+    /// One outcome of an `outcomes` message, written as its single form is.
+    fn of(kind: proto::outcome::Kind, coordinator: Coordinator, max_payload: usize) -> Self {
+        match kind {
+            proto::outcome::Kind::Complete(req) => Outcome {
+                kind: proto::OutcomeKind::Complete,
+                task_id: req.task_id.clone(),
+                lease_token: req.lease_token.clone(),
+                run: Box::pin(async move {
+                    let (lease, result) = request::complete(&req, max_payload)?;
+                    coordinator.complete(lease, result).await
+                }),
+            },
+            proto::outcome::Kind::Fail(req) => Outcome {
+                kind: proto::OutcomeKind::Fail,
+                task_id: req.task_id.clone(),
+                lease_token: req.lease_token.clone(),
+                run: Box::pin(async move {
+                    let (lease, failure) = request::fail(&req)?;
+                    coordinator.fail(lease, failure).await
+                }),
+            },
+            proto::outcome::Kind::Release(req) => Outcome {
+                kind: proto::OutcomeKind::Release,
+                task_id: req.task_id.clone(),
+                lease_token: req.lease_token.clone(),
+                run: Box::pin(async move { coordinator.release(request::release(&req)?).await }),
+            },
+        }
+    }
+
+    /// Writes the outcome and returns its acknowledgement.
+    async fn ack(self) -> proto::OutcomeAck {
+        let outcome = self.run.await;
+        convert::outcome_ack(self.task_id, self.lease_token, self.kind, outcome)
+    }
+
     /// Runs the write in its own task, holding `permit` until answered, and
     /// acknowledges it (a progress report only when refused).
     fn spawn(self, permit: OwnedSemaphorePermit, out: Out) {
         tokio::spawn(async move {
             let _permit = permit;
-            let outcome = self.run.await;
-            if self.kind != proto::OutcomeKind::Progress || outcome.is_err() {
-                let ack = convert::outcome_ack(self.task_id, self.lease_token, self.kind, outcome);
+            let progress = self.kind == proto::OutcomeKind::Progress;
+            let ack = self.ack().await;
+            if !progress || ack.status != proto::AckStatus::Ok as i32 {
                 let _ = out.send(respond(connect_response::Kind::Ack(ack))).await;
             }
         });

@@ -33,6 +33,13 @@ pub(crate) struct DrainArgs {
     /// How many tasks, sessions and slots.
     #[command(flatten)]
     pub(crate) workload: Workload,
+
+    /// The workers read one task per message and send one completion per
+    /// message, as clients that predate batches do (by default several
+    /// tasks pushed at once come in one message and completions ready
+    /// together go in one).
+    #[arg(long)]
+    pub(crate) single_messages: bool,
 }
 
 /// The size of a drain, shared by `drain` and `sql-only` so that their
@@ -142,9 +149,14 @@ impl Report for DrainReport {
             }
         ));
         out.push_str(&format!(
-            "  sessions    {} x {} slots, received {}\n",
+            "  sessions    {} x {} slots ({}), received {}\n",
             args.workload.sessions,
             args.workload.slots,
+            if args.single_messages {
+                "one task or completion per message"
+            } else {
+                "batched messages"
+            },
             received(&self.sessions, 8)
         ));
         out.push_str(&anomalies_row(&self.sessions, self.duplicates));
@@ -185,6 +197,7 @@ impl Report for DrainReport {
             .field("tasks", self.args.workload.tasks)
             .field("sessions", self.args.workload.sessions)
             .field("slots", self.args.workload.slots)
+            .field("batched", !self.args.single_messages)
             .field("tasks_per_s", round(self.rate(), 1))
             .field(
                 "server_cpu_s_per_1k",
@@ -224,6 +237,7 @@ async fn measure(node: &Node, args: &DrainArgs, task_type: &str) -> Result<Drain
         &task_type,
         args.workload.sessions as usize,
         args.workload.slots,
+        !args.single_messages,
     )
     .await?;
     let drained = async {
@@ -312,6 +326,7 @@ mod tests {
                 slots: 4,
                 preexisting_finished: 5,
             },
+            single_messages: false,
         };
         let report = on_node(db, &args.target, NodeKind::Spawned, async |node| {
             assert_eq!(node.kind(), NodeKind::InProcess);

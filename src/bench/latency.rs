@@ -141,8 +141,14 @@ async fn measure(node: &Node, args: &LatencyArgs, task_type: &str) -> Result<Lat
     let endpoint = node.endpoint();
     let task_type = task_type.to_owned();
     let mut tasks = task_client(endpoint).await?;
-    let (workers, mut events) =
-        Workers::open(endpoint, &task_type, args.sessions as usize, args.slots).await?;
+    let (workers, mut events) = Workers::open(
+        endpoint,
+        &task_type,
+        args.sessions as usize,
+        args.slots,
+        false,
+    )
+    .await?;
     let measured = async {
         let warm_up = paced(
             "warm-up",

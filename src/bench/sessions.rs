@@ -570,6 +570,13 @@ async fn idle(
                     Some(connect_response::Kind::Drain(_)) => {
                         tracing::warn!(session = index, "the server is draining this session");
                     }
+                    Some(connect_response::Kind::Tasks(_)) | Some(connect_response::Kind::Acks(_)) => {
+                        // Batches come only to sessions that ask for them,
+                        // and these send single completions.
+                        return Err(Error::Scenario(format!(
+                            "session {index} got a batch it did not ask for"
+                        )));
+                    }
                     Some(connect_response::Kind::Registered(_)) | None => {}
                 }
             }

@@ -72,12 +72,15 @@ pub(crate) struct Workers {
 impl Workers {
     /// Opens `sessions` sessions of `slots` slots on `endpoint`, each on its
     /// own connection, taking only `task_type`; returns once every one is
-    /// registered, with the receiver of their events.
+    /// registered, with the receiver of their events. `batched` sessions
+    /// take several tasks per message and send the completions of a message
+    /// in one.
     pub(crate) async fn open(
         endpoint: &str,
         task_type: &str,
         sessions: usize,
         slots: i32,
+        batched: bool,
     ) -> Result<(Self, mpsc::UnboundedReceiver<Event>)> {
         let (events, events_rx) = mpsc::unbounded_channel();
         let (stop, stop_rx) = watch::channel(false);
@@ -88,6 +91,7 @@ impl Workers {
                 worker_id: format!("bench-{}-{index}", &run[..8]),
                 task_types: vec![task_type.to_owned()],
                 slots,
+                batched_pushes: batched,
                 ..Default::default()
             };
             let session = SessionStream::open(endpoint, register, index)
@@ -224,6 +228,25 @@ pub(crate) fn complete(lease: &proto::Lease) -> proto::ConnectRequest {
     }
 }
 
+/// One `outcomes` message completing every lease of `leases`, with empty
+/// results.
+pub(crate) fn complete_many(leases: &[proto::Lease]) -> proto::ConnectRequest {
+    proto::ConnectRequest {
+        kind: Some(connect_request::Kind::Outcomes(proto::OutcomeBatch {
+            outcomes: leases
+                .iter()
+                .map(|lease| proto::Outcome {
+                    kind: Some(proto::outcome::Kind::Complete(proto::CompleteTaskRequest {
+                        task_id: lease.task_id.clone(),
+                        lease_token: lease.lease_token.clone(),
+                        result: None,
+                    })),
+                })
+                .collect(),
+        })),
+    }
+}
+
 /// A message read off session `index`'s stream, `Ok(None)` at its end. Once
 /// the worker has closed its side (`closing`), an error is how the stream
 /// may end, so it counts as the end too (logged at debug level).
@@ -274,44 +297,14 @@ async fn complete_at_once(
             Ok(None) => break,
             Err(status) => return Err(status).context("the server ended the session"),
         };
-        match kind {
-            Some(connect_response::Kind::Task(leased)) => {
-                let lease = leased
-                    .lease
-                    .context("a task was pushed without its lease")?;
-                stats.received += 1;
-                let _ = events.send(Event::Arrived(Arrival {
-                    task_id: lease.task_id.clone(),
-                    at,
-                    wall: SystemTime::now(),
-                    session: index,
-                }));
-                if let Some(tx) = &tx {
-                    tx.send(complete(&lease))
-                        .await
-                        .context("session stream closed")?;
-                    outstanding += 1;
-                }
-            }
-            Some(connect_response::Kind::Ack(ack)) => {
-                outstanding = outstanding.saturating_sub(1);
-                let ok = ack.status == proto::AckStatus::Ok as i32;
-                if ok {
-                    stats.completed += 1;
-                } else {
-                    stats.refused += 1;
-                    tracing::warn!(
-                        session = index,
-                        task_id = %ack.task_id,
-                        status = ack.status,
-                        message = %ack.message,
-                        "completion refused"
-                    );
-                }
-                let _ = events.send(Event::Acked(Ack { at, ok }));
-            }
+        let (pushed, acks) = match kind {
+            Some(connect_response::Kind::Task(leased)) => (vec![leased], Vec::new()),
+            Some(connect_response::Kind::Tasks(batch)) => (batch.tasks, Vec::new()),
+            Some(connect_response::Kind::Ack(ack)) => (Vec::new(), vec![ack]),
+            Some(connect_response::Kind::Acks(batch)) => (Vec::new(), batch.acks),
             Some(connect_response::Kind::Drain(_)) => {
                 tracing::warn!(session = index, "the server is draining this session");
+                continue;
             }
             Some(connect_response::Kind::Cancel(cancel)) => {
                 tracing::warn!(
@@ -320,10 +313,52 @@ async fn complete_at_once(
                     reason = cancel.reason,
                     "lease taken back"
                 );
+                continue;
             }
             Some(connect_response::Kind::Registered(_))
             | Some(connect_response::Kind::HeartbeatAck(_))
-            | None => {}
+            | None => continue,
+        };
+        // The tasks of one message are completed in one (when pushed in one).
+        let mut completions = Vec::with_capacity(pushed.len());
+        for leased in pushed {
+            let lease = leased
+                .lease
+                .context("a task was pushed without its lease")?;
+            stats.received += 1;
+            let _ = events.send(Event::Arrived(Arrival {
+                task_id: lease.task_id.clone(),
+                at,
+                wall: SystemTime::now(),
+                session: index,
+            }));
+            completions.push(lease);
+        }
+        if let (Some(tx), false) = (&tx, completions.is_empty()) {
+            outstanding += completions.len() as u64;
+            let message = if completions.len() == 1 {
+                complete(&completions[0])
+            } else {
+                complete_many(&completions)
+            };
+            tx.send(message).await.context("session stream closed")?;
+        }
+        for ack in acks {
+            outstanding = outstanding.saturating_sub(1);
+            let ok = ack.status == proto::AckStatus::Ok as i32;
+            if ok {
+                stats.completed += 1;
+            } else {
+                stats.refused += 1;
+                tracing::warn!(
+                    session = index,
+                    task_id = %ack.task_id,
+                    status = ack.status,
+                    message = %ack.message,
+                    "completion refused"
+                );
+            }
+            let _ = events.send(Event::Acked(Ack { at, ok }));
         }
     }
     Ok(stats)

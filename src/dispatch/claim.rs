@@ -98,28 +98,33 @@ impl Dispatcher {
                 .task_claim(&claim, announce.as_ref().map(|a| a as store::Announce))
                 .await?;
             more |= claimed.len() == claim.slots.len();
+            // One push per session: its tasks of this claim, in claim order.
+            let mut dealt: Vec<Vec<Task>> = vec![Vec::new(); members.len()];
             for (slot, task) in claimed {
-                self.deliver(&members[owners[slot]], task);
+                dealt[owners[slot]].push(task);
+            }
+            for (member, tasks) in members.iter().zip(dealt) {
+                if !tasks.is_empty() {
+                    self.deliver(member, tasks);
+                }
             }
         }
         Ok(more)
     }
 
-    /// Pushes a claimed task down its session's stream. Claimed just as the
-    /// node or the session began to drain, or the stream ended between the
-    /// claim and now: given back at once.
-    fn deliver(&self, session: &Arc<Session>, task: Task) {
-        let Some(lease_token) = task.lease_token else {
-            return;
-        };
-        let lease = LeaseRef {
-            task_id: task.id,
-            lease_token,
-        };
-        self.attach(session, lease);
+    /// Pushes claimed tasks down their session's stream. Claimed just as
+    /// the node or the session began to drain, or the stream ended between
+    /// the claim and now: given back at once.
+    fn deliver(&self, session: &Arc<Session>, tasks: Vec<Task>) {
+        let leases: Vec<LeaseRef> = tasks.iter().filter_map(LeaseRef::of).collect();
+        for lease in &leases {
+            self.attach(session, *lease);
+        }
         let draining = self.is_draining() || session.is_draining();
-        if draining || !session.push(Push::Task(Box::new(task))) {
-            self.give_back(lease);
+        if draining || !session.push(Push::Tasks(tasks)) {
+            for lease in leases {
+                self.give_back(session, lease);
+            }
         }
     }
 

@@ -171,6 +171,7 @@ mod tests {
                 slots: 1,
                 lease_duration: Duration::from_secs(30),
                 labels: serde_json::json!({}),
+                batched_pushes: true,
             })
             .unwrap();
         // The stream has ended: nothing pushed reaches a worker.

@@ -136,12 +136,12 @@ impl Dispatcher {
         Ok(outcome)
     }
 
-    /// Releases a lease whose task never reached its worker (pushed while
-    /// draining, or to a stream that had ended). The session's slot is free
-    /// at once; the release itself runs in the background, and a failure
-    /// only leaves the lease to expire.
-    pub(crate) fn give_back(&self, lease: LeaseRef) {
-        self.forget(lease);
+    /// Releases a lease whose task never reached the worker of `session`
+    /// (pushed while draining, or to a stream that had ended). The session's
+    /// slot is free at once; the release itself runs in the background, and
+    /// a failure only leaves the lease to expire.
+    pub(crate) fn give_back(&self, session: &Session, lease: LeaseRef) {
+        self.detach(session, lease);
         let dispatcher = self.clone();
         tokio::spawn(async move {
             if let Err(err) = dispatcher.release(lease).await {

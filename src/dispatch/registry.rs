@@ -119,6 +119,18 @@ impl Dispatcher {
         true
     }
 
+    /// `session` lets go of `lease` (a task it was pushed but never got):
+    /// its slot is free, registered or not.
+    pub(super) fn detach(&self, session: &Session, lease: LeaseRef) {
+        session.drop_lease(lease);
+        let mut holders = self.inner.holders.lock().expect("lock poisoned");
+        if holders.get(&lease.task_id) == Some(&session.id) {
+            holders.remove(&lease.task_id);
+        }
+        drop(holders);
+        self.inner.kick.notify_one();
+    }
+
     /// A lease is finished or void: the local session holding it with this
     /// very token lets it go and its slot is free. A stale token frees
     /// nothing. True if a session held it.

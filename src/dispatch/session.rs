@@ -14,8 +14,8 @@ use crate::model::{CancelReason, LeaseRef, SessionSpec, Task};
 /// What the dispatcher sends down a session's stream.
 #[derive(Debug, Clone)]
 pub(crate) enum Push {
-    /// A task leased to the session.
-    Task(Box<Task>),
+    /// Tasks leased to the session, in claim order.
+    Tasks(Vec<Task>),
     /// Stop working on a task.
     Cancel {
         lease: LeaseRef,

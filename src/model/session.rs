@@ -15,6 +15,8 @@ pub(crate) struct SessionSpec {
     pub(crate) lease_duration: Duration,
     /// A JSON object of string values.
     pub(crate) labels: serde_json::Value,
+    /// Whether several tasks pushed at once may travel in one message.
+    pub(crate) batched_pushes: bool,
 }
 
 /// Why a task was taken away from a session.

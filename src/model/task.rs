@@ -151,6 +151,16 @@ pub(crate) struct LeaseRef {
     pub(crate) lease_token: Uuid,
 }
 
+impl LeaseRef {
+    /// The lease a leased task carries; `None` for a task without one.
+    pub(crate) fn of(task: &Task) -> Option<LeaseRef> {
+        task.lease_token.map(|lease_token| LeaseRef {
+            task_id: task.id,
+            lease_token,
+        })
+    }
+}
+
 /// State of a lease after a heartbeat.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum LeaseState {

@@ -22,6 +22,11 @@ pub const DEFAULT_MAX_ATTEMPTS: i32 = 3;
 pub const MAX_BATCH: usize = 10_000;
 /// Most tasks one AcquireTasks call asks for.
 pub const MAX_CLAIM: i32 = 1000;
+/// Most outcomes in one `outcomes` message of a session.
+pub const MAX_OUTCOMES: usize = 1000;
+/// About the largest `tasks` message a session gets, in encoded bytes: a
+/// push of more is split, and a larger task comes alone.
+pub const MAX_PUSH_BYTES: usize = 1024 * 1024;
 /// Most leases in one heartbeat.
 pub const MAX_HEARTBEAT_LEASES: usize = 10_000;
 /// Longest long-poll wait of AcquireTasks.

@@ -233,6 +233,25 @@ pub(crate) fn fail(req: &proto::FailTaskRequest) -> Result<(LeaseRef, Failure)> 
     Ok((lease, failure))
 }
 
+/// The envelope of an `outcomes` message: 1 to [`MAX_OUTCOMES`] outcomes,
+/// each setting its kind. (Each outcome's own fields are checked when it is
+/// written, so that a bad one gets its own INVALID answer.)
+pub(crate) fn outcomes(batch: &proto::OutcomeBatch) -> Result<()> {
+    if batch.outcomes.is_empty() || batch.outcomes.len() > MAX_OUTCOMES {
+        return Err(Error::invalid(
+            "outcomes.outcomes",
+            format!("must hold 1 to {MAX_OUTCOMES} outcomes"),
+        ));
+    }
+    if let Some(i) = batch.outcomes.iter().position(|o| o.kind.is_none()) {
+        return Err(Error::invalid(
+            format!("outcomes.outcomes[{i}].kind"),
+            "must set one field",
+        ));
+    }
+    Ok(())
+}
+
 /// A release (ReleaseTask, or `release` on a session): the lease to give
 /// back.
 pub(crate) fn release(req: &proto::ReleaseTaskRequest) -> Result<LeaseRef> {
@@ -271,5 +290,6 @@ pub(crate) fn register(
             default_lease,
         )?,
         labels: field::labels("register.labels", &register.labels)?,
+        batched_pushes: register.batched_pushes,
     })
 }

@@ -119,6 +119,7 @@ impl WorkerBuilder {
             slots: i32::try_from(self.slots).unwrap_or(i32::MAX),
             lease_duration: self.lease_duration.map(convert::duration),
             labels: self.labels,
+            batched_pushes: true,
         };
         // The server's own checks of a registration, so that a worker id,
         // slot count, lease or label it would refuse fails here and not at

@@ -159,6 +159,16 @@ impl Leases {
         out
     }
 
+    /// What to send about the handlers that have finished by now, without
+    /// waiting for any (see [`Leases::settle`]).
+    pub(super) fn settle_ready(&mut self) -> Vec<connect_request::Kind> {
+        let mut out = Vec::new();
+        while let Some(joined) = self.running.try_join_next() {
+            out.extend(self.settle(Activity::Finished(joined)));
+        }
+        out
+    }
+
     /// The outcomes sent and not acknowledged, to send again on a new
     /// stream.
     pub(super) fn unacknowledged(&self) -> Vec<connect_request::Kind> {
@@ -548,6 +558,18 @@ pub(super) enum AckNext {
     Later(String),
     /// Send this instead.
     Send(connect_request::Kind),
+}
+
+impl AckNext {
+    /// Does it: a message to send goes to `out`, a task whose outcome is to
+    /// be sent again later to `later`.
+    pub(super) fn apply(self, out: &mut Vec<connect_request::Kind>, later: &mut Vec<String>) {
+        match self {
+            AckNext::Nothing => {}
+            AckNext::Later(task_id) => later.push(task_id),
+            AckNext::Send(message) => out.push(message),
+        }
+    }
 }
 
 fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {

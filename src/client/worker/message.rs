@@ -113,3 +113,94 @@ fn result_struct(result: serde_json::Value) -> prost_types::Struct {
         other => to_struct(&serde_json::json!({ "value": other })),
     }
 }
+
+/// `messages` as they go on the stream: outcomes (completes, fails,
+/// releases) that follow each other packed into `outcomes` messages of up to
+/// the server's limit, everything else as it is, the order kept. A lone
+/// outcome keeps its single form.
+pub(super) fn packed(messages: Vec<connect_request::Kind>) -> Vec<connect_request::Kind> {
+    let mut out = Vec::with_capacity(messages.len());
+    let mut run: Vec<proto::Outcome> = Vec::new();
+    let flush =
+        |run: &mut Vec<proto::Outcome>, out: &mut Vec<connect_request::Kind>| match run.len() {
+            0 => {}
+            1 => out.extend(run.pop().and_then(|o| o.kind).map(single)),
+            _ => out.push(connect_request::Kind::Outcomes(proto::OutcomeBatch {
+                outcomes: std::mem::take(run),
+            })),
+        };
+    for message in messages {
+        let kind = match message {
+            connect_request::Kind::Complete(m) => proto::outcome::Kind::Complete(m),
+            connect_request::Kind::Fail(m) => proto::outcome::Kind::Fail(m),
+            connect_request::Kind::Release(m) => proto::outcome::Kind::Release(m),
+            other => {
+                flush(&mut run, &mut out);
+                out.push(other);
+                continue;
+            }
+        };
+        run.push(proto::Outcome { kind: Some(kind) });
+        if run.len() == limit::MAX_OUTCOMES {
+            flush(&mut run, &mut out);
+        }
+    }
+    flush(&mut run, &mut out);
+    out
+}
+
+/// An outcome in its single form.
+fn single(kind: proto::outcome::Kind) -> connect_request::Kind {
+    match kind {
+        proto::outcome::Kind::Complete(m) => connect_request::Kind::Complete(m),
+        proto::outcome::Kind::Fail(m) => connect_request::Kind::Fail(m),
+        proto::outcome::Kind::Release(m) => connect_request::Kind::Release(m),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn complete(n: u32) -> connect_request::Kind {
+        super::complete(&n.to_string(), String::new(), serde_json::json!({}))
+    }
+
+    #[test]
+    fn outcomes_in_a_row_travel_together_and_the_rest_keeps_its_place() {
+        let drain = connect_request::Kind::Drain(proto::DrainSession {});
+        let sent = packed(vec![
+            complete(1),
+            drain.clone(),
+            complete(2),
+            release("3", String::new()),
+            complete(4),
+        ]);
+        assert_eq!(sent.len(), 3);
+        assert_eq!(sent[0], complete(1), "a lone outcome stays single");
+        assert_eq!(sent[1], drain);
+        let connect_request::Kind::Outcomes(batch) = &sent[2] else {
+            panic!("{:?}", sent[2]);
+        };
+        let ids: Vec<String> = batch
+            .outcomes
+            .iter()
+            .map(|o| match o.kind.as_ref().unwrap() {
+                proto::outcome::Kind::Complete(m) => m.task_id.clone(),
+                proto::outcome::Kind::Release(m) => m.task_id.clone(),
+                proto::outcome::Kind::Fail(m) => m.task_id.clone(),
+            })
+            .collect();
+        assert_eq!(ids, ["2", "3", "4"]);
+
+        let many = packed((0..2500).map(complete).collect());
+        let sizes: Vec<usize> = many
+            .iter()
+            .map(|m| match m {
+                connect_request::Kind::Outcomes(b) => b.outcomes.len(),
+                _ => 1,
+            })
+            .collect();
+        assert_eq!(sizes, [1000, 1000, 500]);
+    }
+}

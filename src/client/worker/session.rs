@@ -12,7 +12,8 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tonic::transport::Channel;
 use tonic::Code;
 
-use super::leases::{AckNext, Leases};
+use super::leases::Leases;
+use super::message;
 use super::Worker;
 use crate::client::{Error, Result};
 use crate::proto::{
@@ -214,12 +215,21 @@ impl SessionLoop {
                                 let draining = self.drain_deadline.is_some();
                                 out.extend(self.leases.start(leased, draining));
                             }
+                            connect_response::Kind::Tasks(batch) => {
+                                let draining = self.drain_deadline.is_some();
+                                for leased in batch.tasks {
+                                    out.extend(self.leases.start(leased, draining));
+                                }
+                            }
                             connect_response::Kind::HeartbeatAck(ack) => self.leases.heartbeat_ack(ack),
-                            connect_response::Kind::Ack(ack) => match self.leases.ack(ack) {
-                                AckNext::Nothing => {}
-                                AckNext::Later(task_id) => unavailable.push(task_id),
-                                AckNext::Send(message) => out.push(message),
-                            },
+                            connect_response::Kind::Ack(ack) => {
+                                self.leases.ack(ack).apply(&mut out, &mut unavailable)
+                            }
+                            connect_response::Kind::Acks(batch) => {
+                                for ack in batch.acks {
+                                    self.leases.ack(ack).apply(&mut out, &mut unavailable);
+                                }
+                            }
                             connect_response::Kind::Cancel(cancel) => self.leases.cancel(&cancel),
                             connect_response::Kind::Drain(_) => {
                                 tracing::info!(%address, "node is draining; finishing held tasks, then reconnecting");
@@ -236,7 +246,12 @@ impl SessionLoop {
                         return SessionEnd::Broken(format!("{}: {}", status.code(), status.message()))
                     }
                 },
-                activity = self.leases.activity() => out.extend(self.leases.settle(activity)),
+                activity = self.leases.activity() => {
+                    out.extend(self.leases.settle(activity));
+                    // Handlers that finished meanwhile go out in the same
+                    // message.
+                    out.extend(self.leases.settle_ready());
+                }
                 _ = heartbeat.tick() => out.extend(self.leases.heartbeat()),
                 _ = resend.tick(), if !unavailable.is_empty() => {
                     out.extend(self.leases.resend(std::mem::take(&mut unavailable)));
@@ -265,13 +280,14 @@ impl SessionLoop {
         }
     }
 
-    /// Sends `messages` in order. False if the stream is closed.
+    /// Sends `messages` in order, outcomes that follow each other packed
+    /// into one `outcomes` message. False if the stream is closed.
     async fn send_all(
         &mut self,
         tx: &mpsc::Sender<proto::ConnectRequest>,
         messages: Vec<connect_request::Kind>,
     ) -> bool {
-        for message in messages {
+        for message in message::packed(messages) {
             if tx.send(request(message)).await.is_err() {
                 return false;
             }
