@@ -2,16 +2,25 @@
 //! sends the tasks down their streams.
 //!
 //! Free sessions are grouped by what they take (task types and lease
-//! length); each group gets one claim statement for all its free slots, and
-//! the tasks are dealt round-robin from a rotating start, so work is spread
-//! across sessions rather than piled onto the first. The loop runs again at
-//! once while claims come back full, and otherwise sleeps until a wake-up,
-//! the next due task or the safety poll.
+//! length); each group gets one claim statement for its free slots, and the
+//! tasks are dealt round-robin from a rotating start, so work is spread
+//! across sessions rather than piled onto the first.
+//!
+//! Claims are pipelined: a claim runs in a task of its own, with the slots
+//! it deals promised to it (reserved) until its tasks are delivered, and the
+//! loop goes on launching claims for slots that are still free: for other
+//! groups, and for the same group when enough slots have freed up while its
+//! previous claim was in flight. A slot is never promised twice, so no
+//! session ever gets more tasks than its slots. A claim that came back full
+//! runs the loop again at once (more may be due); otherwise the loop sleeps
+//! until a wake-up, a freed slot, the next due task or the safety poll.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
+
+use tokio::sync::OwnedSemaphorePermit;
 
 use super::{Dispatcher, Push, Session};
 use crate::model::{Claim, EventKind, LeaseRef, Task};
@@ -19,6 +28,36 @@ use crate::store;
 
 /// Most tasks claimed by one statement.
 const MAX_CLAIM: usize = 1000;
+
+/// Claims of one node in flight at once: enough to keep Postgres busy while
+/// the node delivers, few enough to leave the pool to outcomes and calls.
+pub(super) const MAX_CLAIMS_IN_FLIGHT: usize = 3;
+
+/// Claims of one group in flight at once: the one being delivered, and the
+/// next.
+const GROUP_CLAIMS: usize = 2;
+
+/// While a group's claim is in flight, the next one is launched only once
+/// this share of the group's slots is free, or [`NEXT_CLAIM_MIN`] of them
+/// if fewer: a claim per freed slot would spend a statement on every task.
+const NEXT_CLAIM_SHARE: usize = 4;
+const NEXT_CLAIM_MIN: usize = 64;
+
+/// How long a claim that failed (the database away) keeps its slots
+/// promised, so that the loop does not retry it at once.
+const CLAIM_ERROR_PAUSE: Duration = Duration::from_secs(1);
+
+/// What a group of sessions takes: its task types and lease length.
+pub(super) type GroupKey = (Vec<String>, Duration);
+
+/// One claim about to run: its group, and the sessions its slots were dealt
+/// to, slot by slot.
+struct Deal {
+    key: GroupKey,
+    members: Vec<Arc<Session>>,
+    /// The member index of each slot, in dealing order.
+    owners: Vec<usize>,
+}
 
 impl Dispatcher {
     pub(super) async fn dispatch_loop(self) {
@@ -29,16 +68,13 @@ impl Dispatcher {
             }
             let mut pause = self.inner.poll_interval;
             if !self.is_draining() {
-                match self.dispatch_once().await {
-                    Ok(true) => continue,
-                    Ok(false) => match self.next_due().await {
+                let launched = self.launch_claims();
+                let in_flight = MAX_CLAIMS_IN_FLIGHT - self.inner.claims.available_permits();
+                if launched == 0 && in_flight == 0 {
+                    match self.next_due().await {
                         Ok(Some(due)) => pause = pause.min(due.max(Duration::from_millis(5))),
                         Ok(None) => {}
                         Err(err) => tracing::debug!(error = %err, "next due check failed"),
-                    },
-                    Err(err) => {
-                        tracing::warn!(error = %err, "dispatch failed");
-                        pause = pause.min(Duration::from_secs(1));
                     }
                 }
             }
@@ -58,58 +94,168 @@ impl Dispatcher {
             .collect()
     }
 
-    /// One claim per group of free sessions; true if some group got all it
-    /// asked for (more may be due).
-    async fn dispatch_once(&self) -> store::Result<bool> {
-        let _pass = self.inner.dispatching.lock().await;
-        let mut groups: BTreeMap<(Vec<String>, Duration), Vec<Arc<Session>>> = BTreeMap::new();
-        for session in self.takers() {
+    /// Launches a claim for every group of sessions with free slots, as
+    /// long as claims may still be in flight; returns how many it launched.
+    /// A group with a claim in flight gets its next one only once enough of
+    /// its slots are free.
+    fn launch_claims(&self) -> usize {
+        let mut groups: BTreeMap<GroupKey, Vec<Arc<Session>>> = BTreeMap::new();
+        for session in self.sessions() {
+            if session.is_draining() {
+                continue;
+            }
             let key = (session.spec.task_types.clone(), session.spec.lease_duration);
             groups.entry(key).or_default().push(session);
         }
-        let mut more = false;
-        for ((task_types, lease_duration), members) in groups {
-            let start = self.inner.rotation.fetch_add(1, Ordering::Relaxed) % members.len();
-            let mut free: Vec<usize> = members.iter().map(|s| s.free()).collect();
-            let mut owners = Vec::new();
-            let mut workers = Vec::new();
-            'deal: while free.iter().any(|f| *f > 0) {
-                for k in 0..members.len() {
-                    let i = (start + k) % members.len();
-                    if free[i] > 0 {
-                        free[i] -= 1;
-                        owners.push(i);
-                        workers.push(members[i].spec.worker_id.clone());
-                        if owners.len() == MAX_CLAIM {
-                            break 'deal;
-                        }
+        let mut launched = 0;
+        for (key, members) in groups {
+            let free: usize = members.iter().map(|s| s.free()).sum();
+            if free == 0 {
+                continue;
+            }
+            let in_flight = self.group_claims(&key);
+            if in_flight >= GROUP_CLAIMS {
+                continue;
+            }
+            if in_flight > 0 {
+                let slots: usize = members.iter().map(|s| s.spec.slots).sum();
+                if free < (slots / NEXT_CLAIM_SHARE).clamp(1, NEXT_CLAIM_MIN) {
+                    continue;
+                }
+            }
+            let Ok(permit) = self.inner.claims.clone().try_acquire_owned() else {
+                break;
+            };
+            let Some(deal) = self.deal(key, members) else {
+                continue;
+            };
+            *self
+                .inner
+                .group_claims
+                .lock()
+                .expect("lock poisoned")
+                .entry(deal.key.clone())
+                .or_default() += 1;
+            launched += 1;
+            tokio::spawn(self.clone().claim(deal, permit));
+        }
+        launched
+    }
+
+    /// Claims of the group `key` in flight.
+    fn group_claims(&self, key: &GroupKey) -> usize {
+        self.inner
+            .group_claims
+            .lock()
+            .expect("lock poisoned")
+            .get(key)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Deals the free slots of a group round-robin from a rotating start, so
+    /// work is spread across sessions rather than piled onto the first, and
+    /// promises each session the slots dealt to it. `None` if no slot was
+    /// free by the time it was dealt.
+    fn deal(&self, key: GroupKey, members: Vec<Arc<Session>>) -> Option<Deal> {
+        let start = self.inner.rotation.fetch_add(1, Ordering::Relaxed) % members.len();
+        let mut free: Vec<usize> = members.iter().map(|s| s.free()).collect();
+        let mut dealt = vec![0usize; members.len()];
+        let mut owners = Vec::new();
+        'deal: while free.iter().any(|f| *f > 0) {
+            for k in 0..members.len() {
+                let i = (start + k) % members.len();
+                if free[i] > 0 {
+                    free[i] -= 1;
+                    dealt[i] += 1;
+                    owners.push(i);
+                    if owners.len() == MAX_CLAIM {
+                        break 'deal;
                     }
                 }
             }
-            let claim = Claim {
-                task_types,
-                slots: workers,
-                lease_duration,
-            };
-            let announce = self.inner.events.announcer(EventKind::Leased);
-            let claimed = self
-                .inner
-                .store
-                .task_claim(&claim, announce.as_ref().map(|a| a as store::Announce))
-                .await?;
-            more |= claimed.len() == claim.slots.len();
-            // One push per session: its tasks of this claim, in claim order.
-            let mut dealt: Vec<Vec<Task>> = vec![Vec::new(); members.len()];
-            for (slot, task) in claimed {
-                dealt[owners[slot]].push(task);
+        }
+        // A slot taken since `free` was read is simply dealt the next time:
+        // a session whose promise cannot be kept gets none this time.
+        for (i, session) in members.iter().enumerate() {
+            if dealt[i] > 0 && !session.reserve(dealt[i]) {
+                dealt[i] = 0;
             }
-            for (member, tasks) in members.iter().zip(dealt) {
-                if !tasks.is_empty() {
-                    self.deliver(member, tasks);
+        }
+        owners.retain(|i| dealt[*i] > 0);
+        if owners.is_empty() {
+            return None;
+        }
+        Some(Deal {
+            key,
+            members,
+            owners,
+        })
+    }
+
+    /// Runs one claim and delivers what it got; then the promised slots are
+    /// free again (or taken by the tasks delivered). A full claim runs the
+    /// loop again: more may be due.
+    async fn claim(self, deal: Deal, permit: OwnedSemaphorePermit) {
+        let claim = Claim {
+            task_types: deal.key.0.clone(),
+            slots: deal
+                .owners
+                .iter()
+                .map(|i| deal.members[*i].spec.worker_id.clone())
+                .collect(),
+            lease_duration: deal.key.1,
+        };
+        let announce = self.inner.events.announcer(EventKind::Leased);
+        let claimed = self
+            .inner
+            .store
+            .task_claim(&claim, announce.as_ref().map(|a| a as store::Announce))
+            .await;
+        let full = match claimed {
+            Ok(claimed) => {
+                let full = claimed.len() == claim.slots.len();
+                // One push per session: its tasks of this claim, in claim
+                // order.
+                let mut tasks: Vec<Vec<Task>> = vec![Vec::new(); deal.members.len()];
+                for (slot, task) in claimed {
+                    tasks[deal.owners[slot]].push(task);
+                }
+                for (member, tasks) in deal.members.iter().zip(tasks) {
+                    if !tasks.is_empty() {
+                        self.deliver(member, tasks);
+                    }
+                }
+                full
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "dispatch failed");
+                tokio::time::sleep(CLAIM_ERROR_PAUSE).await;
+                false
+            }
+        };
+        // Delivered first, so that the slots the tasks now hold are never
+        // free in between.
+        let mut promised = vec![0usize; deal.members.len()];
+        for i in &deal.owners {
+            promised[*i] += 1;
+        }
+        for (member, n) in deal.members.iter().zip(promised) {
+            member.unreserve(n);
+        }
+        {
+            let mut groups = self.inner.group_claims.lock().expect("lock poisoned");
+            if let Some(n) = groups.get_mut(&deal.key) {
+                *n -= 1;
+                if *n == 0 {
+                    groups.remove(&deal.key);
                 }
             }
         }
-        Ok(more)
+        drop(permit);
+        if full {
+            self.inner.kick.notify_one();
+        }
     }
 
     /// Pushes claimed tasks down their session's stream. Claimed just as

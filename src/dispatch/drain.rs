@@ -16,12 +16,14 @@ impl Dispatcher {
     /// hold nothing or `grace` ends, then every session stream is closed.
     pub(crate) async fn drain(&self, grace: Duration) {
         self.inner.draining.store(true, Ordering::Relaxed);
-        // Let a pass in flight finish: it gives back what it claimed.
-        if tokio::time::timeout(grace, self.inner.dispatching.lock())
-            .await
-            .is_err()
-        {
-            tracing::warn!("a claim in flight did not finish within the drain grace");
+        // Let the claims in flight finish: they give back what they got.
+        let all = self
+            .inner
+            .claims
+            .acquire_many(super::claim::MAX_CLAIMS_IN_FLIGHT as u32);
+        match tokio::time::timeout(grace, all).await {
+            Ok(permits) => drop(permits),
+            Err(_) => tracing::warn!("a claim in flight did not finish within the drain grace"),
         }
         let sessions = self.sessions();
         tracing::info!(sessions = sessions.len(), grace = ?grace, "draining sessions");

@@ -3,8 +3,9 @@
 //! batches. One file per job:
 //!
 //! - `registry`: the node's sessions, and which session holds which lease;
-//! - `claim`: the dispatch loop, one claim statement for all free sessions
-//!   of a group, dealt round-robin and pushed down their streams;
+//! - `claim`: the dispatch loop, one claim statement for the free slots of a
+//!   group of sessions, dealt round-robin and pushed down their streams,
+//!   several claims in flight at once;
 //! - `poll`: long polls of unary AcquireTasks;
 //! - `outcome`: heartbeats, completions, failures and releases, written in
 //!   batches with whatever arrives at the same time (`batch`);
@@ -33,7 +34,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{watch, Notify};
+use tokio::sync::{watch, Notify, Semaphore};
 use uuid::Uuid;
 
 use crate::events::Hub;
@@ -64,9 +65,12 @@ struct Inner {
     /// Which local session holds which task.
     holders: Mutex<HashMap<Uuid, Uuid>>,
     draining: AtomicBool,
-    /// Held while a dispatch pass claims and delivers, so that a drain
-    /// starts only after the pass in flight has finished.
-    dispatching: tokio::sync::Mutex<()>,
+    /// One permit per claim in flight; a drain takes them all, so that it
+    /// starts only after the claims in flight have delivered (or given back)
+    /// what they got.
+    claims: Arc<Semaphore>,
+    /// Claims in flight per group of sessions.
+    group_claims: Mutex<HashMap<claim::GroupKey, usize>>,
     rotation: AtomicUsize,
     shutdown: watch::Receiver<bool>,
     events: Hub,
@@ -102,7 +106,8 @@ impl Dispatcher {
                 sessions: Mutex::new(HashMap::new()),
                 holders: Mutex::new(HashMap::new()),
                 draining: AtomicBool::new(false),
-                dispatching: tokio::sync::Mutex::new(()),
+                claims: Arc::new(Semaphore::new(claim::MAX_CLAIMS_IN_FLIGHT)),
+                group_claims: Mutex::new(HashMap::new()),
                 rotation: AtomicUsize::new(0),
                 shutdown,
                 events,

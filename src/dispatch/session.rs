@@ -37,6 +37,8 @@ struct Held {
     /// back. Bounded: the oldest are forgotten first.
     finished: HashSet<(Uuid, Uuid)>,
     finished_order: VecDeque<(Uuid, Uuid)>,
+    /// Slots promised to claims in flight: not free, not yet leased.
+    reserved: usize,
 }
 
 /// A registered session.
@@ -73,9 +75,31 @@ impl Session {
         self.held.lock().expect("session lock poisoned")
     }
 
-    /// Slots not taken by a lease.
+    /// Slots neither taken by a lease nor promised to a claim in flight.
     pub(crate) fn free(&self) -> usize {
-        self.spec.slots.saturating_sub(self.held().leases.len())
+        let held = self.held();
+        self.spec
+            .slots
+            .saturating_sub(held.leases.len() + held.reserved)
+    }
+
+    /// Promises `n` free slots to a claim about to run; they stay out of
+    /// [`Session::free`] until [`Session::unreserve`]. False (and nothing
+    /// promised) if fewer are free.
+    pub(crate) fn reserve(&self, n: usize) -> bool {
+        let mut held = self.held();
+        if held.leases.len() + held.reserved + n > self.spec.slots {
+            return false;
+        }
+        held.reserved += n;
+        true
+    }
+
+    /// Takes back the promise of `n` slots once their claim has delivered
+    /// (the tasks it got now hold their slots as leases).
+    pub(crate) fn unreserve(&self, n: usize) {
+        let mut held = self.held();
+        held.reserved = held.reserved.saturating_sub(n);
     }
 
     /// Leases out on this session.
