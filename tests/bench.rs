@@ -68,6 +68,28 @@ async fn drain_on_a_spawned_node_reports_its_cpu() {
     );
 }
 
+/// The sessions spread over three nodes on one database drain every task;
+/// the nodes' CPU is summed.
+#[tokio::test]
+async fn drain_over_several_nodes_drains_every_task() {
+    let json = bench(&[
+        "drain",
+        "--tasks",
+        "60",
+        "--sessions",
+        "3",
+        "--slots",
+        "4",
+        "--nodes",
+        "3",
+    ])
+    .await;
+    assert_eq!(json["nodes"], 3);
+    assert_eq!(json["tasks"], 60);
+    assert_eq!(json["batched"], true);
+    assert!(json["server_cpu_s_per_1k"].is_f64());
+}
+
 #[tokio::test]
 async fn sessions_on_a_spawned_node_reports_its_memory() {
     let json = bench(&[

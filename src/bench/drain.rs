@@ -40,6 +40,11 @@ pub(crate) struct DrainArgs {
     /// together go in one).
     #[arg(long)]
     pub(crate) single_messages: bool,
+
+    /// Nodes started on the database, the sessions spread over them in
+    /// turn; their CPU figures are summed.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16))]
+    pub(crate) nodes: u32,
 }
 
 /// The size of a drain, shared by `drain` and `sql-only` so that their
@@ -167,8 +172,13 @@ impl Report for DrainReport {
             "first hand-out to last ack",
         ));
         let whose = self.node_kind.caveat();
+        let summed = if args.nodes > 1 {
+            format!(", {} nodes summed", args.nodes)
+        } else {
+            String::new()
+        };
         out.push_str(&format!(
-            "  server CPU  {} s per 1,000 tasks{whose}\n",
+            "  server CPU  {} s per 1,000 tasks{whose}{summed}\n",
             or_unknown(self.server_cpu_per_1k(), 4)
         ));
         if let Some(rss) = self.server_rss {
@@ -198,6 +208,7 @@ impl Report for DrainReport {
             .field("sessions", self.args.workload.sessions)
             .field("slots", self.args.workload.slots)
             .field("batched", !self.args.single_messages)
+            .field("nodes", self.args.nodes)
             .field("tasks_per_s", round(self.rate(), 1))
             .field(
                 "server_cpu_s_per_1k",
@@ -210,17 +221,41 @@ impl Report for DrainReport {
     }
 }
 
+/// The nodes' CPU time and memory summed; `None` unless every node's is
+/// known. (In-process nodes share this process: its figures, once.)
+fn usage(nodes: &[Node]) -> Option<Usage> {
+    if nodes.first()?.kind() == NodeKind::InProcess {
+        return nodes[0].usage();
+    }
+    nodes.iter().try_fold(
+        Usage {
+            cpu: Duration::ZERO,
+            rss_bytes: 0,
+            peak_rss_bytes: 0,
+        },
+        |sum, node| {
+            let usage = node.usage()?;
+            Some(Usage {
+                cpu: sum.cpu + usage.cpu,
+                rss_bytes: sum.rss_bytes + usage.rss_bytes,
+                peak_rss_bytes: sum.peak_rss_bytes + usage.peak_rss_bytes,
+            })
+        },
+    )
+}
+
 /// The `drain` scenario against `node`. Should the run fail, the tasks of the run still unfinished are deleted
 /// through `--database-url`.
-pub(crate) async fn run(node: &Node, args: &DrainArgs) -> Result<DrainReport> {
+pub(crate) async fn run(nodes: &[Node], args: &DrainArgs) -> Result<DrainReport> {
     db::with_own_task_type("drain", &args.target.database_url, |task_type| async move {
-        measure(node, args, &task_type).await
+        measure(nodes, args, &task_type).await
     })
     .await
 }
 
-async fn measure(node: &Node, args: &DrainArgs, task_type: &str) -> Result<DrainReport> {
-    let endpoint = node.endpoint();
+async fn measure(nodes: &[Node], args: &DrainArgs, task_type: &str) -> Result<DrainReport> {
+    let endpoints: Vec<&str> = nodes.iter().map(Node::endpoint).collect();
+    let endpoint = endpoints[0];
     let task_type = task_type.to_owned();
     let preexisting_finished_rows = db::history(
         &args.target.database_url,
@@ -230,10 +265,10 @@ async fn measure(node: &Node, args: &DrainArgs, task_type: &str) -> Result<Drain
     set_up_tasks(endpoint, &task_type, args.workload.tasks as usize).await?;
 
     let updates_before = db::update_counts(&args.target.database_url).await;
-    let server_before = node.usage();
+    let server_before = usage(nodes);
     let bench_before = Usage::of(None).ok();
     let (workers, mut events) = Workers::open(
-        endpoint,
+        &endpoints,
         &task_type,
         args.workload.sessions as usize,
         args.workload.slots,
@@ -281,7 +316,7 @@ async fn measure(node: &Node, args: &DrainArgs, task_type: &str) -> Result<Drain
         Ok::<_, Error>((last.saturating_duration_since(first), duplicates))
     }
     .await;
-    let server_after = node.usage();
+    let server_after = usage(nodes);
     let bench_after = Usage::of(None).ok();
     let closed = workers.close().await;
     let (elapsed, duplicates) = drained?;
@@ -293,8 +328,12 @@ async fn measure(node: &Node, args: &DrainArgs, task_type: &str) -> Result<Drain
         db::update_counts(&args.target.database_url).await,
     );
     Ok(DrainReport {
-        server: node.describe(),
-        node_kind: node.kind(),
+        server: nodes
+            .iter()
+            .map(Node::describe)
+            .collect::<Vec<_>>()
+            .join(", "),
+        node_kind: nodes[0].kind(),
         args: args.clone(),
         task_type,
         preexisting_finished_rows,
@@ -327,10 +366,11 @@ mod tests {
                 preexisting_finished: 5,
             },
             single_messages: false,
+            nodes: 1,
         };
         let report = on_node(db, &args.target, NodeKind::Spawned, async |node| {
             assert_eq!(node.kind(), NodeKind::InProcess);
-            run(node, &args).await
+            run(std::slice::from_ref(node), &args).await
         })
         .await;
 

@@ -142,7 +142,7 @@ async fn measure(node: &Node, args: &LatencyArgs, task_type: &str) -> Result<Lat
     let task_type = task_type.to_owned();
     let mut tasks = task_client(endpoint).await?;
     let (workers, mut events) = Workers::open(
-        endpoint,
+        &[endpoint],
         &task_type,
         args.sessions as usize,
         args.slots,

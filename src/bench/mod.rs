@@ -104,9 +104,9 @@ pub async fn run(args: BenchArgs) -> Result<(), Error> {
         }
         Scenario::Drain(args) => {
             system::ensure_open_files(u64::from(args.workload.sessions) * 2 + 256)?;
-            let node = Node::start(&args.target, NodeKind::Spawned).await?;
-            let outcome = drain::run(&node, &args).await;
-            Box::new(finish(node, outcome).await?)
+            let nodes = Node::start_many(&args.target, NodeKind::Spawned, args.nodes).await?;
+            let outcome = drain::run(&nodes, &args).await;
+            Box::new(finish_all(nodes, outcome).await?)
         }
         Scenario::Latency(args) => {
             let node = Node::start(&args.target, NodeKind::InProcess).await?;
@@ -133,6 +133,21 @@ pub async fn run(args: BenchArgs) -> Result<(), Error> {
         Some(failure) => Err(Error::Scenario(failure)),
         None => Ok(()),
     }
+}
+
+/// Stops the nodes whatever the outcome; the scenario's error wins over
+/// theirs.
+async fn finish_all<R>(nodes: Vec<Node>, outcome: error::Result<R>) -> error::Result<R> {
+    let mut stopped = Ok(());
+    for node in nodes {
+        let result = node.stop().await;
+        if stopped.is_ok() {
+            stopped = result;
+        }
+    }
+    let report = outcome?;
+    stopped?;
+    Ok(report)
 }
 
 /// Stops the node whatever the outcome; the scenario's error wins over the

@@ -181,7 +181,7 @@ async fn measure(node: &Node, args: &ReclaimArgs, task_type: &str) -> Result<Rec
 
     let first_expiry = expiry.values().min().copied().expect("at least one task");
     let (workers, mut events) =
-        Workers::open(endpoint, &task_type, 1, args.tasks as i32, false).await?;
+        Workers::open(&[endpoint], &task_type, 1, args.tasks as i32, false).await?;
     let late_start = SystemTime::now() > first_expiry;
     if late_start {
         tracing::warn!("the second worker registered after the first lease ran out");

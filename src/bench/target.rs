@@ -177,6 +177,33 @@ impl Node {
         }
     }
 
+    /// `count` nodes on one database, as [`Node::start`] starts one (the
+    /// first migrates it); a server given by `--server` is one node only.
+    pub(crate) async fn start_many(
+        target: &Target,
+        default: NodeKind,
+        count: u32,
+    ) -> Result<Vec<Self>> {
+        if count > 1 && target.kind(default) == NodeKind::Remote {
+            return Err(Error::Scenario(
+                "--nodes starts the nodes itself: leave out --server".into(),
+            ));
+        }
+        let mut nodes = Vec::with_capacity(count as usize);
+        for _ in 0..count.max(1) {
+            match Self::start(target, default).await {
+                Ok(node) => nodes.push(node),
+                Err(err) => {
+                    for node in nodes {
+                        let _ = node.stop().await;
+                    }
+                    return Err(err);
+                }
+            }
+        }
+        Ok(nodes)
+    }
+
     /// The address of the server, `http://host:port`.
     pub(crate) fn endpoint(&self) -> &str {
         &self.endpoint

@@ -70,13 +70,13 @@ pub(crate) struct Workers {
 }
 
 impl Workers {
-    /// Opens `sessions` sessions of `slots` slots on `endpoint`, each on its
-    /// own connection, taking only `task_type`; returns once every one is
+    /// Opens `sessions` sessions of `slots` slots on `endpoints` (in turn),
+    /// each on its own connection, taking only `task_type`; returns once every one is
     /// registered, with the receiver of their events. `batched` sessions
     /// take several tasks per message and send the completions of a message
     /// in one.
     pub(crate) async fn open(
-        endpoint: &str,
+        endpoints: &[&str],
         task_type: &str,
         sessions: usize,
         slots: i32,
@@ -94,6 +94,8 @@ impl Workers {
                 batched_pushes: batched,
                 ..Default::default()
             };
+            // Spread over the nodes in turn.
+            let endpoint = endpoints[index % endpoints.len()];
             let session = SessionStream::open(endpoint, register, index)
                 .await
                 .with_context(|| format!("cannot open worker session {index}"))?;
