@@ -4,25 +4,35 @@
 //! drains, and carries on on the other node. On one node with one slot, a
 //! failure whose error text is over the server's limit still ends the task
 //! and frees the slot, and SIGTERM drains the worker: it gives back the task
-//! still running and exits 0. `.ci/tools.sh` installs what the workers need;
-//! without it these tests fail, they never skip.
+//! still running and exits 0. Busy, through a tap that sees what the node
+//! receives and sends, a worker gets tasks created together in one `tasks`
+//! push and sends outcomes ready together in one `outcomes` message, those
+//! re-sent after a reconnect too. `.ci/tools.sh` installs what the workers
+//! need; without it these tests fail, they never skip.
 
 mod common;
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{get_task, list_sessions, status_of};
+use futures_util::Stream;
 use leasehold::client::from_struct as struct_to_json;
 use leasehold::proto::task_service_client::TaskServiceClient;
 use leasehold::proto::worker_service_client::WorkerServiceClient;
-use leasehold::proto::{self, TaskStatus};
+use leasehold::proto::worker_service_server::{WorkerService, WorkerServiceServer};
+use leasehold::proto::{self, connect_request, connect_response, TaskStatus};
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, ChildStderr, Command};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
+use tonic::transport::server::TcpIncoming;
 use tonic::transport::Channel;
+use tonic::{Request, Response, Status, Streaming};
 
 const TASK_TYPE: &str = "generate_thumbnail";
 
@@ -58,6 +68,16 @@ async fn python_worker_frees_its_slot_and_drains_on_sigterm() {
 #[tokio::test]
 async fn node_worker_frees_its_slot_and_drains_on_sigterm() {
     one_slot_then_sigterm("node", node_worker).await;
+}
+
+#[tokio::test]
+async fn python_worker_takes_and_sends_batches_when_busy() {
+    batches("python", python_worker()).await;
+}
+
+#[tokio::test]
+async fn node_worker_takes_and_sends_batches_when_busy() {
+    batches("node", node_worker()).await;
 }
 
 /// `python worker.py` in its folder.
@@ -316,6 +336,382 @@ async fn one_slot_then_sigterm(language: &'static str, worker: fn() -> Command) 
     assert_eq!(task.locked_by, None);
 
     server.stop().await;
+}
+
+/// A busy worker, as the node sees it through a [`Tap`]: tasks created
+/// together arrive in one `tasks` push, their outcomes ready together leave
+/// in one `outcomes` message answered by one `acks`, and so do outcomes
+/// re-sent after a reconnect. Nothing here depends on timing: tasks created
+/// in one transaction are claimed by one statement for the free slots (one
+/// push), a task that fails at once has its outcome ready before the
+/// worker's sending loop runs again, and the outcomes re-sent on a new
+/// session are all queued at its registration.
+async fn batches(language: &'static str, mut worker: Command) {
+    const SLOTS: usize = 5;
+    let server = common::TestServer::start().await;
+    let mut tasks = server.tasks().await;
+    let tap = Tap::start(&server.endpoint()).await;
+    let worker_id = format!("{language}-{}", uuid::Uuid::new_v4().simple());
+    // The server's default lease (30 s): the withheld outcomes below are
+    // still accepted after the reconnect.
+    worker
+        .args(["--server", &tap.addr.to_string(), "--worker-id", &worker_id])
+        .args(["--task-types", TASK_TYPE, "--slots", &SLOTS.to_string()]);
+    let (mut child, mut log) = spawn(language, &mut worker);
+    log.wait_for("registered on").await;
+
+    // Tasks that fail as soon as they start: one push, one message of
+    // fails, one answer.
+    let failing = create_together(
+        &mut tasks,
+        SLOTS,
+        |i| json!({"fail": format!("corrupt image {i}"), "permanent": true}),
+    )
+    .await;
+    for (i, id) in failing.iter().enumerate() {
+        let task = wait_status(&tasks, id, TaskStatus::Failed).await;
+        let error = format!("corrupt image {i}");
+        assert_eq!(task.last_error.as_deref(), Some(error.as_str()));
+        assert_eq!(task.attempts, 1);
+        // Its answer has passed the tap.
+        log.wait_for(&format!("task {id} failed")).await;
+    }
+    let seen = tap.take();
+    assert_eq!(seen.pushes(), [("tasks", SLOTS)], "{seen:#?}");
+    assert_eq!(seen.outcomes(), [("outcomes", SLOTS)], "{seen:#?}");
+    assert_eq!(seen.acks(), [("acks", SLOTS)], "{seen:#?}");
+
+    // The tap withholds the outcomes of the next tasks, however they are
+    // sent, then breaks the stream, as a cut just after they left the
+    // worker would. The worker reconnects, through the tap again, and sends
+    // them all again in one message.
+    tap.withhold(SLOTS);
+    let sleeping = create_together(
+        &mut tasks,
+        SLOTS,
+        |i| json!({"image": format!("cat-{i}.png"), "sleep_ms": 50}),
+    )
+    .await;
+    for (i, id) in sleeping.iter().enumerate() {
+        let task = wait_status(&tasks, id, TaskStatus::Completed).await;
+        assert_eq!(
+            result_of(&task),
+            json!({"thumbnail": format!("thumbs/cat-{i}.png"), "worker": worker_id})
+        );
+        assert_eq!(task.attempts, 1, "the lease outlived the cut");
+        log.wait_for(&format!("task {id} completed")).await;
+    }
+    let seen = tap.take();
+    assert_eq!(seen.pushes(), [("tasks", SLOTS)], "{seen:#?}");
+    let registers = seen
+        .from_worker
+        .iter()
+        .filter(|(kind, _)| *kind == "register");
+    assert_eq!(registers.count(), 1, "one reconnect: {seen:#?}");
+    let resent = seen.since_register();
+    assert_eq!(resent.outcomes(), [("outcomes", SLOTS)], "{seen:#?}");
+    assert_eq!(resent.acks(), [("acks", SLOTS)], "{seen:#?}");
+
+    child.kill().await.unwrap();
+    server.stop().await;
+}
+
+/// Creates `n` tasks in one CreateTasks call (one transaction), the params
+/// of the i-th from `params(i)`; returns their ids in that order.
+async fn create_together(
+    tasks: &mut TaskServiceClient<Channel>,
+    n: usize,
+    params: impl Fn(usize) -> serde_json::Value,
+) -> Vec<String> {
+    let batch = (0..n)
+        .map(|i| proto::CreateTaskRequest {
+            params: Some(common::json(params(i))),
+            ..common::new_task(TASK_TYPE)
+        })
+        .collect();
+    common::create_batch(tasks, batch).await
+}
+
+/// The session messages that went through a [`Tap`], each as its kind (the
+/// proto field) and how many tasks, outcomes or acks it carries (1 for the
+/// single forms).
+#[derive(Debug, Default)]
+struct Seen {
+    from_worker: Vec<(&'static str, usize)>,
+    from_node: Vec<(&'static str, usize)>,
+}
+
+impl Seen {
+    /// The pushes of tasks, single and batched.
+    fn pushes(&self) -> Vec<(&'static str, usize)> {
+        only(&self.from_node, &["task", "tasks"])
+    }
+
+    /// The worker's outcome messages, single and batched.
+    fn outcomes(&self) -> Vec<(&'static str, usize)> {
+        only(
+            &self.from_worker,
+            &["complete", "fail", "release", "outcomes"],
+        )
+    }
+
+    /// The answers to outcomes, single and batched.
+    fn acks(&self) -> Vec<(&'static str, usize)> {
+        only(&self.from_node, &["ack", "acks"])
+    }
+
+    /// What went through on the latest session: from its `register` and
+    /// its `registered` on.
+    fn since_register(&self) -> Seen {
+        let from = |messages: &[(&'static str, usize)], first: &str| {
+            let start = messages.iter().rposition(|(kind, _)| *kind == first);
+            messages[start.unwrap_or(0)..].to_vec()
+        };
+        Seen {
+            from_worker: from(&self.from_worker, "register"),
+            from_node: from(&self.from_node, "registered"),
+        }
+    }
+}
+
+/// The messages of `kinds`, in order.
+fn only(messages: &[(&'static str, usize)], kinds: &[&str]) -> Vec<(&'static str, usize)> {
+    messages
+        .iter()
+        .filter(|(kind, _)| kinds.contains(kind))
+        .copied()
+        .collect()
+}
+
+/// Stands between a worker and a node on `Connect` and notes each session
+/// message as the node receives or sends it: the node logs nothing per
+/// message, so this is where a test sees which forms a worker uses. Asked
+/// to, it withholds a number of outcomes and then breaks the worker's
+/// stream.
+struct Tap {
+    addr: SocketAddr,
+    state: Arc<Mutex<TapState>>,
+}
+
+#[derive(Default)]
+struct TapState {
+    seen: Seen,
+    /// Outcomes still to withhold before breaking the stream; 0 forwards
+    /// everything.
+    withhold: usize,
+}
+
+/// What the tap does with a message from the worker.
+enum Pass {
+    Forward,
+    Withhold,
+    /// Withhold it and break the stream.
+    Cut,
+}
+
+impl TapState {
+    /// Notes a message from the worker; says what to do with it.
+    fn note_from_worker(&mut self, message: &proto::ConnectRequest) -> Pass {
+        let (kind, outcomes) = worker_kind(message);
+        self.seen.from_worker.push((kind, outcomes));
+        let outcome = matches!(kind, "complete" | "fail" | "release" | "outcomes");
+        if !outcome || self.withhold == 0 {
+            return Pass::Forward;
+        }
+        self.withhold = self.withhold.saturating_sub(outcomes);
+        if self.withhold == 0 {
+            Pass::Cut
+        } else {
+            Pass::Withhold
+        }
+    }
+}
+
+impl Tap {
+    /// Listens on 127.0.0.1:0 and forwards sessions to `endpoint`.
+    async fn start(endpoint: &str) -> Tap {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(Mutex::new(TapState::default()));
+        let service = TapService {
+            node: WorkerServiceClient::new(common::channel_to(endpoint).await),
+            state: state.clone(),
+        };
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(WorkerServiceServer::new(service))
+                .serve_with_incoming(TcpIncoming::from(listener)),
+        );
+        Tap { addr, state }
+    }
+
+    /// What went through since the last call.
+    fn take(&self) -> Seen {
+        std::mem::take(&mut self.state.lock().unwrap().seen)
+    }
+
+    /// Withholds the next `outcomes` outcomes, then breaks the stream.
+    fn withhold(&self, outcomes: usize) {
+        self.state.lock().unwrap().withhold = outcomes;
+    }
+}
+
+#[derive(Clone)]
+struct TapService {
+    node: WorkerServiceClient<Channel>,
+    state: Arc<Mutex<TapState>>,
+}
+
+type ConnectStream = Pin<Box<dyn Stream<Item = Result<proto::ConnectResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl WorkerService for TapService {
+    type ConnectStream = ConnectStream;
+
+    async fn connect(
+        &self,
+        request: Request<Streaming<proto::ConnectRequest>>,
+    ) -> Result<Response<ConnectStream>, Status> {
+        let mut from_worker = request.into_inner();
+        let (to_node, node_rx) = mpsc::channel(1024);
+        // The node answers the call only once it has read `register`.
+        let Some(register) = from_worker.message().await? else {
+            return Err(Status::cancelled("the worker sent nothing"));
+        };
+        self.state.lock().unwrap().note_from_worker(&register);
+        to_node.send(register).await.unwrap();
+        let mut from_node = self
+            .node
+            .clone()
+            .connect(channel_stream(node_rx))
+            .await?
+            .into_inner();
+        let (to_worker, worker_rx) = mpsc::channel(1024);
+        let state = self.state.clone();
+        // One task per session carries both ways; when it ends, both
+        // streams end (the worker's with the node's status).
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    message = from_worker.message() => {
+                        let Ok(Some(message)) = message else { return };
+                        let pass = state.lock().unwrap().note_from_worker(&message);
+                        match pass {
+                            Pass::Forward => {
+                                if to_node.send(message).await.is_err() {
+                                    return;
+                                }
+                            }
+                            Pass::Withhold => {}
+                            Pass::Cut => {
+                                let cut = Status::unavailable("cut by the tap");
+                                let _ = to_worker.send(Err(cut)).await;
+                                return;
+                            }
+                        }
+                    }
+                    message = from_node.message() => {
+                        let message = match message {
+                            Ok(Some(message)) => message,
+                            Ok(None) => return,
+                            Err(status) => {
+                                let _ = to_worker.send(Err(status)).await;
+                                return;
+                            }
+                        };
+                        state.lock().unwrap().seen.from_node.push(node_kind(&message));
+                        if to_worker.send(Ok(message)).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(channel_stream(worker_rx))))
+    }
+
+    // The workers use only `Connect`.
+
+    async fn acquire_tasks(
+        &self,
+        _request: Request<proto::AcquireTasksRequest>,
+    ) -> Result<Response<proto::AcquireTasksResponse>, Status> {
+        Err(Status::unimplemented("the tap forwards only Connect"))
+    }
+
+    async fn heartbeat(
+        &self,
+        _request: Request<proto::HeartbeatRequest>,
+    ) -> Result<Response<proto::HeartbeatResponse>, Status> {
+        Err(Status::unimplemented("the tap forwards only Connect"))
+    }
+
+    async fn complete_task(
+        &self,
+        _request: Request<proto::CompleteTaskRequest>,
+    ) -> Result<Response<proto::CompleteTaskResponse>, Status> {
+        Err(Status::unimplemented("the tap forwards only Connect"))
+    }
+
+    async fn fail_task(
+        &self,
+        _request: Request<proto::FailTaskRequest>,
+    ) -> Result<Response<proto::FailTaskResponse>, Status> {
+        Err(Status::unimplemented("the tap forwards only Connect"))
+    }
+
+    async fn release_task(
+        &self,
+        _request: Request<proto::ReleaseTaskRequest>,
+    ) -> Result<Response<proto::ReleaseTaskResponse>, Status> {
+        Err(Status::unimplemented("the tap forwards only Connect"))
+    }
+
+    async fn list_workers(
+        &self,
+        _request: Request<proto::ListWorkersRequest>,
+    ) -> Result<Response<proto::ListWorkersResponse>, Status> {
+        Err(Status::unimplemented("the tap forwards only Connect"))
+    }
+}
+
+/// What a channel receives, as a stream.
+fn channel_stream<T: Send + 'static>(rx: mpsc::Receiver<T>) -> impl Stream<Item = T> + Send {
+    futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    })
+}
+
+/// A worker's message as its kind and how many outcomes it carries.
+fn worker_kind(message: &proto::ConnectRequest) -> (&'static str, usize) {
+    use connect_request::Kind;
+    match &message.kind {
+        Some(Kind::Register(_)) => ("register", 1),
+        Some(Kind::Heartbeat(_)) => ("heartbeat", 1),
+        Some(Kind::Complete(_)) => ("complete", 1),
+        Some(Kind::Fail(_)) => ("fail", 1),
+        Some(Kind::Release(_)) => ("release", 1),
+        Some(Kind::Progress(_)) => ("progress", 1),
+        Some(Kind::Drain(_)) => ("drain", 1),
+        Some(Kind::Outcomes(batch)) => ("outcomes", batch.outcomes.len()),
+        None => ("none", 0),
+    }
+}
+
+/// A node's message as its kind and how many tasks or acks it carries.
+fn node_kind(message: &proto::ConnectResponse) -> (&'static str, usize) {
+    use connect_response::Kind;
+    match &message.kind {
+        Some(Kind::Registered(_)) => ("registered", 1),
+        Some(Kind::Task(_)) => ("task", 1),
+        Some(Kind::Tasks(batch)) => ("tasks", batch.tasks.len()),
+        Some(Kind::HeartbeatAck(_)) => ("heartbeat_ack", 1),
+        Some(Kind::Ack(_)) => ("ack", 1),
+        Some(Kind::Acks(batch)) => ("acks", batch.acks.len()),
+        Some(Kind::Cancel(_)) => ("cancel", 1),
+        Some(Kind::Drain(_)) => ("drain", 1),
+        None => ("none", 0),
+    }
 }
 
 /// Starts the worker, killed when dropped, its log captured.

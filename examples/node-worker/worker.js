@@ -5,8 +5,11 @@
 // through the given servers, when a node drains or the stream breaks. A task
 // still running across a reconnect keeps its lease: the new session
 // re-attaches it by heartbeating with its token, and its outcome goes out on
-// the new stream. On SIGTERM or SIGINT it drains: no new tasks, the running
-// ones get --drain-seconds to finish, the rest are given back, and it exits 0.
+// the new stream. A busy worker uses the batched forms: several tasks pushed
+// at once come in one `tasks` message, and outcomes ready at the same moment
+// go out in one `outcomes` message, answered by one `acks`. On SIGTERM or
+// SIGINT it drains: no new tasks, the running ones get --drain-seconds to
+// finish, the rest are given back, and it exits 0.
 
 import os from 'node:os';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -33,6 +36,10 @@ const CONTROL_CHARS = /[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]/g;
 // A registration refused for these reasons fails the same way on every
 // server: retrying cannot help.
 const FATAL_CODES = new Set([grpc.status.INVALID_ARGUMENT, grpc.status.FAILED_PRECONDITION]);
+// The messages that can travel together in one `outcomes` message, at most
+// MAX_OUTCOMES of them (the server's limit).
+const OUTCOME_KINDS = ['complete', 'fail', 'release'];
+const MAX_OUTCOMES = 1_000;
 // HTTP/2 pings notice a dead node even while the stream is idle.
 const CHANNEL_OPTIONS = {
   'grpc.keepalive_time_ms': 30_000,
@@ -93,8 +100,8 @@ class Worker {
     // Task id -> job, from hand-out until the outcome is acknowledged. It
     // survives reconnects: leases belong to the database, not the stream.
     this.jobs = new Map();
-    // The live session's stream; null between sessions.
-    this.call = null;
+    // The live session's Outbox; null between sessions.
+    this.outbox = null;
     // Acks name only the task: when a task comes back under a new lease,
     // this many acks still due for the old lease's outcome are skipped
     // (task id -> count).
@@ -138,27 +145,39 @@ class Worker {
     log('INFO', `connecting to ${server}`);
     const client = new WorkerService(server, grpc.credentials.createInsecure(), CHANNEL_OPTIONS);
     const call = client.Connect();
+    const outbox = new Outbox(call);
     let registered = false;
     let drained = false;
     let heartbeats = null;
-    call.write({ register: this.registerRequest() });
+    outbox.push({ register: this.registerRequest() });
     call.on('data', (response) => {
       switch (response.kind) {
         case 'registered': {
           registered = true;
           const interval = durationMs(response.registered.heartbeatInterval);
           heartbeats = setInterval(() => this.heartbeat(), interval);
-          this.onRegistered(server, response.registered, call);
+          this.onRegistered(server, response.registered, outbox);
           break;
         }
         case 'task':
           this.onTask(response.task);
+          break;
+        case 'tasks':
+          for (const leased of response.tasks.tasks) {
+            this.onTask(leased);
+          }
           break;
         case 'heartbeatAck':
           this.onHeartbeatAck(response.heartbeatAck);
           break;
         case 'ack':
           this.onAck(response.ack);
+          break;
+        case 'acks':
+          // One per outcome of an `outcomes` message, in order.
+          for (const ack of response.acks.acks) {
+            this.onAck(ack);
+          }
           break;
         case 'cancel':
           this.stop(response.cancel.taskId, response.cancel.reason);
@@ -185,8 +204,9 @@ class Worker {
       // the stream after draining, an error code when it broke.
       call.on('status', (status) => {
         clearInterval(heartbeats);
-        if (this.call === call) {
-          this.call = null;
+        outbox.close();
+        if (this.outbox === outbox) {
+          this.outbox = null;
         }
         client.close();
         if (status.code === grpc.status.OK) {
@@ -207,24 +227,26 @@ class Worker {
       slots: this.slots,
       labels: { language: 'node' },
       leaseDuration: this.leaseSeconds ? { seconds: this.leaseSeconds } : null,
+      // Several tasks leased at once then come in one `tasks` message.
+      batchedPushes: true,
     };
   }
 
-  onRegistered(server, registered, call) {
+  onRegistered(server, registered, outbox) {
     const interval = durationMs(registered.heartbeatInterval) / 1000;
     log(
       'INFO',
       `registered on ${server}: node=${registered.nodeId} session=${registered.sessionId} heartbeat every ${interval.toFixed(2)}s`,
     );
     this.failures = 0;
-    this.call = call;
+    this.outbox = outbox;
     // Acks of what went out on an earlier stream never come on this one.
     this.staleAcks.clear();
     for (const job of this.jobs.values()) {
       job.unanswered = 0;
     }
     if (this.draining) {
-      call.write({ drain: {} });
+      this.send({ drain: {} });
     }
     // Tasks from an earlier session: renewing their leases here attaches
     // them to this session (so the server counts them and can cancel them),
@@ -257,7 +279,7 @@ class Worker {
       job.heartbeated = true;
     }
     const leases = running.map(({ taskId, leaseToken }) => ({ taskId, leaseToken }));
-    this.call?.write({ heartbeat: { leases } });
+    this.send({ heartbeat: { leases } });
   }
 
   onTask({ task, lease }) {
@@ -332,11 +354,16 @@ class Worker {
     this.sendOutcome(job);
   }
 
+  /** Sends a message on the live session; between sessions it is dropped. */
+  send(message) {
+    this.outbox?.push(message);
+  }
+
   sendOutcome(job) {
     // Between sessions the outcome waits in its job; onRegistered sends it.
-    if (this.call) {
+    if (this.outbox) {
       job.unanswered += 1;
-      this.call.write(job.outcome);
+      this.outbox.push(job.outcome);
     }
   }
 
@@ -447,7 +474,7 @@ class Worker {
       'INFO',
       `shutting down: finishing ${this.jobs.size} task(s) for up to ${this.drainSeconds}s`,
     );
-    this.call?.write({ drain: {} });
+    this.send({ drain: {} });
     if (await this.settled(this.drainSeconds * 1000)) {
       return;
     }
@@ -472,6 +499,80 @@ class Worker {
     }
     return this.jobs.size === 0;
   }
+}
+
+/**
+ * The messages for one session's stream. They are written once the current
+ * turn of the event loop is over rather than at once, so that outcomes ready
+ * at the same moment (several tasks of one push that ended together, or the
+ * outcomes re-sent after a reconnect) go out in one `outcomes` message.
+ */
+class Outbox {
+  constructor(call) {
+    this.call = call;
+    this.queue = [];
+    this.closed = false;
+  }
+
+  push(message) {
+    if (this.closed) {
+      return;
+    }
+    if (this.queue.length === 0) {
+      // setImmediate runs after this turn's promise callbacks, where the
+      // handlers that finished (every task of a push that failed at once,
+      // say) hand in their outcomes.
+      setImmediate(() => this.flush());
+    }
+    this.queue.push(message);
+  }
+
+  flush() {
+    const ready = this.queue.splice(0);
+    if (!this.closed) {
+      for (const message of packed(ready)) {
+        this.call.write(message);
+      }
+    }
+  }
+
+  /** The stream has ended: what is still queued is dropped. */
+  close() {
+    this.closed = true;
+  }
+}
+
+/**
+ * `messages` as they go on the stream, in order: outcomes (completes, fails,
+ * releases) that follow each other packed into `outcomes` messages of up to
+ * MAX_OUTCOMES, everything else as it is. A lone outcome keeps its single
+ * form. (An outcome of an `outcomes` message has the same shape as the
+ * single message: `{complete: ...}`, `{fail: ...}` or `{release: ...}`.)
+ */
+function packed(messages) {
+  const out = [];
+  let run = [];
+  const flush = () => {
+    if (run.length === 1) {
+      out.push(run[0]);
+    } else if (run.length > 1) {
+      out.push({ outcomes: { outcomes: run } });
+    }
+    run = [];
+  };
+  for (const message of messages) {
+    if (!OUTCOME_KINDS.some((kind) => message[kind])) {
+      flush();
+      out.push(message);
+      continue;
+    }
+    run.push(message);
+    if (run.length === MAX_OUTCOMES) {
+      flush();
+    }
+  }
+  flush();
+  return out;
 }
 
 function failRequest(job, error, permanent) {

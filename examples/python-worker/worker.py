@@ -6,6 +6,9 @@ sends each outcome, stops a task when told to, and reconnects, rotating
 through the given servers, when a node drains or the stream breaks. A task
 still running across a reconnect keeps its lease: the new session re-attaches
 it by heartbeating with its token, and its outcome goes out on the new stream.
+A busy worker uses the batched forms: several tasks pushed at once come in one
+`tasks` message, and outcomes ready at the same moment go out in one
+`outcomes` message, answered by one `acks`.
 On SIGTERM or SIGINT it drains: no new tasks, the running ones get
 --drain-seconds to finish, the rest are given back, and it exits 0.
 """
@@ -56,6 +59,10 @@ CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 # A registration refused for these reasons fails the same way on every
 # server: retrying cannot help.
 FATAL_CODES = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION}
+# The messages that can travel together in one `outcomes` message, at most
+# MAX_OUTCOMES of them (the server's limit).
+OUTCOME_KINDS = ("complete", "fail", "release")
+MAX_OUTCOMES = 1_000
 # HTTP/2 pings notice a dead node even while the stream is idle.
 CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 30_000),
@@ -187,10 +194,21 @@ class Worker:
         outbox.put_nowait(pb.ConnectRequest(register=self.register_request()))
 
         async def requests():
-            # None ends the requests with the session; otherwise grpc would
-            # wait on this generator forever.
-            while (message := await outbox.get()) is not None:
-                yield message
+            # Whatever is queued by the time grpc asks for the next message
+            # was ready at the same moment (several tasks of one push that
+            # ended before this ran, or the outcomes re-sent after a
+            # reconnect): it goes out together, its outcomes packed. None
+            # ends the requests with the session; otherwise grpc would wait
+            # on this generator forever.
+            while True:
+                ready = [await outbox.get()]
+                while not outbox.empty():
+                    ready.append(outbox.get_nowait())
+                end = ready.index(None) if None in ready else len(ready)
+                for message in packed(ready[:end]):
+                    yield message
+                if end < len(ready):
+                    return
 
         registered = drained = False
         heartbeats: asyncio.Task | None = None
@@ -209,10 +227,17 @@ class Worker:
                             self.on_registered(server, response.registered, outbox)
                         case "task":
                             self.on_task(response.task)
+                        case "tasks":
+                            for leased in response.tasks.tasks:
+                                self.on_task(leased)
                         case "heartbeat_ack":
                             self.on_heartbeat_ack(response.heartbeat_ack)
                         case "ack":
                             self.on_ack(response.ack)
+                        case "acks":
+                            # One per outcome of an `outcomes` message, in order.
+                            for ack in response.acks.acks:
+                                self.on_ack(ack)
                         case "cancel":
                             reason = enum_name(pb.CancelReason, response.cancel.reason)
                             self.stop(response.cancel.task_id, reason)
@@ -236,6 +261,8 @@ class Worker:
             task_types=self.task_types,
             slots=self.slots,
             labels={"language": "python"},
+            # Several tasks leased at once then come in one `tasks` message.
+            batched_pushes=True,
         )
         if self.lease_seconds:
             register.lease_duration.FromTimedelta(timedelta(seconds=self.lease_seconds))
@@ -472,6 +499,40 @@ class Worker:
         while self.jobs and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.05)
         return not self.jobs
+
+
+def packed(messages: list[pb.ConnectRequest]) -> list[pb.ConnectRequest]:
+    """`messages` as they go on the stream, in order: outcomes (completes,
+    fails, releases) that follow each other packed into `outcomes` messages
+    of up to MAX_OUTCOMES, everything else as it is. A lone outcome keeps
+    its single form."""
+    out: list[pb.ConnectRequest] = []
+    run: list[pb.ConnectRequest] = []
+
+    def flush() -> None:
+        if len(run) == 1:
+            out.append(run[0])
+        elif run:
+            outcomes = [as_outcome(message) for message in run]
+            out.append(pb.ConnectRequest(outcomes=pb.OutcomeBatch(outcomes=outcomes)))
+        run.clear()
+
+    for message in messages:
+        if message.WhichOneof("kind") not in OUTCOME_KINDS:
+            flush()
+            out.append(message)
+            continue
+        run.append(message)
+        if len(run) == MAX_OUTCOMES:
+            flush()
+    flush()
+    return out
+
+
+def as_outcome(message: pb.ConnectRequest) -> pb.Outcome:
+    """A complete, fail or release as one outcome of an `outcomes` message."""
+    kind = message.WhichOneof("kind")
+    return pb.Outcome(**{kind: getattr(message, kind)})
 
 
 def fail_request(job: Job, error: str, permanent: bool) -> pb.ConnectRequest:
