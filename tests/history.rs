@@ -405,6 +405,68 @@ async fn retention_drops_whole_days_past_it_and_nothing_younger() {
     server.stop().await;
 }
 
+/// A task that ends on a day the history has no partition for (a node
+/// whose history job could not run for a week, a clock that jumped) is not
+/// refused: the write makes the day and lands.
+#[tokio::test]
+async fn an_outcome_on_a_day_without_its_partition_makes_the_day() {
+    let server = TestServer::start().await;
+    let mut tasks = server.tasks().await;
+    let mut workers = server.workers().await;
+    let ids = server.create_many("dayless", 3).await;
+    let leased = acquire_tasks(&mut workers, acquire("w", &["dayless"], 2)).await;
+    assert_eq!(leased.len(), 2);
+    let sql = server.sql().await;
+    let today = |status: &str| {
+        format!(
+            "SELECT 'task_history_{status}_' || to_char((now() AT TIME ZONE 'UTC')::date, 'YYYYMMDD')"
+        )
+    };
+    for status in ["completed", "failed", "cancelled"] {
+        let table: String = sql.query_one(&today(status), &[]).await.unwrap().get(0);
+        sql.batch_execute(&format!(
+            "ALTER TABLE task_history_{status} DETACH PARTITION {table}; DROP TABLE {table}"
+        ))
+        .await
+        .unwrap();
+    }
+
+    let lease = |i: usize| leased[i].lease.clone().unwrap();
+    let completed = complete(&mut workers, &lease(0)).await;
+    assert_eq!(completed.status(), TaskStatus::Completed);
+    let failed = fail_task(&mut workers, permanent(&lease(1), "broken")).await;
+    assert_eq!(failed.status(), TaskStatus::Failed);
+    let pending = ids
+        .iter()
+        .find(|id| leased.iter().all(|t| &t.task.as_ref().unwrap().id != *id))
+        .unwrap();
+    let cancelled = tasks
+        .cancel_task(proto::CancelTaskRequest {
+            id: pending.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .task
+        .unwrap();
+    assert_eq!(cancelled.status(), TaskStatus::Cancelled);
+
+    let present = history_tables(&sql).await;
+    for status in ["completed", "failed", "cancelled"] {
+        let table: String = sql.query_one(&today(status), &[]).await.unwrap().get(0);
+        assert!(present.contains(&table), "{table} not made again");
+    }
+    for (id, status) in [
+        (&lease(0).task_id, TaskStatus::Completed),
+        (&lease(1).task_id, TaskStatus::Failed),
+        (pending, TaskStatus::Cancelled),
+    ] {
+        assert_eq!(get_task(&mut tasks, id).await.status(), status);
+    }
+    server.stop().await;
+}
+
 /// A heartbeat moves no indexed column, so Postgres writes it in place
 /// (a heap-only update, no index entry); a heartbeat that shortens the
 /// lease still has it reclaimed when the shorter lease runs out.

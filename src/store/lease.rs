@@ -153,7 +153,7 @@ const LEASE_EXTEND: &str = "WITH locked AS ( \
 // Completions, the hottest batch, skip the `locked` pass (a row-lock record
 // per task, 15-25 % of `sql-only` throughput): they lock rows in the order
 // the plan visits them, which can cross a heartbeat's id order. Postgres
-// then aborts one of the two as a deadlock victim, and `deadlock_retried`
+// then aborts one of the two as a deadlock victim, and `write_retried`
 // runs it again.
 const TASK_COMPLETE_MANY: &str = concat!(
     "WITH done AS ( \
@@ -269,34 +269,55 @@ const LEASE_NEXT_EXPIRY: &str =
 /// A statement parameter, borrowed for `'a`.
 type Param<'a> = dyn tokio_postgres::types::ToSql + Sync + 'a;
 
-/// Times a batch write is run when Postgres keeps choosing it as the victim
-/// of a deadlock.
-const DEADLOCK_ATTEMPTS: u32 = 3;
+/// Times a write is run when Postgres keeps aborting it (a deadlock
+/// victim, a day of the history not made yet).
+const WRITE_ATTEMPTS: u32 = 3;
 
-/// Runs a batch write again when Postgres aborted it as the victim of a
-/// deadlock with another batch over the same tasks (see
-/// `TASK_COMPLETE_MANY`). Each is one statement in its own transaction, so
-/// an aborted run applied nothing and running it again is safe.
-async fn deadlock_retried<T, Fut>(
-    mut write: impl FnMut() -> Fut,
-) -> std::result::Result<T, tokio_postgres::Error>
-where
-    Fut: std::future::Future<Output = std::result::Result<T, tokio_postgres::Error>>,
-{
-    let mut attempt = 1;
-    loop {
-        match write().await {
-            Err(err)
-                if err.code() == Some(&SqlState::T_R_DEADLOCK_DETECTED)
-                    && attempt < DEADLOCK_ATTEMPTS =>
-            {
-                tracing::warn!(
-                    attempt,
-                    "batch write chosen as a deadlock victim; running it again"
-                );
-                attempt += 1;
+/// Whether Postgres refused a row because no partition of the history
+/// takes its day.
+fn is_missing_day(err: &tokio_postgres::Error) -> bool {
+    err.as_db_error().is_some_and(|db| {
+        *db.code() == SqlState::CHECK_VIOLATION && db.message().starts_with("no partition of")
+    })
+}
+
+impl Store {
+    /// Runs a write again when Postgres aborted it as the victim of a
+    /// deadlock with another batch over the same tasks (see
+    /// `TASK_COMPLETE_MANY`), or because the history has no partition for
+    /// the day a task it ends finishes on. The history job makes the days
+    /// a week ahead; a node whose job could not run for that long, or a
+    /// database clock that jumped, would otherwise leave every outcome and
+    /// every reclaim failing, so the write makes the day (as the job would)
+    /// and runs again. Each write is one statement in its own transaction:
+    /// an aborted run applied nothing, and running it again is safe.
+    pub(super) async fn write_retried<T, Fut>(&self, mut write: impl FnMut() -> Fut) -> Result<T>
+    where
+        Fut: std::future::Future<Output = std::result::Result<T, tokio_postgres::Error>>,
+    {
+        let mut attempt = 1;
+        loop {
+            match write().await {
+                Err(err) if attempt < WRITE_ATTEMPTS && is_missing_day(&err) => {
+                    tracing::warn!(
+                        attempt,
+                        error = %super::Error::from(err),
+                        "no history partition for today; making it"
+                    );
+                    self.history_upkeep(1, |_| None).await?;
+                }
+                Err(err)
+                    if attempt < WRITE_ATTEMPTS
+                        && err.code() == Some(&SqlState::T_R_DEADLOCK_DETECTED) =>
+                {
+                    tracing::warn!(
+                        attempt,
+                        "batch write chosen as a deadlock victim; running it again"
+                    );
+                }
+                other => return Ok(other?),
             }
-            other => return other,
+            attempt += 1;
         }
     }
 }
@@ -397,7 +418,7 @@ impl Store {
         let tokens: Vec<Uuid> = leases.iter().map(|(l, _)| l.lease_token).collect();
         let ms: Vec<f64> = leases.iter().map(|(_, d)| millis(*d)).collect();
         let params: [&Param<'_>; 3] = [&ids, &tokens, &ms];
-        let rows = deadlock_retried(|| client.query(&stmt, &params)).await?;
+        let rows = self.write_retried(|| client.query(&stmt, &params)).await?;
         let mut renewed: HashMap<(Uuid, Uuid), SystemTime> = HashMap::with_capacity(rows.len());
         for row in &rows {
             renewed.insert((row.try_get(0)?, row.try_get(1)?), row.try_get(2)?);
@@ -451,7 +472,7 @@ impl Store {
         let tokens: Vec<Uuid> = order.iter().map(|(l, _)| l.lease_token).collect();
         let results: Vec<&serde_json::Value> = order.iter().map(|(_, r)| r).collect();
         let params: [&Param<'_>; 3] = [&ids, &tokens, &results];
-        let rows = deadlock_retried(|| client.query(&stmt, &params)).await?;
+        let rows = self.write_retried(|| client.query(&stmt, &params)).await?;
         let leases: Vec<LeaseRef> = completions.iter().map(|(l, _)| *l).collect();
         self.fenced_many(&client, rows, &leases, |t| t.status == Status::Completed)
             .await
@@ -476,7 +497,7 @@ impl Store {
         let errors: Vec<&str> = failures.iter().map(|(_, f)| f.error.as_str()).collect();
         let (base, max) = (millis(backoff.base), millis(backoff.max));
         let params: [&Param<'_>; 7] = [&ids, &tokens, &permanent, &retry_ms, &errors, &base, &max];
-        let rows = deadlock_retried(|| client.query(&stmt, &params)).await?;
+        let rows = self.write_retried(|| client.query(&stmt, &params)).await?;
         let leases: Vec<LeaseRef> = failures.iter().map(|(l, _)| *l).collect();
         // A repeated fail finds the task failed, or pending with this token
         // still on it (no one has leased it since).
@@ -596,7 +617,8 @@ impl Store {
     pub(crate) async fn lease_reclaim_expired(&self, limit: i64) -> Result<Vec<(Task, LeaseRef)>> {
         let client = self.client().await?;
         let stmt = client.prepare_cached(LEASE_RECLAIM_EXPIRED).await?;
-        let rows = client.query(&stmt, &[&limit]).await?;
+        let params: [&Param<'_>; 1] = [&limit];
+        let rows = self.write_retried(|| client.query(&stmt, &params)).await?;
         rows.iter()
             .map(|row| {
                 let task = task_from_row(row)?;

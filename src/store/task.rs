@@ -406,7 +406,11 @@ impl Store {
     ) -> Result<Option<std::result::Result<Task, Task>>> {
         let client = self.client().await?;
         let stmt = client.prepare_cached(TASK_CANCEL).await?;
-        if let Some(row) = client.query_opt(&stmt, &[&id, &reason]).await? {
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&id, &reason];
+        let row = self
+            .write_retried(|| client.query_opt(&stmt, &params))
+            .await?;
+        if let Some(row) = row {
             return Ok(Some(Ok(task_from_row(&row)?)));
         }
         self.current(&client, id).await
