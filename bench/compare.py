@@ -427,7 +427,7 @@ def summarize(d: str, elapsed: int | None) -> tuple[str, str]:
     hist = sorted((r, res["preexisting_finished_rows"]) for r, res in R.runs.get("our_drain", [])
                   if isinstance(res.get("preexisting_finished_rows"), (int, float)))
     if hist:
-        notes.append("Leasehold drain: finished rows already in the task table at start: "
+        notes.append("Leasehold drain: finished tasks already in the history at start: "
                      + ", ".join(f"round {r} {rate(float(n))}" for r, n in hist))
     if missing:
         notes.append("not available in this binary: " + ", ".join(missing))
