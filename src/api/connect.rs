@@ -265,33 +265,20 @@ impl Connection {
                     let _ = out.send(respond(batch)).await;
                 });
             }
-            connect_request::Kind::Complete(req) => Outcome {
-                kind: proto::OutcomeKind::Complete,
-                task_id: req.task_id.clone(),
-                lease_token: req.lease_token.clone(),
-                run: Box::pin(async move {
-                    let (lease, result) = request::complete(&req, max_payload)?;
-                    coordinator.complete(lease, result).await
-                }),
-            }
+            connect_request::Kind::Complete(req) => Outcome::of(
+                proto::outcome::Kind::Complete(req),
+                coordinator,
+                max_payload,
+            )
             .spawn(permit, out),
-            connect_request::Kind::Fail(req) => Outcome {
-                kind: proto::OutcomeKind::Fail,
-                task_id: req.task_id.clone(),
-                lease_token: req.lease_token.clone(),
-                run: Box::pin(async move {
-                    let (lease, failure) = request::fail(&req)?;
-                    coordinator.fail(lease, failure).await
-                }),
+            connect_request::Kind::Fail(req) => {
+                Outcome::of(proto::outcome::Kind::Fail(req), coordinator, max_payload)
+                    .spawn(permit, out)
             }
-            .spawn(permit, out),
-            connect_request::Kind::Release(req) => Outcome {
-                kind: proto::OutcomeKind::Release,
-                task_id: req.task_id.clone(),
-                lease_token: req.lease_token.clone(),
-                run: Box::pin(async move { coordinator.release(request::release(&req)?).await }),
+            connect_request::Kind::Release(req) => {
+                Outcome::of(proto::outcome::Kind::Release(req), coordinator, max_payload)
+                    .spawn(permit, out)
             }
-            .spawn(permit, out),
             connect_request::Kind::Progress(req) => Outcome {
                 kind: proto::OutcomeKind::Progress,
                 task_id: req.task_id.clone(),
@@ -321,7 +308,8 @@ struct Outcome {
 }
 
 impl Outcome {
-    /// One outcome of an `outcomes` message, written as its single form is.
+    /// A complete, fail or release, alone or one of an `outcomes` message:
+    /// each is written the same way.
     fn of(kind: proto::outcome::Kind, coordinator: Coordinator, max_payload: usize) -> Self {
         match kind {
             proto::outcome::Kind::Complete(req) => Outcome {

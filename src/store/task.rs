@@ -112,32 +112,31 @@ const TASK_RETRY: &str = concat!(
     columns!()
 );
 
+// A listing's filters and first page, the same in either table.
+macro_rules! list_page {
+    () => {
+        " WHERE (cardinality($1::text[]) = 0 OR status = ANY($1::text[])) \
+           AND (cardinality($2::text[]) = 0 OR task_type = ANY($2::text[])) \
+           AND ($3::uuid IS NULL OR library_id = $3) \
+           AND ($4::uuid IS NULL OR series_id = $4) \
+           AND ($5::uuid IS NULL OR book_id = $5) \
+           AND ($6::uuid IS NULL OR id < $6) \
+         ORDER BY id DESC LIMIT $7"
+    };
+}
+
 // Newest first across live and finished tasks, by the time-ordered id: each
 // table gives its own first page, in one snapshot, and the two are merged.
 const TASK_LIST: &str = concat!(
-    "SELECT * FROM ( \
-       (SELECT ",
+    "SELECT * FROM ((SELECT ",
     columns!(),
-    " FROM task \
-        WHERE (cardinality($1::text[]) = 0 OR status = ANY($1::text[])) \
-          AND (cardinality($2::text[]) = 0 OR task_type = ANY($2::text[])) \
-          AND ($3::uuid IS NULL OR library_id = $3) \
-          AND ($4::uuid IS NULL OR series_id = $4) \
-          AND ($5::uuid IS NULL OR book_id = $5) \
-          AND ($6::uuid IS NULL OR id < $6) \
-        ORDER BY id DESC LIMIT $7) \
-       UNION ALL \
-       (SELECT ",
+    " FROM task",
+    list_page!(),
+    ") UNION ALL (SELECT ",
     history_columns!(),
-    " FROM task_history \
-        WHERE (cardinality($1::text[]) = 0 OR status = ANY($1::text[])) \
-          AND (cardinality($2::text[]) = 0 OR task_type = ANY($2::text[])) \
-          AND ($3::uuid IS NULL OR library_id = $3) \
-          AND ($4::uuid IS NULL OR series_id = $4) \
-          AND ($5::uuid IS NULL OR book_id = $5) \
-          AND ($6::uuid IS NULL OR id < $6) \
-        ORDER BY id DESC LIMIT $7)) t \
-     ORDER BY id DESC LIMIT $7"
+    " FROM task_history",
+    list_page!(),
+    ")) t ORDER BY id DESC LIMIT $7"
 );
 
 // A finer cut than the retention's whole days: rows, in bounded batches.
