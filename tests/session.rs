@@ -14,6 +14,30 @@ fn task_id(leased: &proto::LeasedTask) -> String {
     leased.lease.as_ref().unwrap().task_id.clone()
 }
 
+/// A task created while a claim for an idle session is in flight (the claim
+/// that registering set off, which may not see it) still reaches the
+/// session at once, not at the next safety poll (a minute here).
+#[tokio::test]
+async fn a_task_created_while_a_claim_is_in_flight_is_pushed() {
+    let server = TestServer::start_with(|c| c.poll_interval = Duration::from_secs(60)).await;
+    let mut tasks = server.tasks().await;
+    for round in 0..20 {
+        let task_type = format!("racing_{round}");
+        let mut worker =
+            Session::connect(&server.endpoint(), register("w", &[task_type.as_str()], 1)).await;
+        let created = tasks
+            .create_task(new_task(&task_type))
+            .await
+            .unwrap()
+            .into_inner()
+            .task
+            .unwrap();
+        let leased = worker.next_task().await;
+        assert_eq!(task_id(&leased), created.id, "round {round}");
+    }
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn a_created_task_is_pushed_to_an_idle_session() {
     let server = TestServer::start_with(|c| c.poll_interval = Duration::from_secs(60)).await;

@@ -12,8 +12,11 @@
 //! groups, and for the same group when enough slots have freed up while its
 //! previous claim was in flight. A slot is never promised twice, so no
 //! session ever gets more tasks than its slots. A claim that came back full
-//! runs the loop again at once (more may be due); otherwise the loop sleeps
-//! until a wake-up, a freed slot, the next due task or the safety poll.
+//! runs the loop again at once (more may be due). One that came back short
+//! leaves its group idle: nothing more is due for it, so freed slots alone
+//! launch no claim, until a wake-up (tasks may have become claimable: one
+//! that arrived while the claim was in flight runs the loop again when it
+//! ends), the next due task or the safety poll.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
@@ -80,7 +83,11 @@ impl Dispatcher {
             }
             tokio::select! {
                 _ = self.inner.kick.notified() => {}
-                _ = tokio::time::sleep(pause) => {}
+                _ = tokio::time::sleep(pause) => {
+                    // A due time or the safety poll: idle groups may have
+                    // work again.
+                    self.inner.idle_groups.lock().expect("lock poisoned").clear();
+                }
                 _ = shutdown.wait_for(|stop| *stop) => return,
             }
         }
@@ -97,8 +104,9 @@ impl Dispatcher {
     /// Launches a claim for every group of sessions with free slots, as
     /// long as claims may still be in flight; returns how many it launched.
     /// A group with a claim in flight gets its next one only once enough of
-    /// its slots are free.
+    /// its slots are free; an idle group none until the next wake-up.
     fn launch_claims(&self) -> usize {
+        let woken = *self.inner.wake.borrow();
         let mut groups: BTreeMap<GroupKey, Vec<Arc<Session>>> = BTreeMap::new();
         for session in self.sessions() {
             if session.is_draining() {
@@ -111,6 +119,16 @@ impl Dispatcher {
         for (key, members) in groups {
             let free: usize = members.iter().map(|s| s.free()).sum();
             if free == 0 {
+                continue;
+            }
+            let idle = self
+                .inner
+                .idle_groups
+                .lock()
+                .expect("lock poisoned")
+                .get(&key)
+                == Some(&woken);
+            if idle {
                 continue;
             }
             let in_flight = self.group_claims(&key);
@@ -206,12 +224,16 @@ impl Dispatcher {
                 .collect(),
             lease_duration: deal.key.1,
         };
+        // Read before the statement runs: a wake-up counted after this may
+        // be about a task the statement did not see.
+        let woken = *self.inner.wake.borrow();
         let announce = self.inner.events.announcer(EventKind::Leased);
         let claimed = self
             .inner
             .store
             .task_claim(&claim, announce.as_ref().map(|a| a as store::Announce))
             .await;
+        let mut failed = false;
         let full = match claimed {
             Ok(claimed) => {
                 let full = claimed.len() == claim.slots.len();
@@ -231,6 +253,7 @@ impl Dispatcher {
             Err(err) => {
                 tracing::warn!(error = %err, "dispatch failed");
                 tokio::time::sleep(CLAIM_ERROR_PAUSE).await;
+                failed = true;
                 false
             }
         };
@@ -253,9 +276,19 @@ impl Dispatcher {
             }
         }
         drop(permit);
-        if full {
-            self.inner.kick.notify_one();
+        let rewoken = *self.inner.wake.borrow() != woken;
+        {
+            let mut idle = self.inner.idle_groups.lock().expect("lock poisoned");
+            // A failed claim learnt nothing: it is tried again.
+            if full || rewoken || failed {
+                idle.remove(&deal.key);
+            } else {
+                idle.insert(deal.key, woken);
+            }
         }
+        // Full: more may be due. Short: the loop may sleep until the next
+        // due task now, or (woken meanwhile) claim again.
+        self.inner.kick.notify_one();
     }
 
     /// Pushes claimed tasks down their session's stream. Claimed just as

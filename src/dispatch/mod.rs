@@ -71,6 +71,10 @@ struct Inner {
     claims: Arc<Semaphore>,
     /// Claims in flight per group of sessions.
     group_claims: Mutex<HashMap<claim::GroupKey, usize>>,
+    /// Groups whose last claim found fewer due tasks than it asked for, with
+    /// the wake-up count (`wake`) its statement started after: nothing more
+    /// is due for them until the next wake-up or due time.
+    idle_groups: Mutex<HashMap<claim::GroupKey, u64>>,
     rotation: AtomicUsize,
     shutdown: watch::Receiver<bool>,
     events: Hub,
@@ -108,6 +112,7 @@ impl Dispatcher {
                 draining: AtomicBool::new(false),
                 claims: Arc::new(Semaphore::new(claim::MAX_CLAIMS_IN_FLIGHT)),
                 group_claims: Mutex::new(HashMap::new()),
+                idle_groups: Mutex::new(HashMap::new()),
                 rotation: AtomicUsize::new(0),
                 shutdown,
                 events,
