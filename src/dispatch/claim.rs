@@ -16,12 +16,16 @@
 //! leaves its group idle: nothing more is due for it, so freed slots alone
 //! launch no claim, until a wake-up (tasks may have become claimable: one
 //! that arrived while the claim was in flight runs the loop again when it
-//! ends), the next due task or the safety poll.
+//! ends), the group's next due task (looked up as the claim ends) or the
+//! safety poll. Idleness is per group, so a busy group never keeps another
+//! from its due tasks.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
+
+use tokio::time::Instant;
 
 use tokio::sync::OwnedSemaphorePermit;
 
@@ -50,6 +54,20 @@ const NEXT_CLAIM_MIN: usize = 64;
 /// promised, so that the loop does not retry it at once.
 const CLAIM_ERROR_PAUSE: Duration = Duration::from_secs(1);
 
+/// The shortest wait for a due task: one due now (or a moment ago) is
+/// claimed again after this, not in a loop.
+const MIN_DUE_WAIT: Duration = Duration::from_millis(5);
+
+/// A group whose last claim found fewer due tasks than it asked for.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Idle {
+    /// The wake-up count its statement started after: a later wake-up ends
+    /// the idleness.
+    woken: u64,
+    /// Its next due task (or the safety poll): nothing is due for it before.
+    until: Instant,
+}
+
 /// What a group of sessions takes: its task types and lease length.
 pub(super) type GroupKey = (Vec<String>, Duration);
 
@@ -71,42 +89,32 @@ impl Dispatcher {
             }
             let mut pause = self.inner.poll_interval;
             if !self.is_draining() {
-                let launched = self.launch_claims();
-                let in_flight = MAX_CLAIMS_IN_FLIGHT - self.inner.claims.available_permits();
-                if launched == 0 && in_flight == 0 {
-                    match self.next_due().await {
-                        Ok(Some(due)) => pause = pause.min(due.max(Duration::from_millis(5))),
-                        Ok(None) => {}
-                        Err(err) => tracing::debug!(error = %err, "next due check failed"),
-                    }
+                self.launch_claims();
+                // Until the first idle group's next due task (or safety
+                // poll); a claim ending runs the loop again anyway.
+                // Expired ones are forgotten (their group may be gone).
+                let now = Instant::now();
+                let mut idle = self.inner.idle_groups.lock().expect("lock poisoned");
+                idle.retain(|_, i| i.until > now);
+                if let Some(until) = idle.values().map(|i| i.until).min() {
+                    pause = pause.min(until.saturating_duration_since(now));
                 }
             }
             tokio::select! {
                 _ = self.inner.kick.notified() => {}
-                _ = tokio::time::sleep(pause) => {
-                    // A due time or the safety poll: idle groups may have
-                    // work again.
-                    self.inner.idle_groups.lock().expect("lock poisoned").clear();
-                }
+                _ = tokio::time::sleep(pause) => {}
                 _ = shutdown.wait_for(|stop| *stop) => return,
             }
         }
     }
 
-    /// Sessions that can take work now.
-    fn takers(&self) -> Vec<Arc<Session>> {
-        self.sessions()
-            .into_iter()
-            .filter(|s| !s.is_draining() && s.free() > 0)
-            .collect()
-    }
-
     /// Launches a claim for every group of sessions with free slots, as
-    /// long as claims may still be in flight; returns how many it launched.
-    /// A group with a claim in flight gets its next one only once enough of
-    /// its slots are free; an idle group none until the next wake-up.
-    fn launch_claims(&self) -> usize {
+    /// long as claims may still be in flight. A group with a claim in flight
+    /// gets its next one only once enough of its slots are free; an idle
+    /// group none until the next wake-up or its next due task.
+    fn launch_claims(&self) {
         let woken = *self.inner.wake.borrow();
+        let now = Instant::now();
         let mut groups: BTreeMap<GroupKey, Vec<Arc<Session>>> = BTreeMap::new();
         for session in self.sessions() {
             if session.is_draining() {
@@ -115,7 +123,6 @@ impl Dispatcher {
             let key = (session.spec.task_types.clone(), session.spec.lease_duration);
             groups.entry(key).or_default().push(session);
         }
-        let mut launched = 0;
         for (key, members) in groups {
             let free: usize = members.iter().map(|s| s.free()).sum();
             if free == 0 {
@@ -127,7 +134,7 @@ impl Dispatcher {
                 .lock()
                 .expect("lock poisoned")
                 .get(&key)
-                == Some(&woken);
+                .is_some_and(|idle| idle.woken == woken && now < idle.until);
             if idle {
                 continue;
             }
@@ -154,10 +161,8 @@ impl Dispatcher {
                 .expect("lock poisoned")
                 .entry(deal.key.clone())
                 .or_default() += 1;
-            launched += 1;
             tokio::spawn(self.clone().claim(deal, permit));
         }
-        launched
     }
 
     /// Claims of the group `key` in flight.
@@ -276,18 +281,37 @@ impl Dispatcher {
             }
         }
         drop(permit);
-        let rewoken = *self.inner.wake.borrow() != woken;
-        {
-            let mut idle = self.inner.idle_groups.lock().expect("lock poisoned");
-            // A failed claim learnt nothing: it is tried again.
-            if full || rewoken || failed {
-                idle.remove(&deal.key);
-            } else {
-                idle.insert(deal.key, woken);
+        // Short, and no wake-up since: idle until the group's next due task
+        // (or the safety poll). A failed claim learnt nothing: it is tried
+        // again.
+        let idle = if full || failed || *self.inner.wake.borrow() != woken {
+            None
+        } else {
+            match self.inner.store.task_next_due(&deal.key.0).await {
+                Ok(due) => {
+                    let wait = due.map_or(self.inner.poll_interval, |due| {
+                        due.clamp(MIN_DUE_WAIT, self.inner.poll_interval)
+                    });
+                    Some(Idle {
+                        woken,
+                        until: Instant::now() + wait,
+                    })
+                }
+                Err(err) => {
+                    tracing::debug!(error = %err, "next due check failed");
+                    None
+                }
             }
+        };
+        {
+            let mut groups = self.inner.idle_groups.lock().expect("lock poisoned");
+            match idle {
+                Some(idle) => groups.insert(deal.key, idle),
+                None => groups.remove(&deal.key),
+            };
         }
-        // Full: more may be due. Short: the loop may sleep until the next
-        // due task now, or (woken meanwhile) claim again.
+        // Full: more may be due. Short: the loop sleeps until the next due
+        // time now, or (woken meanwhile) claims again.
         self.inner.kick.notify_one();
     }
 
@@ -305,25 +329,5 @@ impl Dispatcher {
                 self.give_back(session, lease);
             }
         }
-    }
-
-    /// Time until the next pending task that a free session could take is
-    /// due; `None` when no session is free or nothing is pending.
-    async fn next_due(&self) -> store::Result<Option<Duration>> {
-        let takers = self.takers();
-        if takers.is_empty() {
-            return Ok(None);
-        }
-        let mut types: Vec<String> = Vec::new();
-        for session in &takers {
-            if session.spec.task_types.is_empty() {
-                types.clear();
-                return self.inner.store.task_next_due(&types).await;
-            }
-            types.extend(session.spec.task_types.iter().cloned());
-        }
-        types.sort();
-        types.dedup();
-        self.inner.store.task_next_due(&types).await
     }
 }

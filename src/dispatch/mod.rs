@@ -74,7 +74,7 @@ struct Inner {
     /// Groups whose last claim found fewer due tasks than it asked for, with
     /// the wake-up count (`wake`) its statement started after: nothing more
     /// is due for them until the next wake-up or due time.
-    idle_groups: Mutex<HashMap<claim::GroupKey, u64>>,
+    idle_groups: Mutex<HashMap<claim::GroupKey, claim::Idle>>,
     rotation: AtomicUsize,
     shutdown: watch::Receiver<bool>,
     events: Hub,
