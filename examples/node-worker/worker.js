@@ -37,9 +37,12 @@ const CONTROL_CHARS = /[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]/g;
 // server: retrying cannot help.
 const FATAL_CODES = new Set([grpc.status.INVALID_ARGUMENT, grpc.status.FAILED_PRECONDITION]);
 // The messages that can travel together in one `outcomes` message, at most
-// MAX_OUTCOMES of them (the server's limit).
+// MAX_OUTCOMES of them (the server's limit) and about MAX_OUTCOME_BATCH_BYTES
+// (well inside the server's message limit; a larger one goes alone). The
+// size is that of the message as JSON, more than its encoded size.
 const OUTCOME_KINDS = ['complete', 'fail', 'release'];
 const MAX_OUTCOMES = 1_000;
+const MAX_OUTCOME_BATCH_BYTES = 1024 * 1024;
 // HTTP/2 pings notice a dead node even while the stream is idle.
 const CHANNEL_OPTIONS = {
   'grpc.keepalive_time_ms': 30_000,
@@ -545,13 +548,15 @@ class Outbox {
 /**
  * `messages` as they go on the stream, in order: outcomes (completes, fails,
  * releases) that follow each other packed into `outcomes` messages of up to
- * MAX_OUTCOMES, everything else as it is. A lone outcome keeps its single
+ * MAX_OUTCOMES and about MAX_OUTCOME_BATCH_BYTES (a larger one alone),
+ * everything else as it is. A lone outcome keeps its single
  * form. (An outcome of an `outcomes` message has the same shape as the
  * single message: `{complete: ...}`, `{fail: ...}` or `{release: ...}`.)
  */
 function packed(messages) {
   const out = [];
   let run = [];
+  let size = 0;
   const flush = () => {
     if (run.length === 1) {
       out.push(run[0]);
@@ -559,6 +564,7 @@ function packed(messages) {
       out.push({ outcomes: { outcomes: run } });
     }
     run = [];
+    size = 0;
   };
   for (const message of messages) {
     if (!OUTCOME_KINDS.some((kind) => message[kind])) {
@@ -566,7 +572,12 @@ function packed(messages) {
       out.push(message);
       continue;
     }
+    const length = Buffer.byteLength(JSON.stringify(message));
+    if (run.length > 0 && size + length > MAX_OUTCOME_BATCH_BYTES) {
+      flush();
+    }
     run.push(message);
+    size += length;
     if (run.length === MAX_OUTCOMES) {
       flush();
     }

@@ -60,9 +60,11 @@ CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 # server: retrying cannot help.
 FATAL_CODES = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION}
 # The messages that can travel together in one `outcomes` message, at most
-# MAX_OUTCOMES of them (the server's limit).
+# MAX_OUTCOMES of them (the server's limit) and about MAX_OUTCOME_BATCH_BYTES
+# encoded (well inside the server's message limit; a larger one goes alone).
 OUTCOME_KINDS = ("complete", "fail", "release")
 MAX_OUTCOMES = 1_000
+MAX_OUTCOME_BATCH_BYTES = 1024 * 1024
 # HTTP/2 pings notice a dead node even while the stream is idle.
 CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 30_000),
@@ -504,12 +506,16 @@ class Worker:
 def packed(messages: list[pb.ConnectRequest]) -> list[pb.ConnectRequest]:
     """`messages` as they go on the stream, in order: outcomes (completes,
     fails, releases) that follow each other packed into `outcomes` messages
-    of up to MAX_OUTCOMES, everything else as it is. A lone outcome keeps
-    its single form."""
+    of up to MAX_OUTCOMES and about MAX_OUTCOME_BATCH_BYTES (a larger one
+    alone), everything else as it is. A lone outcome keeps its single
+    form."""
     out: list[pb.ConnectRequest] = []
     run: list[pb.ConnectRequest] = []
+    size = 0
 
     def flush() -> None:
+        nonlocal size
+        size = 0
         if len(run) == 1:
             out.append(run[0])
         elif run:
@@ -522,7 +528,11 @@ def packed(messages: list[pb.ConnectRequest]) -> list[pb.ConnectRequest]:
             flush()
             out.append(message)
             continue
+        length = message.ByteSize()
+        if run and size + length > MAX_OUTCOME_BATCH_BYTES:
+            flush()
         run.append(message)
+        size += length
         if len(run) == MAX_OUTCOMES:
             flush()
     flush()

@@ -72,13 +72,15 @@ pub(super) async fn open(
             },
         )))
         .await;
-    let permits = Arc::new(Semaphore::new(session.spec.slots + IN_HAND_EXTRA));
+    let in_hand = session.spec.slots + IN_HAND_EXTRA;
+    let permits = Arc::new(Semaphore::new(in_hand));
     let stream = Connection {
         coordinator,
         session,
         out,
         max_payload_bytes,
         permits,
+        in_hand,
     };
     tokio::spawn(stream.run(inbound, pushes));
     let answers = futures_util::stream::unfold(rx, |mut rx| async move {
@@ -95,6 +97,8 @@ struct Connection {
     out: Out,
     max_payload_bytes: usize,
     permits: Arc<Semaphore>,
+    /// The permits there are.
+    in_hand: usize,
 }
 
 /// The messages a push of `tasks` travels in: one `task` each, or, for a
@@ -210,13 +214,24 @@ impl Connection {
 
     /// Handles one message. Outcomes run concurrently (they are written in
     /// batches with other sessions'); only protocol violations end the
-    /// stream. At most `permits` messages are in hand at once: a worker that
-    /// sends faster than it reads its answers is slowed down, not buffered.
+    /// stream. At most `in_hand` messages are in hand at once, an outcome of
+    /// an `outcomes` message counting as one (up to all of them): a worker
+    /// that sends faster than it reads its answers is slowed down, not
+    /// buffered.
     async fn handle(&self, request: proto::ConnectRequest) -> Result<(), Error> {
         let Some(kind) = request.kind else {
             return Err(Error::invalid("kind", "a message must set one field"));
         };
-        let Ok(permit) = self.permits.clone().acquire_owned().await else {
+        let weight = match &kind {
+            connect_request::Kind::Outcomes(batch) => batch.outcomes.len().clamp(1, self.in_hand),
+            _ => 1,
+        };
+        let Ok(permit) = self
+            .permits
+            .clone()
+            .acquire_many_owned(u32::try_from(weight).unwrap_or(u32::MAX))
+            .await
+        else {
             return Ok(());
         };
         let coordinator = self.coordinator.clone();

@@ -24,6 +24,10 @@ pub const MAX_BATCH: usize = 10_000;
 pub const MAX_CLAIM: i32 = 1000;
 /// Most outcomes in one `outcomes` message of a session.
 pub const MAX_OUTCOMES: usize = 1000;
+/// About the largest `outcomes` message a client sends, in encoded bytes
+/// (a larger outcome goes alone): well inside the server's message limit,
+/// whatever the outcomes' results and errors.
+pub const MAX_OUTCOME_BATCH_BYTES: usize = 1024 * 1024;
 /// About the largest `tasks` message a session gets, in encoded bytes: a
 /// push of more is split, and a larger task comes alone.
 pub const MAX_PUSH_BYTES: usize = 1024 * 1024;

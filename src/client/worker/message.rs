@@ -116,11 +116,13 @@ fn result_struct(result: serde_json::Value) -> prost_types::Struct {
 
 /// `messages` as they go on the stream: outcomes (completes, fails,
 /// releases) that follow each other packed into `outcomes` messages of up to
-/// the server's limit, everything else as it is, the order kept. A lone
-/// outcome keeps its single form.
+/// [`limit::MAX_OUTCOMES`] and about [`limit::MAX_OUTCOME_BATCH_BYTES`]
+/// (a larger outcome alone), everything else as it is, the order kept. A
+/// lone outcome keeps its single form.
 pub(super) fn packed(messages: Vec<connect_request::Kind>) -> Vec<connect_request::Kind> {
     let mut out = Vec::with_capacity(messages.len());
     let mut run: Vec<proto::Outcome> = Vec::new();
+    let mut bytes = 0;
     let flush =
         |run: &mut Vec<proto::Outcome>, out: &mut Vec<connect_request::Kind>| match run.len() {
             0 => {}
@@ -140,9 +142,17 @@ pub(super) fn packed(messages: Vec<connect_request::Kind>) -> Vec<connect_reques
                 continue;
             }
         };
-        run.push(proto::Outcome { kind: Some(kind) });
+        let outcome = proto::Outcome { kind: Some(kind) };
+        let len = prost::Message::encoded_len(&outcome);
+        if !run.is_empty() && bytes + len > limit::MAX_OUTCOME_BATCH_BYTES {
+            flush(&mut run, &mut out);
+            bytes = 0;
+        }
+        run.push(outcome);
+        bytes += len;
         if run.len() == limit::MAX_OUTCOMES {
             flush(&mut run, &mut out);
+            bytes = 0;
         }
     }
     flush(&mut run, &mut out);
@@ -202,5 +212,40 @@ mod tests {
             })
             .collect();
         assert_eq!(sizes, [1000, 1000, 500]);
+    }
+
+    #[test]
+    fn large_outcomes_fill_a_message_to_about_a_mebibyte_and_a_larger_one_goes_alone() {
+        let sized = |n: u32, bytes: usize| {
+            super::complete(
+                &n.to_string(),
+                String::new(),
+                serde_json::json!({ "blob": "x".repeat(bytes) }),
+            )
+        };
+        let sent = packed(vec![
+            sized(1, 400_000),
+            sized(2, 400_000),
+            sized(3, 400_000),
+            sized(4, 2_000_000),
+            sized(5, 10),
+        ]);
+        let shape: Vec<&str> = sent
+            .iter()
+            .map(|m| match m {
+                connect_request::Kind::Outcomes(b) if b.outcomes.len() == 2 => "2",
+                connect_request::Kind::Outcomes(_) => "other batch",
+                connect_request::Kind::Complete(_) => "1",
+                _ => "other",
+            })
+            .collect();
+        // 1 and 2 together (800 kB); 3 alone, as 4 (2 MB) would overflow
+        // the message; 4 alone; 5 alone, after it.
+        assert_eq!(shape, ["2", "1", "1", "1"]);
+        for m in &sent {
+            if let connect_request::Kind::Outcomes(b) = m {
+                assert!(prost::Message::encoded_len(b) <= limit::MAX_OUTCOME_BATCH_BYTES + 64);
+            }
+        }
     }
 }
