@@ -131,7 +131,7 @@ pub(crate) async fn prepare_database(config: &Config) -> Result<Store, Error> {
     store.migrate().await?;
     // The history's days ahead exist before the first task can finish
     // (nothing is dropped here; that is the running node's job).
-    store.history_upkeep(DAYS_AHEAD, |_| None).await?;
+    store.history_upkeep(DAYS_AHEAD, |_| None, true).await?;
     Ok(store)
 }
 

@@ -355,6 +355,38 @@ async fn retention_drops_whole_days_past_it_and_nothing_younger() {
         );
     }
 
+    // A day past retention that a node detached and then could not drop
+    // (it stopped, or the drop failed) is a loose table, not a partition.
+    let loose: String = sql
+        .query_one(
+            "SELECT 'task_history_completed_' || \
+             to_char((now() AT TIME ZONE 'UTC')::date - 11, 'YYYYMMDD')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    sql.batch_execute(&format!(
+        "DO $$ DECLARE d date := (now() AT TIME ZONE 'UTC')::date - 11; BEGIN \
+           EXECUTE format('CREATE TABLE %I PARTITION OF task_history_completed \
+             FOR VALUES FROM (%L) TO (%L)', '{loose}', \
+             d::timestamp AT TIME ZONE 'UTC', (d + 1)::timestamp AT TIME ZONE 'UTC'); \
+         END $$; \
+         ALTER TABLE task_history_completed DETACH PARTITION {loose}"
+    ))
+    .await
+    .unwrap();
+    let exists = |table: String| {
+        let sql = &sql;
+        async move {
+            sql.query_one("SELECT to_regclass($1) IS NOT NULL", &[&table])
+                .await
+                .unwrap()
+                .get::<_, bool>(0)
+        }
+    };
+    assert!(exists(loose.clone()).await);
+
     let server = TestServer::start_config(config, db_name).await;
     // The node's history job runs as it starts.
     common::eventually(Duration::from_secs(20), || async {
@@ -363,7 +395,7 @@ async fn retention_drops_whole_days_past_it_and_nothing_younger() {
             .iter()
             .zip(days)
             .all(|(name, (_, _, dropped))| present.contains(name) != dropped);
-        done.then_some(())
+        (done && !exists(loose.clone()).await).then_some(())
     })
     .await;
     let mut tasks = server.tasks().await;

@@ -48,7 +48,7 @@ impl Job for History {
     async fn pass(&mut self) -> Result<Duration, store::Error> {
         let dropped = self
             .store
-            .history_upkeep(DAYS_AHEAD, &self.retention)
+            .history_upkeep(DAYS_AHEAD, &self.retention, false)
             .await?;
         if !dropped.is_empty() {
             tracing::info!(

@@ -93,77 +93,99 @@ const HISTORY_DAYS: &str = "SELECT c.relname::text, i.inhdetachpending \
      WHERE i.inhparent = ANY(ARRAY['task_history_completed', 'task_history_failed', \
        'task_history_cancelled']::regclass[])";
 
+// Tables of days (by their name) that are not partitions: detached, and not
+// dropped after.
+const HISTORY_DETACHED: &str = "SELECT c.relname::text FROM pg_class c \
+     WHERE c.relkind = 'r' AND NOT c.relispartition \
+       AND c.relnamespace = (SELECT oid FROM pg_namespace WHERE nspname = current_schema()) \
+       AND c.relname ~ '^task_history_(completed|failed|cancelled)_[0-9]{8}$'";
+
 const NOW: &str = "SELECT EXTRACT(EPOCH FROM now())::float8";
+
+/// Every fixed statement of this module, so a test can prepare each one
+/// against the migrated schema.
+#[cfg(test)]
+pub(super) const STATEMENTS: &[&str] = &[HISTORY_DAYS, HISTORY_DETACHED, NOW];
 
 impl Store {
     /// Now, by the database clock.
-    async fn history_now(&self, client: &deadpool_postgres::Object) -> Result<SystemTime> {
+    async fn history_now(&self, client: &tokio_postgres::Client) -> Result<SystemTime> {
         let secs: f64 = client.query_one(NOW, &[]).await?.try_get(0)?;
         Ok(SystemTime::UNIX_EPOCH + Duration::from_secs_f64(secs.max(0.0)))
     }
 
-    /// The days the history has, and finishes a detach that a node
-    /// stopping half way left pending.
-    pub(crate) async fn history_days(&self) -> Result<Vec<Day>> {
-        let client = self.client().await?;
-        let mut days = Vec::new();
+    /// The days the history has, and the tables of days that are not (or
+    /// not fully) part of it any more: a detach that a node stopping half
+    /// way left pending, or a detached day whose drop failed.
+    async fn history_days(&self, client: &tokio_postgres::Client) -> Result<(Vec<Day>, Vec<Day>)> {
+        let (mut days, mut loose) = (Vec::new(), Vec::new());
         for row in client.query(HISTORY_DAYS, &[]).await? {
             let table: String = row.try_get(0)?;
             let Some(day) = parse(&table) else {
                 continue;
             };
             if row.try_get::<_, bool>(1)? {
-                let parent = format!("task_history_{}", day.status.as_str());
-                client
-                    .batch_execute(&format!(
-                        "ALTER TABLE {parent} DETACH PARTITION {table} FINALIZE; \
-                         DROP TABLE {table}"
-                    ))
-                    .await?;
-                continue;
+                loose.push(day);
+            } else {
+                days.push(day);
             }
-            days.push(day);
         }
         days.sort_by_key(|d| (d.day, d.status.as_str()));
-        Ok(days)
+        Ok((days, loose))
     }
 
     /// Makes sure every status has a partition from yesterday to `ahead`
     /// days after today (by the database clock), and drops the days of
     /// each status that ended `retention(status)` ago or longer (`None`:
-    /// kept forever). Returns the days dropped. Skips the pass (returns
-    /// nothing) while another node does the same.
+    /// kept forever). Returns the days dropped. With `wait`, waits for
+    /// another node doing the same and then does it too; without, skips the
+    /// pass (returns nothing) while another node does it.
+    ///
+    /// The pass runs in a task of its own on a connection of its own: a
+    /// caller that gives up never leaves a pooled connection holding the
+    /// nodes' advisory lock.
     pub(crate) async fn history_upkeep(
         &self,
         ahead: i64,
         retention: impl Fn(Status) -> Option<Duration>,
+        wait: bool,
     ) -> Result<Vec<Day>> {
-        let client = self.client().await?;
-        let locked: bool = client
-            .query_one("SELECT pg_try_advisory_lock($1)", &[&HISTORY_LOCK])
-            .await?
-            .try_get(0)?;
-        if !locked {
-            return Ok(Vec::new());
-        }
-        let outcome = self.history_upkeep_locked(&client, ahead, retention).await;
-        client
-            .execute("SELECT pg_advisory_unlock($1)", &[&HISTORY_LOCK])
-            .await?;
-        outcome
+        let keep: Vec<(Status, Option<Duration>)> =
+            STATUSES.iter().map(|s| (*s, retention(*s))).collect();
+        let store = self.clone();
+        tokio::spawn(async move {
+            let client = store.connect_dedicated(None).await?;
+            let lock = if wait {
+                "SELECT pg_advisory_lock($1) IS NULL"
+            } else {
+                "SELECT NOT pg_try_advisory_lock($1)"
+            };
+            let busy: bool = client.query_one(lock, &[&HISTORY_LOCK]).await?.try_get(0)?;
+            if busy {
+                return Ok(Vec::new());
+            }
+            let outcome = store.history_upkeep_locked(&client, ahead, &keep).await;
+            // Closing the connection lets go of the lock.
+            drop(client);
+            outcome
+        })
+        .await
+        .map_err(|err| Error::Other(format!("history upkeep stopped: {err}")))?
     }
 
     async fn history_upkeep_locked(
         &self,
-        client: &deadpool_postgres::Object,
+        client: &tokio_postgres::Client,
         ahead: i64,
-        retention: impl Fn(Status) -> Option<Duration>,
+        keep: &[(Status, Option<Duration>)],
     ) -> Result<Vec<Day>> {
         let now = self.history_now(client).await?;
         let today = now
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs() as i64 / SECONDS_PER_DAY);
-        let existing = self.history_days().await?;
+        let (existing, loose) = self.history_days(client).await?;
+        // The days ahead first: nothing below may keep tasks from finding
+        // theirs.
         for status in STATUSES {
             for day in today - 1..=today + ahead {
                 let day = Day { status, day };
@@ -172,7 +194,30 @@ impl Store {
                 }
             }
         }
+        let retention = |status: Status| keep.iter().find(|(s, _)| *s == status).and_then(|k| k.1);
         let mut dropped = Vec::new();
+        let mut failed = None;
+        // A day left half detached or detached but not dropped by a node
+        // that stopped (or failed) half way is finished off.
+        for day in &loose {
+            if let Err(err) = self.history_finish_drop(client, day).await {
+                tracing::warn!(partition = %day.table(), error = %err, "cannot finish dropping a history day");
+                failed.get_or_insert(err);
+            }
+        }
+        for table in self.history_detached(client).await? {
+            let Some(day) = parse(&table) else { continue };
+            let past = retention(day.status).is_some_and(|keep| day.end() + keep <= now);
+            if past {
+                match client.batch_execute(&format!("DROP TABLE {table}")).await {
+                    Ok(()) => tracing::info!(partition = %table, "detached history day dropped"),
+                    Err(err) => {
+                        tracing::warn!(partition = %table, error = %err, "cannot drop a detached history day");
+                        failed.get_or_insert(err.into());
+                    }
+                }
+            }
+        }
         for day in existing {
             let Some(keep) = retention(day.status) else {
                 continue;
@@ -180,14 +225,42 @@ impl Store {
             // The day's last task finished at its end: it is kept at least
             // `keep` from then (and at most a day longer).
             if day.end() + keep <= now {
-                self.history_drop(client, &day).await?;
-                dropped.push(day);
+                match self.history_drop(client, &day).await {
+                    Ok(()) => dropped.push(day),
+                    Err(err) => {
+                        tracing::warn!(partition = %day.table(), error = %err, "cannot drop a history day");
+                        failed.get_or_insert(err);
+                    }
+                }
             }
         }
-        Ok(dropped)
+        match failed {
+            Some(err) => Err(err),
+            None => Ok(dropped),
+        }
     }
 
-    async fn history_create(&self, client: &deadpool_postgres::Object, day: &Day) -> Result<()> {
+    /// The tables named as days of the history that are not attached to it.
+    async fn history_detached(&self, client: &tokio_postgres::Client) -> Result<Vec<String>> {
+        let rows = client.query(HISTORY_DETACHED, &[]).await?;
+        rows.iter().map(|row| Ok(row.try_get(0)?)).collect()
+    }
+
+    /// Finishes a detach that was left pending, and drops the day.
+    async fn history_finish_drop(&self, client: &tokio_postgres::Client, day: &Day) -> Result<()> {
+        let table = day.table();
+        let parent = format!("task_history_{}", day.status.as_str());
+        client
+            .batch_execute(&format!(
+                "ALTER TABLE {parent} DETACH PARTITION {table} FINALIZE"
+            ))
+            .await?;
+        client.batch_execute(&format!("DROP TABLE {table}")).await?;
+        tracing::info!(partition = %table, "history day dropped");
+        Ok(())
+    }
+
+    async fn history_create(&self, client: &tokio_postgres::Client, day: &Day) -> Result<()> {
         let table = day.table();
         let parent = format!("task_history_{}", day.status.as_str());
         let (from, to) = (midnight(day.day), midnight(day.day + 1));
@@ -209,7 +282,7 @@ impl Store {
         Ok(())
     }
 
-    async fn history_drop(&self, client: &deadpool_postgres::Object, day: &Day) -> Result<()> {
+    async fn history_drop(&self, client: &tokio_postgres::Client, day: &Day) -> Result<()> {
         let table = day.table();
         let parent = format!("task_history_{}", day.status.as_str());
         // Two statements, each in its own transaction: DETACH CONCURRENTLY

@@ -304,7 +304,7 @@ impl Store {
                         error = %super::Error::from(err),
                         "no history partition for today; making it"
                     );
-                    self.history_upkeep(1, |_| None).await?;
+                    self.history_upkeep(1, |_| None, true).await?;
                 }
                 Err(err)
                     if attempt < WRITE_ATTEMPTS

@@ -259,6 +259,7 @@ impl Store {
             .chain(node::STATEMENTS)
             .chain(notify::STATEMENTS)
             .chain(bench::STATEMENTS)
+            .chain(history::STATEMENTS)
         {
             client.prepare(sql).await?;
         }
