@@ -35,6 +35,14 @@ pub struct Config {
     #[arg(long, env = "LEASEHOLD_DB_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub db_timeout: Duration,
 
+    /// Longest a single database statement of this node may run (Postgres'
+    /// `statement_timeout` on every connection but the migrations'): a
+    /// statement stuck behind a lock fails and is retried or answered
+    /// UNAVAILABLE instead of holding a request, a claim or a drain. `0`
+    /// sets no limit.
+    #[arg(long, env = "LEASEHOLD_DB_STATEMENT_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub db_statement_timeout: Duration,
+
     /// Lease length when a request does not give one.
     #[arg(long, env = "LEASEHOLD_LEASE_DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
     pub lease_duration: Duration,
@@ -102,6 +110,7 @@ impl Config {
             database_url: database_url.into(),
             db_pool_size: 16,
             db_timeout: Duration::from_secs(5),
+            db_statement_timeout: Duration::from_secs(30),
             lease_duration: Duration::from_secs(30),
             retry_backoff_base: Duration::from_secs(1),
             retry_backoff_max: Duration::from_secs(600),
@@ -136,6 +145,11 @@ impl Config {
         }
         if self.db_timeout.is_zero() {
             return Err("--db-timeout must be positive".into());
+        }
+        if !self.db_statement_timeout.is_zero()
+            && self.db_statement_timeout < Duration::from_millis(1)
+        {
+            return Err("--db-statement-timeout must be 0 (no limit) or at least 1ms".into());
         }
         if !(MIN_LEASE..=MAX_LEASE).contains(&self.lease_duration) {
             return Err("--lease-duration must be between 1s and 1h".into());
@@ -179,6 +193,18 @@ mod tests {
         config.retain_finished = Duration::ZERO;
         assert_eq!(config.retention(Status::Completed), None);
         assert_eq!(config.retention(Status::Pending), None);
+    }
+
+    #[test]
+    fn a_statement_timeout_below_a_millisecond_is_rejected_and_zero_means_none() {
+        let mut config = Config::with_database_url("postgres://x@y/z");
+        config.db_statement_timeout = Duration::from_micros(500);
+        assert!(config
+            .validate()
+            .unwrap_err()
+            .contains("--db-statement-timeout"));
+        config.db_statement_timeout = Duration::ZERO;
+        config.validate().unwrap();
     }
 
     #[test]

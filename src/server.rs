@@ -126,7 +126,12 @@ impl From<store::Error> for Error {
 /// Prepares the database (creating it if missing, then migrating).
 pub(crate) async fn prepare_database(config: &Config) -> Result<Store, Error> {
     config.validate().map_err(Error::Config)?;
-    let store = Store::new(&config.database_url, config.db_pool_size, config.db_timeout)?;
+    let store = Store::new(
+        &config.database_url,
+        config.db_pool_size,
+        config.db_timeout,
+        config.db_statement_timeout,
+    )?;
     store.database_create_if_missing().await?;
     store.migrate().await?;
     // The history's days ahead exist before the first task can finish
@@ -276,12 +281,34 @@ pub async fn start(config: Config, listener: tokio::net::TcpListener) -> Result<
 /// Routes what the node's LISTEN connection hears: pending tasks wake the
 /// dispatcher (a burst of notifications is one wake-up), revoked leases go
 /// to the sessions holding them, events to the local watchers.
+///
+/// Whenever the connection is listening again after a break, whatever it
+/// missed is made up for at once: the dispatcher claims again (tasks may
+/// have arrived) and the leases the sessions hold are checked against the
+/// database (revokes may have been sent).
 async fn route(mut notices: Listener, dispatcher: Dispatcher, events: Hub) {
     while let Some(burst) = notices.next_burst().await {
         let mut woken = false;
         for notice in burst {
             match notice {
-                Notice::Listening | Notice::TasksPending => woken = true,
+                Notice::Listening => {
+                    woken = true;
+                    let dispatcher = dispatcher.clone();
+                    tokio::spawn(async move {
+                        match dispatcher.leases_recheck().await {
+                            Ok(0) => {}
+                            Ok(n) => tracing::info!(
+                                leases = n,
+                                "leases revoked while not listening: sessions told"
+                            ),
+                            Err(err) => tracing::warn!(
+                                error = %err,
+                                "cannot re-check the sessions' leases after listening again"
+                            ),
+                        }
+                    });
+                }
+                Notice::TasksPending => woken = true,
                 Notice::Revoked(payload) => dispatcher.on_revoke(&payload),
                 Notice::Events(payload) => events.receive(&payload),
                 Notice::WatcherSeen => events.remote_watcher_seen(),

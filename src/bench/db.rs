@@ -8,8 +8,11 @@ use super::error::{Context, Error, Result};
 use crate::store::Store;
 
 /// A store over `database_url` with one connection, opened on first use.
+/// Its statements have no time limit: seeding a million finished rows, or
+/// deleting them, takes as long as it takes.
 pub(crate) fn connect(database_url: &str) -> Result<Store> {
-    Store::new(database_url, 1, Duration::from_secs(10)).context("cannot connect to the database")
+    Store::new(database_url, 1, Duration::from_secs(10), Duration::ZERO)
+        .context("cannot connect to the database")
 }
 
 /// Deletes every task of `task_type` and vacuums what that left behind;

@@ -160,7 +160,13 @@ mod tests {
     #[tokio::test]
     async fn a_task_that_cannot_be_pushed_is_given_back_without_using_an_attempt() {
         let db = FreshDatabase::new();
-        let store = Store::new(&db.url(), 4, Duration::from_secs(5)).unwrap();
+        let store = Store::new(
+            &db.url(),
+            4,
+            Duration::from_secs(5),
+            Duration::from_secs(30),
+        )
+        .unwrap();
         store.database_create_if_missing().await.unwrap();
         store.migrate().await.unwrap();
         let (stop, shutdown) = watch::channel(false);

@@ -10,7 +10,7 @@ use uuid::Uuid;
 
 use super::{Dispatcher, Push};
 use crate::model::{CancelReason, LeaseRef};
-use crate::store::{payloads, Channel};
+use crate::store::{self, payloads, Channel};
 
 fn reason_code(reason: CancelReason) -> char {
     match reason {
@@ -62,13 +62,39 @@ impl Dispatcher {
                 task_id,
                 lease_token,
             };
-            let session = self.holder(task_id);
-            // Only the session holding this very lease is told.
-            if let Some(session) = session.filter(|_| self.forget(lease)) {
-                tracing::info!(task_id = %task_id, session_id = %session.id, ?reason, "pushing cancel");
-                session.push(Push::Cancel { lease, reason });
-            }
+            self.cancel_held(lease, reason);
         }
+    }
+
+    /// Checks every lease the local sessions hold against the database, and
+    /// tells the sessions holding void ones to stop; returns how many were
+    /// told. Run whenever the LISTEN connection is (again) listening: a
+    /// revoke sent while it was away was never heard, and its worker would
+    /// otherwise run on until its next heartbeat found out.
+    pub(crate) async fn leases_recheck(&self) -> store::Result<usize> {
+        let held: Vec<LeaseRef> = self
+            .sessions()
+            .iter()
+            .flat_map(|session| session.leases())
+            .collect();
+        let voided = self.inner.store.lease_voided(&held).await?;
+        Ok(voided
+            .into_iter()
+            .filter(|(lease, reason)| self.cancel_held(*lease, *reason))
+            .count())
+    }
+
+    /// Pushes `cancel` to the local session holding this very lease (a
+    /// newer lease of the same task is never touched) and frees its slot.
+    /// True if a session held it.
+    fn cancel_held(&self, lease: LeaseRef, reason: CancelReason) -> bool {
+        let session = self.holder(lease.task_id);
+        let Some(session) = session.filter(|_| self.forget(lease)) else {
+            return false;
+        };
+        tracing::info!(task_id = %lease.task_id, session_id = %session.id, ?reason, "pushing cancel");
+        session.push(Push::Cancel { lease, reason });
+        true
     }
 }
 

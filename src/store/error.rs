@@ -36,8 +36,11 @@ impl From<tokio_postgres::Error> for Error {
         // Class 08 (connection exception), 53 (insufficient resources) and
         // 57P0x (shutdown, restart) all mean: try again later.
         let class = &code.code()[..2];
-        // Deadlocks and serialization failures are worth a retry too.
+        // Deadlocks and serialization failures are worth a retry too, and so
+        // is a statement cancelled by `statement_timeout` (stuck behind a
+        // lock, most likely: the lock holder is gone by the next try).
         if class == "08"
+            || *code == SqlState::QUERY_CANCELED
             || class == "53"
             || class == "40"
             || *code == SqlState::ADMIN_SHUTDOWN

@@ -26,7 +26,9 @@ use super::notify::NOTIFY;
 use super::row::{millis, seconds_to_duration, task_from_row};
 use super::task::{task_read, task_read_many};
 use super::{Announce, Channel, Result, Store};
-use crate::model::{Backoff, Claim, Failure, LeaseRef, LeaseState, Progress, Status, Task};
+use crate::model::{
+    Backoff, CancelReason, Claim, Failure, LeaseRef, LeaseState, Progress, Status, Task,
+};
 
 /// Every statement of this module, so a test can prepare each one against
 /// the migrated schema.
@@ -607,6 +609,40 @@ impl Store {
                     *lease,
                     &already_applied,
                 ),
+            })
+            .collect())
+    }
+
+    /// Of these leases, the void ones and why: the task was cancelled with
+    /// this very lease on it, or the lease is gone otherwise (expired and
+    /// reclaimed, released, the task purged). A lease still held, or whose
+    /// task ended or went pending again by an outcome under this token (one
+    /// that landed a moment ago), is not void.
+    pub(crate) async fn lease_voided(
+        &self,
+        leases: &[LeaseRef],
+    ) -> Result<Vec<(LeaseRef, CancelReason)>> {
+        if leases.is_empty() {
+            return Ok(Vec::new());
+        }
+        let client = self.client().await?;
+        let ids: Vec<Uuid> = leases.iter().map(|l| l.task_id).collect();
+        let current: HashMap<Uuid, Task> = task_read_many(&client, &ids)
+            .await?
+            .into_iter()
+            .map(|task| (task.id, task))
+            .collect();
+        Ok(leases
+            .iter()
+            .filter_map(|lease| {
+                let task = current
+                    .get(&lease.task_id)
+                    .filter(|task| task.lease_token == Some(lease.lease_token));
+                match task.map(|task| task.status) {
+                    Some(Status::Cancelled) => Some((*lease, CancelReason::Cancelled)),
+                    Some(_) => None,
+                    None => Some((*lease, CancelReason::LeaseReclaimed)),
+                }
             })
             .collect())
     }

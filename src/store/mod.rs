@@ -67,7 +67,15 @@ impl Store {
     /// Builds a store for `database_url`. Opens no connection yet: the pool
     /// connects on demand, so a server can start while the database is down
     /// and recovers by itself when it returns.
-    pub(crate) fn new(database_url: &str, pool_size: usize, timeout: Duration) -> Result<Self> {
+    ///
+    /// `timeout` bounds the wait for a connection; `statement_timeout` (zero:
+    /// none) every statement on every connection but the migrations'.
+    pub(crate) fn new(
+        database_url: &str,
+        pool_size: usize,
+        timeout: Duration,
+        statement_timeout: Duration,
+    ) -> Result<Self> {
         let mut pg_config: tokio_postgres::Config = database_url
             .parse()
             .map_err(|err| Error::Other(format!("invalid database URL: {err}")))?;
@@ -86,10 +94,17 @@ impl Store {
         // completions ran 3-4x slower per task once 400,000 finished rows
         // were present. Planning costs tens of microseconds per statement;
         // parsing, the larger share, is still done once per connection.
-        const SESSION: &str = "-c jit=off -c plan_cache_mode=force_custom_plan";
+        //
+        // A statement stuck behind a lock (an operator's long transaction, a
+        // table lock) fails after `statement_timeout` instead of holding a
+        // request or a claim forever: callers retry or answer UNAVAILABLE.
+        let session = format!(
+            "-c jit=off -c plan_cache_mode=force_custom_plan -c statement_timeout={}",
+            statement_timeout.as_millis()
+        );
         let options = match pg_config.get_options() {
-            Some(options) => format!("{options} {SESSION}"),
-            None => SESSION.to_owned(),
+            Some(options) => format!("{options} {session}"),
+            None => session,
         };
         pg_config.options(&options);
         pg_config
@@ -150,7 +165,14 @@ impl Store {
     /// connecting to the `postgres` database with the same settings.
     pub(crate) async fn database_create_if_missing(&self) -> Result<()> {
         match self.pg_config.connect(NoTls).await {
-            Ok(_) => return Ok(()),
+            Ok((client, connection)) => {
+                // Dropping the client makes the connection say goodbye
+                // (Terminate) before it closes; dropping the connection
+                // unpolled would leave "unexpected EOF" in the server's log.
+                drop(client);
+                let _ = connection.await;
+                return Ok(());
+            }
             Err(err) if err.code() == Some(&SqlState::INVALID_CATALOG_NAME) => {}
             Err(err) => return Err(err.into()),
         }
@@ -190,6 +212,9 @@ impl Store {
     async fn migrate_to(&self, target: refinery::Target) -> Result<()> {
         const MIGRATION_LOCK: i64 = 0x6c65_6173_6568_6f6c; // "leasehol"
         let mut client = self.connect_dedicated(None).await?;
+        // A migration may rebuild an index of a large table: it runs as long
+        // as it needs (and waits as long as another node migrates).
+        client.batch_execute("SET statement_timeout = 0").await?;
         client
             .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
             .await?;

@@ -9,7 +9,13 @@ use crate::testing::FreshDatabase;
 #[tokio::test]
 async fn every_store_statement_prepares_against_the_migrated_schema() {
     let db = FreshDatabase::new();
-    let store = Store::new(&db.url(), 1, Duration::from_secs(5)).unwrap();
+    let store = Store::new(
+        &db.url(),
+        1,
+        Duration::from_secs(5),
+        Duration::from_secs(30),
+    )
+    .unwrap();
     store.database_create_if_missing().await.unwrap();
     store.migrate().await.unwrap();
     store.statements_prepare().await.unwrap();
@@ -101,7 +107,13 @@ async fn a_database_of_the_previous_schema_upgrades_keeping_every_task() {
     use crate::wire::proto::{self, task_service_client::TaskServiceClient};
 
     let db = FreshDatabase::new();
-    let store = Store::new(&db.url(), 2, Duration::from_secs(5)).unwrap();
+    let store = Store::new(
+        &db.url(),
+        2,
+        Duration::from_secs(5),
+        Duration::from_secs(30),
+    )
+    .unwrap();
     store.database_create_if_missing().await.unwrap();
     store
         .migrate_to(refinery::Target::Version(5))
