@@ -30,6 +30,6 @@ RUN groupadd --system --gid 10001 leasehold \
 COPY --from=builder /out/leasehold /usr/local/bin/leasehold
 USER 10001:10001
 ENV LEASEHOLD_LISTEN=0.0.0.0:50051
-EXPOSE 50051
+EXPOSE 50051 9187
 ENTRYPOINT ["leasehold"]
 CMD ["serve"]

@@ -17,6 +17,17 @@ pub struct Config {
     #[arg(long, env = "LEASEHOLD_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
 
+    /// Address of the Prometheus metrics endpoint (HTTP `GET /metrics`);
+    /// no endpoint when not given.
+    #[arg(long, env = "LEASEHOLD_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+
+    /// How often the node samples the queue (live tasks per type and
+    /// status, oldest due task) for its metrics: one SQL aggregate that
+    /// every scrape shares. Only with `--metrics-listen`.
+    #[arg(long, env = "LEASEHOLD_METRICS_QUEUE_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub metrics_queue_interval: Duration,
+
     /// Postgres connection URL. The database is created if it does not exist
     /// (when the role may create databases).
     #[arg(
@@ -107,6 +118,8 @@ impl Config {
     pub fn with_database_url(database_url: impl Into<String>) -> Self {
         Self {
             listen: "127.0.0.1:50051".parse().expect("valid literal address"),
+            metrics_listen: None,
+            metrics_queue_interval: Duration::from_secs(5),
             database_url: database_url.into(),
             db_pool_size: 16,
             db_timeout: Duration::from_secs(5),
@@ -161,6 +174,9 @@ impl Config {
         }
         if self.max_payload_bytes == 0 || self.max_payload_bytes > 64 * 1024 * 1024 {
             return Err("--max-payload-bytes must be between 1 and 67108864".into());
+        }
+        if self.metrics_queue_interval < Duration::from_millis(100) {
+            return Err("--metrics-queue-interval must be at least 100ms".into());
         }
         if self.reclaim_interval.is_zero() || self.poll_interval.is_zero() {
             return Err("--reclaim-interval and --poll-interval must be positive".into());

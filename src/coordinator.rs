@@ -17,9 +17,10 @@ use uuid::Uuid;
 use crate::dispatch::{Dispatcher, Push, Session};
 use crate::error::Error;
 use crate::events::{Hub, Subscription};
+use crate::metrics::{Metrics, Outcome};
 use crate::model::{
     CancelReason, Claim, Created, Event, EventKind, Failure, LeaseRef, LeaseState, ListFilter,
-    NewTask, Page, Progress, SessionEntry, SessionSpec, Stats, Status, Task,
+    NewTask, Page, Progress, Reclaimed, SessionEntry, SessionSpec, Stats, Status, Task,
 };
 use crate::store::{Announce, Fenced, Store};
 
@@ -29,6 +30,7 @@ pub(crate) struct Coordinator {
     store: Store,
     dispatcher: Dispatcher,
     events: Hub,
+    metrics: Arc<Metrics>,
 }
 
 type Result<T> = std::result::Result<T, Error>;
@@ -52,6 +54,12 @@ fn stale(task_id: Uuid, status: Status, call: &str) -> Error {
     }
 }
 
+/// How long the attempt `task` ended at `ended` ran, from its lease; unknown
+/// for a task never leased, or across a clock that went back.
+fn ran(task: &Task, ended: Option<SystemTime>) -> Option<Duration> {
+    ended?.duration_since(task.started_at?).ok()
+}
+
 /// The task of an applied fenced write, or why it was refused.
 fn fenced(outcome: Fenced, lease: LeaseRef, call: &str) -> Result<Task> {
     match outcome {
@@ -65,13 +73,19 @@ fn fenced(outcome: Fenced, lease: LeaseRef, call: &str) -> Result<Task> {
 }
 
 impl Coordinator {
-    /// Builds the domain over a store, the node's dispatcher and its event
-    /// hub.
-    pub(crate) fn new(store: Store, dispatcher: Dispatcher, events: Hub) -> Self {
+    /// Builds the domain over a store, the node's dispatcher, its event
+    /// hub and its metrics.
+    pub(crate) fn new(
+        store: Store,
+        dispatcher: Dispatcher,
+        events: Hub,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Self {
             store,
             dispatcher,
             events,
+            metrics,
         }
     }
 
@@ -112,6 +126,7 @@ impl Coordinator {
             .task_insert(&new, announce.as_ref().map(|a| a as Announce))
             .await?;
         if !created.deduplicated {
+            self.metrics.task_created(&created.task.task_type);
             // Local waiters need not wait for the notification round trip.
             self.dispatcher.wake();
         }
@@ -125,6 +140,9 @@ impl Coordinator {
             .store
             .task_insert_many(&news, announce.as_ref().map(|a| a as Announce))
             .await?;
+        for created in created.iter().filter(|c| !c.deduplicated) {
+            self.metrics.task_created(&created.task.task_type);
+        }
         self.dispatcher.wake();
         Ok(created)
     }
@@ -145,6 +163,7 @@ impl Coordinator {
         match self.store.task_cancel(id, reason.as_deref()).await? {
             Some(Ok(task)) => {
                 tracing::info!(task_id = %id, "task cancelled");
+                self.metrics.task_cancelled(&task.task_type);
                 self.events
                     .publish_tasks(EventKind::Cancelled, [&task])
                     .await;
@@ -255,6 +274,8 @@ impl Coordinator {
             lease,
             "complete",
         )?;
+        self.metrics
+            .task_completed(&task.task_type, ran(&task, task.completed_at));
         self.events
             .publish_tasks(EventKind::Completed, [&task])
             .await;
@@ -264,6 +285,15 @@ impl Coordinator {
     /// Records a failed attempt.
     pub(crate) async fn fail(&self, lease: LeaseRef, failure: Failure) -> Result<Task> {
         let task = fenced(self.dispatcher.fail(lease, failure).await?, lease, "fail")?;
+        if task.status == Status::Failed {
+            let took = ran(&task, task.completed_at);
+            self.metrics
+                .task_failed(&task.task_type, Outcome::Failed, took);
+        } else {
+            let took = ran(&task, Some(SystemTime::now()));
+            self.metrics
+                .task_failed(&task.task_type, Outcome::Retried, took);
+        }
         self.events.publish_tasks(EventKind::Failed, [&task]).await;
         Ok(task)
     }
@@ -293,16 +323,24 @@ impl Coordinator {
 
     /// What to do with leases the reclaimer took back: tell watchers, and
     /// tell the sessions that held them to stop.
-    pub(crate) async fn on_reclaimed(&self, reclaimed: &[(Task, LeaseRef)]) {
+    pub(crate) async fn on_reclaimed(&self, reclaimed: &[Reclaimed]) {
+        for Reclaimed { task, lag, .. } in reclaimed {
+            let outcome = if task.status == Status::Failed {
+                Outcome::Failed
+            } else {
+                Outcome::Retried
+            };
+            self.metrics.task_reclaimed(&task.task_type, outcome, *lag);
+        }
         self.events
             .publish(
                 reclaimed
                     .iter()
-                    .map(|(t, _)| Event::of(EventKind::LeaseExpired, t))
+                    .map(|r| Event::of(EventKind::LeaseExpired, &r.task))
                     .collect(),
             )
             .await;
-        let leases: Vec<LeaseRef> = reclaimed.iter().map(|(_, l)| *l).collect();
+        let leases: Vec<LeaseRef> = reclaimed.iter().map(|r| r.lease).collect();
         self.dispatcher
             .revoke(&leases, CancelReason::LeaseReclaimed)
             .await;

@@ -62,6 +62,8 @@ mod events;
 #[cfg(feature = "server")]
 mod maintenance;
 #[cfg(feature = "server")]
+mod metrics;
+#[cfg(feature = "server")]
 pub mod server;
 #[cfg(feature = "server")]
 mod store;

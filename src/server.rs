@@ -4,6 +4,7 @@
 //! knows how the others fit; none of them knows this one.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -11,7 +12,7 @@ use tokio::task::JoinHandle;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
-use crate::api::{TaskApi, WorkerApi};
+use crate::api::{CallMetricsLayer, TaskApi, WorkerApi};
 use crate::config::Config;
 use crate::coordinator::Coordinator;
 use crate::dispatch::{Dispatcher, Settings};
@@ -19,6 +20,7 @@ use crate::events::Hub;
 use crate::maintenance::{
     Directory, Health, History, NodeState, Reclaimer, Supervisor, Vacuumer, DAYS_AHEAD,
 };
+use crate::metrics::{Metrics, Refresh};
 use crate::model::Backoff;
 use crate::store::{self, Listener, Notice, Store};
 use crate::wire::proto::task_service_server::TaskServiceServer;
@@ -62,6 +64,7 @@ const JOB_SERVICE_PREFIX: &str = "leasehold.maintenance.";
 #[derive(Debug)]
 pub struct Running {
     addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
     shutdown: watch::Sender<bool>,
     handle: JoinHandle<Result<(), Error>>,
     dispatcher: Dispatcher,
@@ -73,6 +76,11 @@ impl Running {
     /// The address the node listens on.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The address of the node's metrics endpoint, when it has one.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// This node's id, as sessions and ListWorkers show it.
@@ -154,6 +162,17 @@ pub async fn start(config: Config, listener: tokio::net::TcpListener) -> Result<
     let node_id = uuid::Uuid::now_v7();
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
 
+    let metrics = Arc::new(Metrics::new());
+    // Bound before anything starts, so that a taken port fails the start.
+    let metrics_listener = match config.metrics_listen {
+        Some(addr) => Some(tokio::net::TcpListener::bind(addr).await?),
+        None => None,
+    };
+    let metrics_addr = metrics_listener
+        .as_ref()
+        .map(|listener| listener.local_addr())
+        .transpose()?;
+
     let events = Hub::start(store.clone(), shutdown_rx.clone());
     let dispatcher = Dispatcher::start(
         store.clone(),
@@ -164,6 +183,7 @@ pub async fn start(config: Config, listener: tokio::net::TcpListener) -> Result<
                 base: config.retry_backoff_base,
                 max: config.retry_backoff_max,
             },
+            metrics: metrics.clone(),
         },
         events.clone(),
         shutdown_rx.clone(),
@@ -176,7 +196,30 @@ pub async fn start(config: Config, listener: tokio::net::TcpListener) -> Result<
     {
         tracing::warn!("not yet listening for notifications; starting anyway");
     }
-    let coordinator = Coordinator::new(store.clone(), dispatcher.clone(), events);
+    let coordinator = Coordinator::new(store.clone(), dispatcher.clone(), events, metrics.clone());
+    if let Some(listener) = metrics_listener {
+        let refresh: Refresh = {
+            let (store, dispatcher) = (store.clone(), dispatcher.clone());
+            Arc::new(move |metrics: &Metrics| {
+                let (sessions, free) = dispatcher.session_slots();
+                metrics.sessions_now(sessions, free);
+                let (in_use, idle, waiting) = store.pool_usage();
+                metrics.pool_now(in_use, idle, waiting);
+            })
+        };
+        tokio::spawn(crate::metrics::serve(
+            listener,
+            metrics.clone(),
+            refresh,
+            shutdown_rx.clone(),
+        ));
+        tokio::spawn(queue_sample_loop(
+            store.clone(),
+            metrics.clone(),
+            config.metrics_queue_interval,
+            shutdown_rx.clone(),
+        ));
+    }
 
     let (reclaimed_tx, mut reclaimed_rx) = tokio::sync::mpsc::unbounded_channel();
     let mut maintenance = Supervisor::new();
@@ -253,6 +296,7 @@ pub async fn start(config: Config, listener: tokio::net::TcpListener) -> Result<
         // Dead peers are noticed even on idle connections.
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .layer(CallMetricsLayer::new(metrics))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -270,6 +314,7 @@ pub async fn start(config: Config, listener: tokio::net::TcpListener) -> Result<
     tracing::info!(%addr, node_id = %dispatcher.node_id(), "listening");
     Ok(Running {
         addr,
+        metrics_addr,
         shutdown: shutdown_tx,
         handle,
         dispatcher,
@@ -316,6 +361,41 @@ async fn route(mut notices: Listener, dispatcher: Dispatcher, events: Hub) {
         }
         if woken {
             dispatcher.wake();
+        }
+    }
+}
+
+/// Samples the queue for the metrics every `interval`: one aggregate over
+/// the live table, whatever the number of scrapes.
+async fn queue_sample_loop(
+    store: Store,
+    metrics: Arc<Metrics>,
+    interval: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        match store.task_queue_sample().await {
+            Ok(rows) => {
+                let depths: Vec<(String, String, i64)> = rows
+                    .iter()
+                    .map(|(task_type, status, n, _)| {
+                        (task_type.clone(), status.as_str().to_owned(), *n)
+                    })
+                    .collect();
+                let oldest: Vec<(String, f64)> = rows
+                    .iter()
+                    .filter_map(|(task_type, _, _, oldest)| {
+                        Some((task_type.clone(), oldest.as_ref()?.as_secs_f64()))
+                    })
+                    .collect();
+                metrics.queue_sampled(&depths, &oldest);
+            }
+            // The gauges keep the last sample; health reports the database.
+            Err(err) => tracing::debug!(error = %err, "cannot sample the queue for metrics"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = shutdown.wait_for(|stop| *stop) => return,
         }
     }
 }

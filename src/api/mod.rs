@@ -2,13 +2,16 @@
 //! ([`crate::wire`]'s `request`), calls the [`Coordinator`], and converts
 //! the answer back. No SQL and no policy here: the limits are the wire
 //! contract's, the decisions the coordinator's, and every error reaches the
-//! client through [`crate::error::Error`]'s one mapping.
+//! client through [`crate::error::Error`]'s one mapping. A layer around all
+//! services counts and times every call (`metrics`).
 //!
 //! [`Coordinator`]: crate::coordinator::Coordinator
 
 mod connect;
+mod metrics;
 mod task;
 mod worker;
 
+pub(crate) use metrics::CallMetricsLayer;
 pub(crate) use task::TaskApi;
 pub(crate) use worker::WorkerApi;

@@ -30,8 +30,7 @@ use tokio::time::Instant;
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::{Dispatcher, Push, Session};
-use crate::model::{Claim, EventKind, LeaseRef, Task};
-use crate::store;
+use crate::model::{Claim, LeaseRef, Task};
 
 /// Most tasks claimed by one statement.
 const MAX_CLAIM: usize = 1000;
@@ -232,12 +231,7 @@ impl Dispatcher {
         // Read before the statement runs: a wake-up counted after this may
         // be about a task the statement did not see.
         let woken = *self.inner.wake.borrow();
-        let announce = self.inner.events.announcer(EventKind::Leased);
-        let claimed = self
-            .inner
-            .store
-            .task_claim(&claim, announce.as_ref().map(|a| a as store::Announce))
-            .await;
+        let claimed = self.claim_counted(&claim).await;
         let mut failed = false;
         let full = match claimed {
             Ok(claimed) => {

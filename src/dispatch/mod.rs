@@ -38,8 +38,9 @@ use tokio::sync::{watch, Notify, Semaphore};
 use uuid::Uuid;
 
 use crate::events::Hub;
-use crate::model::Backoff;
-use crate::store::Store;
+use crate::metrics::Metrics;
+use crate::model::{Backoff, Claim, EventKind, Task};
+use crate::store::{self, Store};
 
 pub(crate) use session::{Push, Session};
 
@@ -79,6 +80,7 @@ struct Inner {
     shutdown: watch::Receiver<bool>,
     events: Hub,
     outcomes: outcome::Batchers,
+    metrics: Arc<Metrics>,
 }
 
 /// Settings of a dispatcher.
@@ -87,6 +89,7 @@ pub(crate) struct Settings {
     pub(crate) node_id: Uuid,
     pub(crate) poll_interval: Duration,
     pub(crate) backoff: Backoff,
+    pub(crate) metrics: Arc<Metrics>,
 }
 
 impl Dispatcher {
@@ -117,6 +120,7 @@ impl Dispatcher {
                 shutdown,
                 events,
                 outcomes,
+                metrics: settings.metrics,
             }),
         };
         tokio::spawn(dispatcher.clone().dispatch_loop());
@@ -136,6 +140,21 @@ impl Dispatcher {
     /// Whether nothing may be handed out any more: the node drains or stops.
     fn stopping(&self) -> bool {
         *self.inner.shutdown.borrow() || self.is_draining()
+    }
+
+    /// Runs one claim statement (announcing the leases to watchers in its
+    /// transaction) and counts what it leased.
+    async fn claim_counted(&self, claim: &Claim) -> store::Result<Vec<(usize, Task)>> {
+        let announce = self.inner.events.announcer(EventKind::Leased);
+        let claimed = self
+            .inner
+            .store
+            .task_claim(claim, announce.as_ref().map(|a| a as store::Announce))
+            .await?;
+        self.inner
+            .metrics
+            .tasks_leased(claimed.iter().map(|(_, task)| task.task_type.as_str()));
+        Ok(claimed)
     }
 
     /// Wakes every local waiter and the dispatch loop: tasks may have become
@@ -178,6 +197,7 @@ mod tests {
                 base: Duration::from_secs(1),
                 max: Duration::from_secs(1),
             },
+            metrics: Arc::new(Metrics::new()),
         };
         let dispatcher = Dispatcher::start(store.clone(), settings, events, shutdown);
         let (session, pushes) = dispatcher

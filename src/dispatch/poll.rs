@@ -5,7 +5,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::Dispatcher;
-use crate::model::{Claim, EventKind, Task};
+use crate::model::{Claim, Task};
 use crate::store;
 
 impl Dispatcher {
@@ -25,10 +25,7 @@ impl Dispatcher {
             let tasks: Vec<Task> = if stopping {
                 Vec::new()
             } else {
-                let announce = self.inner.events.announcer(EventKind::Leased);
-                self.inner
-                    .store
-                    .task_claim(claim, announce.as_ref().map(|a| a as store::Announce))
+                self.claim_counted(claim)
                     .await?
                     .into_iter()
                     .map(|(_, task)| task)

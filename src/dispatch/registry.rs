@@ -150,6 +150,13 @@ impl Dispatcher {
         true
     }
 
+    /// How many sessions are connected, and their free slots in all.
+    pub(crate) fn session_slots(&self) -> (usize, usize) {
+        let sessions = self.sessions();
+        let free = sessions.iter().map(|s| s.free()).sum();
+        (sessions.len(), free)
+    }
+
     /// The node's sessions as the directory records them.
     pub(crate) fn directory_entries(&self) -> Vec<SessionEntry> {
         let draining = self.inner.draining.load(Ordering::Relaxed);

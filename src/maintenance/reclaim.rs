@@ -16,7 +16,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 use super::Job;
-use crate::model::{LeaseRef, Status, Task};
+use crate::model::{Reclaimed, Status};
 use crate::store::{self, Store};
 
 /// Rows reclaimed per statement.
@@ -27,7 +27,7 @@ const BATCH: i64 = 500;
 pub(crate) struct Reclaimer {
     store: Store,
     interval: Duration,
-    reclaimed: mpsc::UnboundedSender<Vec<(Task, LeaseRef)>>,
+    reclaimed: mpsc::UnboundedSender<Vec<Reclaimed>>,
 }
 
 impl Reclaimer {
@@ -37,7 +37,7 @@ impl Reclaimer {
     pub(crate) fn new(
         store: Store,
         interval: Duration,
-        reclaimed: mpsc::UnboundedSender<Vec<(Task, LeaseRef)>>,
+        reclaimed: mpsc::UnboundedSender<Vec<Reclaimed>>,
     ) -> Self {
         Self {
             store,
@@ -55,7 +55,7 @@ impl Job for Reclaimer {
         loop {
             let rechecked = self.store.lease_recheck(BATCH).await?;
             let reclaimed = self.store.lease_reclaim_expired(BATCH).await?;
-            for (task, _) in &reclaimed {
+            for Reclaimed { task, .. } in &reclaimed {
                 if task.status == Status::Failed {
                     tracing::info!(task_id = %task.id, "lease expired, no attempts left: task failed");
                 } else {

@@ -117,6 +117,17 @@ pub(crate) struct Created {
     pub(crate) deduplicated: bool,
 }
 
+/// A lease the reclaimer took back.
+#[derive(Debug, Clone)]
+pub(crate) struct Reclaimed {
+    /// The task as it is now: pending again, or failed (no attempts left).
+    pub(crate) task: Task,
+    /// The lease that expired.
+    pub(crate) lease: LeaseRef,
+    /// How long after its expiry the lease was taken back.
+    pub(crate) lag: Duration,
+}
+
 /// One claim statement's worth of takers: tasks of `task_types` for each
 /// slot, the n-th task in claim order going to the n-th slot.
 #[derive(Debug, Clone)]

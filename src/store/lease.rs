@@ -27,7 +27,7 @@ use super::row::{millis, seconds_to_duration, task_from_row};
 use super::task::{task_read, task_read_many};
 use super::{Announce, Channel, Result, Store};
 use crate::model::{
-    Backoff, CancelReason, Claim, Failure, LeaseRef, LeaseState, Progress, Status, Task,
+    Backoff, CancelReason, Claim, Failure, LeaseRef, LeaseState, Progress, Reclaimed, Status, Task,
 };
 
 /// Every statement of this module, so a test can prepare each one against
@@ -240,7 +240,7 @@ const LEASE_RECHECK: &str = "UPDATE task SET reclaim_at = locked_until \
 // cleared: the late worker can never act again.
 const LEASE_RECLAIM_EXPIRED: &str = concat!(
     "WITH expired AS ( \
-       SELECT id, lease_token FROM task \
+       SELECT id, lease_token, locked_until FROM task \
        WHERE status = 'processing' AND reclaim_at <= now() AND locked_until <= now() \
        ORDER BY reclaim_at LIMIT $1 FOR UPDATE SKIP LOCKED), \
      retried AS ( \
@@ -251,7 +251,8 @@ const LEASE_RECLAIM_EXPIRED: &str = concat!(
        FROM expired \
        WHERE t.id = expired.id AND t.status = 'processing' AND t.locked_until <= now() \
          AND t.attempts < t.max_attempts \
-       RETURNING expired.lease_token AS old_token, ",
+       RETURNING expired.lease_token AS old_token, \
+         EXTRACT(EPOCH FROM now() - expired.locked_until)::float8 AS lag_seconds, ",
     t_columns!(),
     "), \
      done AS ( \
@@ -264,12 +265,14 @@ const LEASE_RECLAIM_EXPIRED: &str = concat!(
            t.locked_by, t.attempts, t.max_attempts) AS last_error, \
          t.params, t.library_id, t.series_id, t.book_id, t.dedup_key, t.progress_current, \
          t.progress_total, t.progress_message, t.progress_updated_at, \
-         expired.lease_token AS old_token), \
+         expired.lease_token AS old_token, expired.locked_until AS old_until), \
      failed AS (",
     into_history!("'failed'", "last_error", "NULL"),
     ") \
      SELECT * FROM retried \
-     UNION ALL SELECT done.old_token, failed.* FROM failed JOIN done ON done.id = failed.id"
+     UNION ALL SELECT done.old_token, \
+       EXTRACT(EPOCH FROM now() - done.old_until)::float8, failed.* \
+     FROM failed JOIN done ON done.id = failed.id"
 );
 
 const LEASE_NEXT_EXPIRY: &str =
@@ -658,7 +661,7 @@ impl Store {
     /// Takes back up to `limit` expired leases; returns each task as it is
     /// now (pending, or failed when no attempts are left) with the lease it
     /// took back.
-    pub(crate) async fn lease_reclaim_expired(&self, limit: i64) -> Result<Vec<(Task, LeaseRef)>> {
+    pub(crate) async fn lease_reclaim_expired(&self, limit: i64) -> Result<Vec<Reclaimed>> {
         let client = self.client().await?;
         let stmt = client.prepare_cached(LEASE_RECLAIM_EXPIRED).await?;
         let params: [&Param<'_>; 1] = [&limit];
@@ -670,7 +673,8 @@ impl Store {
                     task_id: task.id,
                     lease_token: row.try_get("old_token")?,
                 };
-                Ok((task, lease))
+                let lag = Duration::from_secs_f64(row.try_get::<_, f64>("lag_seconds")?.max(0.0));
+                Ok(Reclaimed { task, lease, lag })
             })
             .collect()
     }

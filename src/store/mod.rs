@@ -240,6 +240,16 @@ impl Store {
         Ok(())
     }
 
+    /// The pool now: connections in use, idle, and requests waiting for one.
+    pub(crate) fn pool_usage(&self) -> (usize, usize, usize) {
+        let status = self.pool.status();
+        (
+            status.size.saturating_sub(status.available),
+            status.available,
+            status.waiting,
+        )
+    }
+
     /// Dead row versions in the task table, as Postgres' statistics count
     /// them (flushed by each backend at most about once a second, and
     /// re-estimated by ANALYZE).

@@ -25,6 +25,7 @@ pub(super) const STATEMENTS: &[&str] = &[
     TASK_LIST,
     TASK_PURGE,
     TASK_STATS,
+    TASK_QUEUE_SAMPLE,
 ];
 
 // The dedup key is unique among live tasks (every live task is pending or
@@ -155,6 +156,13 @@ const TASK_STATS: &str = "SELECT task_type, status, count(*) AS n, \
      FROM task GROUP BY task_type, status \
      UNION ALL \
      SELECT task_type, status, count(*), NULL FROM task_history GROUP BY task_type, status";
+
+// The live half of TASK_STATS: the queue's gauges, sampled on a timer.
+// The live table stays small whatever the history holds.
+const TASK_QUEUE_SAMPLE: &str = "SELECT task_type, status, count(*) AS n, \
+       EXTRACT(EPOCH FROM now() - min(scheduled_for) \
+         FILTER (WHERE status = 'pending' AND scheduled_for <= now()))::float8 AS oldest \
+     FROM task GROUP BY task_type, status";
 
 /// How far before a task's creation its completion may lie, by the clocks
 /// involved: the id's time is a node's clock, the completion the
@@ -487,6 +495,31 @@ impl Store {
                 return Ok(deleted);
             }
         }
+    }
+
+    /// Live tasks per type and status, each with the age of its oldest due
+    /// pending task (`None` for processing, or when none is due).
+    pub(crate) async fn task_queue_sample(
+        &self,
+    ) -> Result<Vec<(String, Status, i64, Option<Duration>)>> {
+        let client = self.client().await?;
+        let stmt = client.prepare_cached(TASK_QUEUE_SAMPLE).await?;
+        client
+            .query(&stmt, &[])
+            .await?
+            .iter()
+            .map(|row| {
+                let status: &str = row.try_get("status")?;
+                let status = Status::parse(status)
+                    .ok_or_else(|| Error::Other(format!("unknown task status {status:?}")))?;
+                Ok((
+                    row.try_get("task_type")?,
+                    status,
+                    row.try_get("n")?,
+                    seconds_to_duration(row.try_get("oldest")?),
+                ))
+            })
+            .collect()
     }
 
     /// Counts per type and status, computed by the database.
