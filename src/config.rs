@@ -17,6 +17,21 @@ pub struct Config {
     #[arg(long, env = "LEASEHOLD_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
 
+    /// PEM certificate chain to serve gRPC over TLS with (with `--tls-key`);
+    /// plaintext when not given. Re-read, with the key and the client CA,
+    /// on SIGHUP: new connections use the new files, open ones stay.
+    #[arg(long, env = "LEASEHOLD_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+
+    /// PEM private key of `--tls-cert`.
+    #[arg(long, env = "LEASEHOLD_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
+
+    /// PEM certificates of the CAs whose client certificates are accepted:
+    /// mutual TLS, every client must present one (with `--tls-cert`).
+    #[arg(long, env = "LEASEHOLD_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<std::path::PathBuf>,
+
     /// Address of the Prometheus metrics endpoint (HTTP `GET /metrics`);
     /// no endpoint when not given.
     #[arg(long, env = "LEASEHOLD_METRICS_LISTEN")]
@@ -118,6 +133,9 @@ impl Config {
     pub fn with_database_url(database_url: impl Into<String>) -> Self {
         Self {
             listen: "127.0.0.1:50051".parse().expect("valid literal address"),
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
             metrics_listen: None,
             metrics_queue_interval: Duration::from_secs(5),
             database_url: database_url.into(),
@@ -151,8 +169,23 @@ impl Config {
         (!keep.is_zero()).then_some(keep)
     }
 
+    /// The TLS files, when the node serves TLS.
+    pub(crate) fn tls_files(&self) -> Option<crate::tls::Files> {
+        Some(crate::tls::Files {
+            cert: self.tls_cert.clone()?,
+            key: self.tls_key.clone()?,
+            client_ca: self.tls_client_ca.clone(),
+        })
+    }
+
     /// Checks the values that flags alone cannot; called once at start-up.
     pub fn validate(&self) -> Result<(), String> {
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return Err("--tls-cert and --tls-key go together".into());
+        }
+        if self.tls_client_ca.is_some() && self.tls_cert.is_none() {
+            return Err("--tls-client-ca needs --tls-cert and --tls-key".into());
+        }
         if self.db_pool_size == 0 {
             return Err("--db-pool-size must be at least 1".into());
         }

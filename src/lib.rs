@@ -69,3 +69,5 @@ pub mod server;
 mod store;
 #[cfg(all(test, feature = "server"))]
 mod testing;
+#[cfg(feature = "server")]
+mod tls;

@@ -53,6 +53,12 @@ pub struct WorkerArgs {
     )]
     pub(crate) server: Vec<String>,
 
+    /// PEM file of the certificate authorities to trust for `https://`
+    /// servers instead of the system's (a bare `host:port` then means
+    /// `https://`).
+    #[arg(long, env = "LEASEHOLD_TLS_CA")]
+    pub(crate) tls_ca: Option<std::path::PathBuf>,
+
     /// Task type to run the command for (repeat for several).
     #[arg(long = "task-type", required = true)]
     pub(crate) task_types: Vec<String>,
@@ -94,6 +100,9 @@ pub async fn run(args: WorkerArgs) -> crate::client::Result<()> {
         .label("command", args.command.join(" "));
     if let Some(lease) = args.lease_duration {
         builder = builder.lease_duration(lease);
+    }
+    if let Some(ca) = &args.tls_ca {
+        builder = builder.tls(crate::client::Tls::new().ca_file(ca)?);
     }
     if find_program(&args.command[0]).is_none() {
         return Err(crate::client::Error::InvalidConfig(format!(

@@ -162,6 +162,12 @@ pub async fn start(config: Config, listener: tokio::net::TcpListener) -> Result<
     let node_id = uuid::Uuid::now_v7();
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
 
+    let tls = config
+        .tls_files()
+        .map(crate::tls::Acceptor::load)
+        .transpose()
+        .map_err(Error::Config)?
+        .map(Arc::new);
     let metrics = Arc::new(Metrics::new());
     // Bound before anything starts, so that a taken port fails the start.
     let metrics_listener = match config.metrics_listen {
@@ -290,8 +296,10 @@ pub async fn start(config: Config, listener: tokio::net::TcpListener) -> Result<
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;
 
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    let mut stop = shutdown_rx;
+    let mut stop = shutdown_rx.clone();
+    let stopped = async move {
+        let _ = stop.wait_for(|s| *s).await;
+    };
     let router = tonic::transport::Server::builder()
         // Dead peers are noticed even on idle connections.
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
@@ -302,16 +310,34 @@ pub async fn start(config: Config, listener: tokio::net::TcpListener) -> Result<
         .add_service(reflection_v1alpha)
         .add_service(tasks)
         .add_service(workers);
-    let handle = tokio::spawn(async move {
-        router
-            .serve_with_incoming_shutdown(incoming, async move {
-                let _ = stop.wait_for(|s| *s).await;
+    let secure = tls.is_some();
+    let handle = match tls {
+        None => {
+            let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+            tokio::spawn(async move {
+                router
+                    .serve_with_incoming_shutdown(incoming, stopped)
+                    .await?;
+                tracing::info!("server stopped");
+                Ok(())
             })
-            .await?;
-        tracing::info!("server stopped");
-        Ok(())
-    });
-    tracing::info!(%addr, node_id = %dispatcher.node_id(), "listening");
+        }
+        Some(acceptor) => {
+            tokio::spawn(crate::tls::reload_on_hangup(
+                acceptor.clone(),
+                shutdown_rx.clone(),
+            )?);
+            let incoming = crate::tls::incoming(listener, acceptor, shutdown_rx);
+            tokio::spawn(async move {
+                router
+                    .serve_with_incoming_shutdown(incoming, stopped)
+                    .await?;
+                tracing::info!("server stopped");
+                Ok(())
+            })
+        }
+    };
+    tracing::info!(%addr, tls = secure, node_id = %dispatcher.node_id(), "listening");
     Ok(Running {
         addr,
         metrics_addr,

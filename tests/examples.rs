@@ -7,7 +7,8 @@
 //! still running and exits 0. Busy, through a tap that sees what the node
 //! receives and sends, a worker gets tasks created together in one `tasks`
 //! push and sends outcomes ready together in one `outcomes` message, those
-//! re-sent after a reconnect too. `.ci/tools.sh` installs what the workers
+//! re-sent after a reconnect too. Given `https://` and a CA file, they
+//! connect over TLS. `.ci/tools.sh` installs what the workers
 //! need; without it these tests fail, they never skip.
 
 mod common;
@@ -78,6 +79,55 @@ async fn python_worker_takes_and_sends_batches_when_busy() {
 #[tokio::test]
 async fn node_worker_takes_and_sends_batches_when_busy() {
     batches("node", node_worker()).await;
+}
+
+#[tokio::test]
+async fn python_worker_connects_over_tls() {
+    over_tls("python", python_worker).await;
+}
+
+#[tokio::test]
+async fn node_worker_connects_over_tls() {
+    over_tls("node", node_worker).await;
+}
+
+/// On a node serving TLS, the worker given `https://` and the CA file (and,
+/// the second time, a bare `host:port` with the CA from LEASEHOLD_TLS_CA)
+/// completes a task.
+async fn over_tls(language: &'static str, worker: fn() -> Command) {
+    let pki = common::pki::Pki::new();
+    let server = common::TestServer::start_with(|c| pki.serve_with(c, false)).await;
+    let addr = server.running.as_ref().unwrap().addr();
+    let tls = leasehold::client::Tls::new().ca_pem(pki.ca.pem.clone());
+    let channel = leasehold::client::endpoint_with(&format!("https://{addr}"), Some(&tls))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut tasks = TaskServiceClient::new(channel);
+    let ca = pki.path("ca.pem");
+    for (round, server_arg) in [format!("https://{addr}"), addr.to_string()]
+        .into_iter()
+        .enumerate()
+    {
+        let worker_id = format!("{language}-tls-{round}");
+        let mut worker = worker();
+        if round == 0 {
+            worker.args(["--tls-ca", ca.to_str().unwrap()]);
+        } else {
+            worker.env("LEASEHOLD_TLS_CA", &ca);
+        }
+        worker
+            .args(["--server", &server_arg, "--worker-id", &worker_id])
+            .args(["--task-types", TASK_TYPE, "--slots", "1"]);
+        let (mut child, _log) = spawn(language, &mut worker);
+        let id = create(&mut tasks, json!({"image": "cover.png"})).await;
+        let task = wait_status(&tasks, &id, TaskStatus::Completed).await;
+        assert_eq!(task.locked_by.as_deref(), Some(worker_id.as_str()));
+        child.start_kill().unwrap();
+        let _ = child.wait().await;
+    }
+    server.stop().await;
 }
 
 /// `python worker.py` in its folder.

@@ -11,6 +11,7 @@
 // SIGINT it drains: no new tasks, the running ones get --drain-seconds to
 // finish, the rest are given back, and it exits 0.
 
+import fs from 'node:fs';
 import os from 'node:os';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
@@ -93,8 +94,10 @@ async function generateThumbnail(params, { workerId, signal }) {
 }
 
 class Worker {
-  constructor({ servers, workerId, taskTypes, slots, leaseSeconds, drainSeconds }) {
+  constructor({ servers, workerId, taskTypes, slots, leaseSeconds, drainSeconds, tlsCa = null }) {
     this.servers = servers;
+    // PEM of the CAs to trust for TLS servers (null: the system's).
+    this.tlsCa = tlsCa;
     this.workerId = workerId;
     this.taskTypes = taskTypes;
     this.slots = slots;
@@ -140,13 +143,29 @@ class Worker {
   }
 
   /**
+   * Where `server` is and whether it speaks TLS: https://, or a bare
+   * host:port when a CA file was given.
+   */
+  target(server) {
+    const match = /^([a-z]+):\/\/(.*)$/.exec(server);
+    if (match) {
+      return { target: match[2], secure: match[1] === 'https' };
+    }
+    return { target: server, secure: this.tlsCa !== null };
+  }
+
+  /**
    * Serves one session. Resolves true if it ended after the node's drain
    * notice; rejects with the status when the stream breaks or is refused,
    * with Refused when the registration is.
    */
   session(server) {
     log('INFO', `connecting to ${server}`);
-    const client = new WorkerService(server, grpc.credentials.createInsecure(), CHANNEL_OPTIONS);
+    const { target, secure } = this.target(server);
+    const credentials = secure
+      ? grpc.credentials.createSsl(this.tlsCa)
+      : grpc.credentials.createInsecure();
+    const client = new WorkerService(target, credentials, CHANNEL_OPTIONS);
     const call = client.Connect();
     const outbox = new Outbox(call);
     let registered = false;
@@ -662,12 +681,16 @@ function splitList(text) {
     .filter(Boolean);
 }
 
-const USAGE = `usage: node worker.js [--server HOST:PORT,...] [--worker-id ID]
-                      [--task-types TYPE,...] [--slots N] [--lease-seconds N]
-                      [--drain-seconds N]
+const USAGE = `usage: node worker.js [--server HOST:PORT,...] [--tls-ca FILE]
+                      [--worker-id ID] [--task-types TYPE,...] [--slots N]
+                      [--lease-seconds N] [--drain-seconds N]
 
-  --server         comma-separated host:port list, tried in turn
-                   (env LEASEHOLD_SERVER, default 127.0.0.1:50051)
+  --server         comma-separated host:port list, tried in turn;
+                   https://host:port for TLS (env LEASEHOLD_SERVER,
+                   default 127.0.0.1:50051)
+  --tls-ca         PEM file of the CAs to trust for TLS instead of the
+                   system's; a bare host:port then means TLS
+                   (env LEASEHOLD_TLS_CA)
   --worker-id      worker id shown as the tasks' locked_by, 1 to 100
                    characters (env LEASEHOLD_WORKER_ID, default HOST-PID)
   --task-types     comma-separated task types to take; all run the demo
@@ -702,6 +725,7 @@ function main() {
     ({ values } = parseArgs({
       options: {
         server: { type: 'string', default: process.env.LEASEHOLD_SERVER ?? '127.0.0.1:50051' },
+        'tls-ca': { type: 'string', default: process.env.LEASEHOLD_TLS_CA },
         'worker-id': {
           type: 'string',
           default: process.env.LEASEHOLD_WORKER_ID ?? `${os.hostname()}-${process.pid}`,
@@ -725,6 +749,23 @@ function main() {
   if (servers.length === 0) {
     usageError('--server: no host:port given');
   }
+  for (const server of servers) {
+    const scheme = /^([a-z]+):\/\//.exec(server)?.[1];
+    if (scheme !== undefined && scheme !== 'http' && scheme !== 'https') {
+      usageError(`--server: ${server}: use host:port, http:// or https://`);
+    }
+    if (scheme === 'http' && values['tls-ca']) {
+      usageError(`--tls-ca: ${server} is a plaintext address; use https://`);
+    }
+  }
+  let tlsCa = null;
+  if (values['tls-ca']) {
+    try {
+      tlsCa = fs.readFileSync(values['tls-ca']);
+    } catch (err) {
+      usageError(`--tls-ca: ${err.message}`);
+    }
+  }
   const workerIdChars = Array.from(values['worker-id']).length;
   if (workerIdChars < 1 || workerIdChars > 100) {
     usageError('--worker-id: must be 1 to 100 characters');
@@ -737,6 +778,7 @@ function main() {
     leaseSeconds:
       values['lease-seconds'] === undefined ? null : numberFlag(values, 'lease-seconds', 1, 3600),
     drainSeconds: numberFlag(values, 'drain-seconds', 0, 86_400, { fraction: true }),
+    tlsCa,
   });
   // SIGTERM (as from a service manager) or Ctrl-C: drain, then exit. A
   // second signal acts as usual: it stops the worker at once.

@@ -130,8 +130,11 @@ class Worker:
         slots: int,
         lease_seconds: int | None,
         drain_seconds: float,
+        tls_ca: bytes | None = None,
     ):
         self.servers = servers
+        # PEM of the CAs to trust for TLS servers (None: the system's).
+        self.tls_ca = tls_ca
         self.worker_id = worker_id
         self.task_types = task_types
         self.slots = slots
@@ -215,7 +218,7 @@ class Worker:
         registered = drained = False
         heartbeats: asyncio.Task | None = None
         log.info("connecting to %s", server)
-        async with grpc.aio.insecure_channel(server, options=CHANNEL_OPTIONS) as channel:
+        async with self.channel(server) as channel:
             call = pb_grpc.WorkerServiceStub(channel).Connect(requests())
             try:
                 async for response in call:
@@ -256,6 +259,16 @@ class Worker:
                 if heartbeats is not None:
                     heartbeats.cancel()
         return drained
+
+    def channel(self, server: str) -> grpc.aio.Channel:
+        """A channel to `server`: TLS for https://, or for a bare host:port
+        when a CA file was given; plaintext otherwise."""
+        scheme, _, target = server.rpartition("://")
+        secure = scheme == "https" or (not scheme and self.tls_ca is not None)
+        if not secure:
+            return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+        credentials = grpc.ssl_channel_credentials(root_certificates=self.tls_ca)
+        return grpc.aio.secure_channel(target, credentials, options=CHANNEL_OPTIONS)
 
     def register_request(self) -> pb.RegisterWorker:
         register = pb.RegisterWorker(
@@ -588,7 +601,14 @@ def main() -> None:
     parser.add_argument(
         "--server",
         default=os.environ.get("LEASEHOLD_SERVER", "127.0.0.1:50051"),
-        help="comma-separated host:port list, tried in turn (env LEASEHOLD_SERVER)",
+        help="comma-separated host:port list, tried in turn; https://host:port for TLS"
+        " (env LEASEHOLD_SERVER)",
+    )
+    parser.add_argument(
+        "--tls-ca",
+        default=os.environ.get("LEASEHOLD_TLS_CA"),
+        help="PEM file of the CAs to trust for TLS instead of the system's; a bare"
+        " host:port then means TLS (env LEASEHOLD_TLS_CA)",
     )
     parser.add_argument(
         "--worker-id",
@@ -626,6 +646,19 @@ def main() -> None:
         parser.error(f"argument --lease-seconds: must be 1 to 3600, not {args.lease_seconds}")
     if not 0 <= args.drain_seconds <= 86_400:
         parser.error(f"argument --drain-seconds: must be 0 to 86400, not {args.drain_seconds}")
+    for server in servers:
+        scheme, _, _ = server.rpartition("://")
+        if scheme not in ("", "http", "https"):
+            parser.error(f"argument --server: {server}: use host:port, http:// or https://")
+        if scheme == "http" and args.tls_ca:
+            parser.error(f"argument --tls-ca: {server} is a plaintext address; use https://")
+    tls_ca = None
+    if args.tls_ca:
+        try:
+            with open(args.tls_ca, "rb") as ca_file:
+                tls_ca = ca_file.read()
+        except OSError as err:
+            parser.error(f"argument --tls-ca: {err}")
 
     logging.basicConfig(
         stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s"
@@ -637,6 +670,7 @@ def main() -> None:
         slots=args.slots,
         lease_seconds=args.lease_seconds,
         drain_seconds=args.drain_seconds,
+        tls_ca=tls_ca,
     )
     try:
         asyncio.run(worker.run())

@@ -59,6 +59,12 @@ pub(crate) struct Options {
     )]
     pub(crate) server: Vec<String>,
 
+    /// PEM file of the certificate authorities to trust for `https://`
+    /// servers instead of the system's (a bare `host:port` then means
+    /// `https://`).
+    #[arg(long, env = "LEASEHOLD_TLS_CA")]
+    pub(crate) tls_ca: Option<std::path::PathBuf>,
+
     /// Print JSON, one object per line, instead of a table.
     #[arg(long)]
     pub(crate) json: bool,
@@ -66,7 +72,11 @@ pub(crate) struct Options {
 
 impl Options {
     async fn connect(&self) -> Result<Client, Failure> {
-        Ok(Client::connect_any(&self.server).await?)
+        let tls = match &self.tls_ca {
+            Some(ca) => Some(client::Tls::new().ca_file(ca)?),
+            None => None,
+        };
+        Ok(Client::connect_any_with(&self.server, tls.as_ref()).await?)
     }
 }
 

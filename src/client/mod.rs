@@ -40,7 +40,7 @@ use futures_util::{Stream, StreamExt, TryStreamExt};
 use tonic::transport::Channel;
 
 pub use builder::{NewTask, TaskFilter, WatchFilter};
-pub use channel::{connect, endpoint, DEFAULT_SERVER};
+pub use channel::{connect, endpoint, endpoint_with, Tls, DEFAULT_SERVER};
 use error::missing;
 pub use error::{CreateManyError, Error, Result};
 pub use worker::{HandlerResult, Shutdown, TaskContext, TaskError, Worker, WorkerBuilder};
@@ -105,6 +105,12 @@ impl Client {
         Ok(client)
     }
 
+    /// Connects to `address` over TLS with these settings (a bare
+    /// `host:port` means `https://`).
+    pub async fn connect_with(address: &str, tls: &Tls) -> Result<Client> {
+        Self::connect_any_with(&[address], Some(tls)).await
+    }
+
     /// Connects to the first of `addresses` that answers, trying them in
     /// order, one at a time — the same list of nodes a [`Worker`]
     /// (or `leasehold worker --server a:50051,b:50051`) takes.
@@ -132,9 +138,17 @@ impl Client {
     /// # }
     /// ```
     pub async fn connect_any<S: AsRef<str>>(addresses: &[S]) -> Result<Client> {
+        Self::connect_any_with(addresses, None).await
+    }
+
+    /// [`Client::connect_any`] with TLS settings for every address.
+    pub async fn connect_any_with<S: AsRef<str>>(
+        addresses: &[S],
+        tls: Option<&Tls>,
+    ) -> Result<Client> {
         let endpoints = addresses
             .iter()
-            .map(|address| endpoint(address.as_ref()))
+            .map(|address| endpoint_with(address.as_ref(), tls))
             .collect::<Result<Vec<_>>>()?;
         let mut last = None;
         for (address, endpoint) in addresses.iter().zip(endpoints) {

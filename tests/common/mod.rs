@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod pki;
 
 use std::time::Duration;
 
@@ -320,6 +321,15 @@ impl Session {
         endpoint: &str,
         first: proto::connect_request::Kind,
     ) -> Result<Session, tonic::Status> {
+        Self::over(channel_to(endpoint).await, first).await
+    }
+
+    /// Opens a stream over `channel` (TLS, say) whose first message is
+    /// `first`.
+    pub async fn over(
+        channel: Channel,
+        first: proto::connect_request::Kind,
+    ) -> Result<Session, tonic::Status> {
         let (tx, rx) = tokio::sync::mpsc::channel(1024);
         tx.send(proto::ConnectRequest { kind: Some(first) })
             .await
@@ -327,7 +337,7 @@ impl Session {
         let outbound = futures_util::stream::unfold(rx, |mut rx| async move {
             rx.recv().await.map(|item| (item, rx))
         });
-        let mut client = WorkerServiceClient::new(channel_to(endpoint).await);
+        let mut client = WorkerServiceClient::new(channel);
         let mut rx = client.connect(outbound).await?.into_inner();
         let registered = match rx.message().await?.and_then(|m| m.kind) {
             Some(proto::connect_response::Kind::Registered(r)) => r,

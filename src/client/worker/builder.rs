@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::context::{Handler, HandlerResult, TaskContext};
 use super::Worker;
-use crate::client::{endpoint, Error, Result};
+use crate::client::{endpoint_with, Error, Result, Tls};
 use crate::proto;
 use crate::wire::{convert, limit, request};
 
@@ -25,6 +25,7 @@ pub struct WorkerBuilder {
     pub(super) drain_timeout: Duration,
     pub(super) backoff_initial: Duration,
     pub(super) backoff_max: Duration,
+    pub(super) tls: Option<Tls>,
 }
 
 impl WorkerBuilder {
@@ -42,6 +43,14 @@ impl WorkerBuilder {
         S: Into<String>,
     {
         self.servers.extend(addresses.into_iter().map(Into::into));
+        self
+    }
+
+    /// Connects over TLS with these settings (a bare `host:port` then
+    /// means `https://`). An `https://` address without this trusts the
+    /// system's certificate authorities.
+    pub fn tls(mut self, tls: Tls) -> Self {
+        self.tls = Some(tls);
         self
     }
 
@@ -109,7 +118,10 @@ impl WorkerBuilder {
         let channels = self
             .servers
             .iter()
-            .map(|address| Ok((address.clone(), endpoint(address)?.connect_lazy())))
+            .map(|address| {
+                let endpoint = endpoint_with(address, self.tls.as_ref())?;
+                Ok((address.clone(), endpoint.connect_lazy()))
+            })
             .collect::<Result<Vec<_>>>()?;
         let mut task_types: Vec<String> = self.handlers.keys().cloned().collect();
         task_types.sort();

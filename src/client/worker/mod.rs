@@ -109,6 +109,7 @@ impl Worker {
             drain_timeout: Duration::from_secs(30),
             backoff_initial: Duration::from_millis(100),
             backoff_max: Duration::from_secs(10),
+            tls: None,
         }
     }
 
