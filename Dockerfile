@@ -1,8 +1,12 @@
 # syntax=docker/dockerfile:1
 # leasehold server image.
 #   docker build -t leasehold .
-#   docker run --rm -p 50051:50051 -e DATABASE_URL=postgres://... leasehold
-# (docker-compose.yml runs it together with PostgreSQL.)
+#   docker run --rm -p 50051:50051 -v "$PWD/certs:/certs:ro" \
+#     -e DATABASE_URL=postgres://... -e LEASEHOLD_AUTH=required \
+#     -e LEASEHOLD_TLS_CERT=/certs/server.pem -e LEASEHOLD_TLS_KEY=/certs/server.key leasehold
+# It listens on all interfaces, so it refuses to start without TLS and
+# tokens unless told LEASEHOLD_INSECURE=true (a trial on a private network).
+# (docker-compose.yml runs it the secure way together with PostgreSQL.)
 
 # --- build -------------------------------------------------------------------
 FROM rust:1-bookworm AS builder

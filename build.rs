@@ -9,6 +9,7 @@ const PROTOS: &[&str] = &[
     "proto/leasehold/v1/task.proto",
     "proto/leasehold/v1/task_service.proto",
     "proto/leasehold/v1/worker_service.proto",
+    "proto/leasehold/v1/token_service.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

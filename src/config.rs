@@ -9,6 +9,16 @@ use std::time::Duration;
 use crate::model::Status;
 use crate::wire::limit::{MAX_LEASE, MIN_LEASE};
 
+/// Whether calls need a bearer token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Auth {
+    /// Every call but health and reflection needs a valid token of a role
+    /// that allows it.
+    Required,
+    /// No token is checked.
+    Off,
+}
+
 /// Server configuration. Every field is a command-line flag with an
 /// environment variable of the same meaning, listed by `leasehold serve --help`.
 #[derive(Debug, Clone, clap::Args)]
@@ -16,6 +26,22 @@ pub struct Config {
     /// Address the gRPC server listens on.
     #[arg(long, env = "LEASEHOLD_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
+
+    /// `required`: every call but health and reflection needs a bearer
+    /// token (`authorization: Bearer <token>`) whose role allows it; `off`:
+    /// none is checked.
+    #[arg(long, env = "LEASEHOLD_AUTH", value_enum, default_value_t = Auth::Off)]
+    pub auth: Auth,
+
+    /// Allows listening on a non-loopback address without both TLS and
+    /// `--auth required` (the node refuses to start so otherwise).
+    #[arg(long, env = "LEASEHOLD_INSECURE")]
+    pub insecure: bool,
+
+    /// Serves gRPC server reflection (what `grpcurl` lists and describes
+    /// with); `false` turns it off.
+    #[arg(long, env = "LEASEHOLD_REFLECTION", default_value_t = true, action = clap::ArgAction::Set)]
+    pub reflection: bool,
 
     /// PEM certificate chain to serve gRPC over TLS with (with `--tls-key`);
     /// plaintext when not given. Re-read, with the key and the client CA,
@@ -133,6 +159,9 @@ impl Config {
     pub fn with_database_url(database_url: impl Into<String>) -> Self {
         Self {
             listen: "127.0.0.1:50051".parse().expect("valid literal address"),
+            auth: Auth::Off,
+            insecure: false,
+            reflection: true,
             tls_cert: None,
             tls_key: None,
             tls_client_ca: None,
@@ -180,6 +209,14 @@ impl Config {
 
     /// Checks the values that flags alone cannot; called once at start-up.
     pub fn validate(&self) -> Result<(), String> {
+        let secure = self.tls_cert.is_some() && self.auth == Auth::Required;
+        if !(self.listen.ip().is_loopback() || secure || self.insecure) {
+            return Err(format!(
+                "--listen {}: refusing to serve a non-loopback address without TLS \
+                 (--tls-cert, --tls-key) and --auth required; give --insecure to do it anyway",
+                self.listen
+            ));
+        }
         if self.tls_cert.is_some() != self.tls_key.is_some() {
             return Err("--tls-cert and --tls-key go together".into());
         }
@@ -253,6 +290,22 @@ mod tests {
             .unwrap_err()
             .contains("--db-statement-timeout"));
         config.db_statement_timeout = Duration::ZERO;
+        config.validate().unwrap();
+    }
+
+    #[test]
+    fn a_public_address_needs_tls_and_auth_or_insecure() {
+        let mut config = Config::with_database_url("postgres://x@y/z");
+        config.listen = "0.0.0.0:50051".parse().unwrap();
+        assert!(config.validate().unwrap_err().contains("--insecure"));
+        config.tls_cert = Some("cert.pem".into());
+        config.tls_key = Some("key.pem".into());
+        assert!(config.validate().unwrap_err().contains("--auth required"));
+        config.auth = Auth::Required;
+        config.validate().unwrap();
+        config.tls_cert = None;
+        config.tls_key = None;
+        config.insecure = true;
         config.validate().unwrap();
     }
 

@@ -50,6 +50,8 @@ pub mod telemetry;
 #[cfg(feature = "server")]
 mod api;
 #[cfg(feature = "server")]
+mod auth;
+#[cfg(feature = "server")]
 pub mod bench;
 #[cfg(feature = "server")]
 pub mod config;

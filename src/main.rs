@@ -36,6 +36,10 @@ enum Command {
     Stats(leasehold::cli::StatsArgs),
     /// List the worker sessions connected to any node.
     Workers(leasehold::cli::WorkersArgs),
+    /// Create, list and revoke bearer tokens (on a server, or on the
+    /// database directly with `--database-url`).
+    #[command(subcommand)]
+    Token(leasehold::cli::TokenCommand),
     /// Print live task events until Ctrl-C or SIGTERM.
     Watch(leasehold::cli::WatchArgs),
     /// Run a command once per task: the task as JSON on stdin, its result as
@@ -64,6 +68,7 @@ async fn main() -> ExitCode {
         Some(Command::Stats(args)) => leasehold::cli::stats(args).await,
         Some(Command::Workers(args)) => leasehold::cli::workers(args).await,
         Some(Command::Watch(args)) => leasehold::cli::watch(args).await,
+        Some(Command::Token(command)) => leasehold::cli::token(command).await,
         Some(Command::Worker(args)) => {
             report(leasehold::runner::run(args).await.map_err(Into::into))
         }

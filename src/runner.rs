@@ -59,6 +59,10 @@ pub struct WorkerArgs {
     #[arg(long, env = "LEASEHOLD_TLS_CA")]
     pub(crate) tls_ca: Option<std::path::PathBuf>,
 
+    /// Bearer token of the session, for a node with `--auth required`.
+    #[arg(long, env = "LEASEHOLD_TOKEN", hide_env_values = true)]
+    pub(crate) token: Option<String>,
+
     /// Task type to run the command for (repeat for several).
     #[arg(long = "task-type", required = true)]
     pub(crate) task_types: Vec<String>,
@@ -100,6 +104,9 @@ pub async fn run(args: WorkerArgs) -> crate::client::Result<()> {
         .label("command", args.command.join(" "));
     if let Some(lease) = args.lease_duration {
         builder = builder.lease_duration(lease);
+    }
+    if let Some(token) = &args.token {
+        builder = builder.token(token.clone());
     }
     if let Some(ca) = &args.tls_ca {
         builder = builder.tls(crate::client::Tls::new().ca_file(ca)?);

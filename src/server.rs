@@ -12,7 +12,7 @@ use tokio::task::JoinHandle;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
-use crate::api::{CallMetricsLayer, TaskApi, WorkerApi};
+use crate::api::{AuthLayer, CallMetricsLayer, TaskApi, TokenApi, WorkerApi};
 use crate::config::Config;
 use crate::coordinator::Coordinator;
 use crate::dispatch::{Dispatcher, Settings};
@@ -24,6 +24,7 @@ use crate::metrics::{Metrics, Refresh};
 use crate::model::Backoff;
 use crate::store::{self, Listener, Notice, Store};
 use crate::wire::proto::task_service_server::TaskServiceServer;
+use crate::wire::proto::token_service_server::TokenServiceServer;
 use crate::wire::proto::worker_service_server::WorkerServiceServer;
 
 /// Why a node could not start or stopped with an error.
@@ -54,7 +55,12 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
 
 /// Fully qualified service names, as health checks name them.
-const SERVICE_NAMES: [&str; 3] = ["", "leasehold.v1.TaskService", "leasehold.v1.WorkerService"];
+const SERVICE_NAMES: [&str; 4] = [
+    "",
+    "leasehold.v1.TaskService",
+    "leasehold.v1.WorkerService",
+    "leasehold.v1.TokenService",
+];
 
 /// The prefix of a maintenance job's name in health checks
 /// (`leasehold.maintenance.reclaimer`).
@@ -152,6 +158,62 @@ pub(crate) async fn prepare_database(config: &Config) -> Result<Store, Error> {
 /// lacks (`leasehold migrate`). Several nodes may do this at once.
 pub async fn migrate(config: &Config) -> Result<(), Error> {
     prepare_database(config).await.map(drop)
+}
+
+/// A store over `database_url`, created and migrated if need be, for the
+/// token commands that work on the database directly.
+async fn token_store(database_url: &str) -> Result<Store, String> {
+    let config = Config::with_database_url(database_url);
+    prepare_database(&config)
+        .await
+        .map_err(|err| err.to_string())
+}
+
+/// `leasehold token create --database-url`: a token made with no server,
+/// such as the first admin token of a fresh install.
+pub(crate) async fn token_create_direct(
+    database_url: &str,
+    request: &crate::wire::proto::CreateTokenRequest,
+) -> Result<crate::wire::proto::CreateTokenResponse, String> {
+    let new = crate::wire::request::token_create(request, std::time::SystemTime::now())
+        .map_err(|err| err.to_string())?;
+    let store = token_store(database_url).await?;
+    let (token, secret) = crate::auth::create(&store, &new)
+        .await
+        .map_err(|err| err.to_string())?;
+    Ok(crate::wire::proto::CreateTokenResponse {
+        token: Some(crate::wire::convert::token_to_proto(&token)),
+        secret,
+    })
+}
+
+/// `leasehold token list --database-url`.
+pub(crate) async fn token_list_direct(
+    database_url: &str,
+) -> Result<Vec<crate::wire::proto::Token>, String> {
+    let store = token_store(database_url).await?;
+    let tokens = store.token_list().await.map_err(|err| err.to_string())?;
+    Ok(tokens
+        .iter()
+        .map(crate::wire::convert::token_to_proto)
+        .collect())
+}
+
+/// `leasehold token revoke --database-url`.
+pub(crate) async fn token_revoke_direct(
+    database_url: &str,
+    id: &str,
+) -> Result<crate::wire::proto::Token, String> {
+    let id = crate::wire::request::token_id(id).map_err(|err| err.to_string())?;
+    let store = token_store(database_url).await?;
+    match store
+        .token_revoke(id)
+        .await
+        .map_err(|err| err.to_string())?
+    {
+        Some(token) => Ok(crate::wire::convert::token_to_proto(&token)),
+        None => Err(format!("token {id} not found")),
+    }
 }
 
 /// Starts a node on `listener` (bound by the caller, so tests can use port
@@ -272,12 +334,16 @@ pub async fn start(config: Config, listener: tokio::net::TcpListener) -> Result<
         shutdown_rx.clone(),
     ))
     .max_decoding_message_size(max_message);
+    let authenticator = Arc::new(crate::auth::Authenticator::new(store.clone()));
+    let auth = (config.auth == crate::config::Auth::Required).then(|| authenticator.clone());
     let workers = WorkerServiceServer::new(WorkerApi::new(
         coordinator,
         config.lease_duration,
         config.max_payload_bytes,
+        auth.clone(),
     ))
     .max_decoding_message_size(max_message);
+    let tokens = TokenServiceServer::new(TokenApi::new(authenticator));
 
     let (health, health_service) = tonic_health::server::health_reporter();
     tokio::spawn(health_loop(
@@ -293,8 +359,14 @@ pub async fn start(config: Config, listener: tokio::net::TcpListener) -> Result<
             .register_encoded_file_descriptor_set(crate::wire::proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
-    let reflection_v1 = reflection().build_v1()?;
-    let reflection_v1alpha = reflection().build_v1alpha()?;
+    let (reflection_v1, reflection_v1alpha) = if config.reflection {
+        (
+            Some(reflection().build_v1()?),
+            Some(reflection().build_v1alpha()?),
+        )
+    } else {
+        (None, None)
+    };
 
     let mut stop = shutdown_rx.clone();
     let stopped = async move {
@@ -304,12 +376,15 @@ pub async fn start(config: Config, listener: tokio::net::TcpListener) -> Result<
         // Dead peers are noticed even on idle connections.
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        // Refused calls are counted too: metrics wrap authentication.
         .layer(CallMetricsLayer::new(metrics))
+        .layer(AuthLayer::new(auth))
         .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
+        .add_optional_service(reflection_v1)
+        .add_optional_service(reflection_v1alpha)
         .add_service(tasks)
-        .add_service(workers);
+        .add_service(workers)
+        .add_service(tokens);
     let secure = tls.is_some();
     let handle = match tls {
         None => {

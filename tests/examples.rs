@@ -7,8 +7,8 @@
 //! still running and exits 0. Busy, through a tap that sees what the node
 //! receives and sends, a worker gets tasks created together in one `tasks`
 //! push and sends outcomes ready together in one `outcomes` message, those
-//! re-sent after a reconnect too. Given `https://` and a CA file, they
-//! connect over TLS. `.ci/tools.sh` installs what the workers
+//! re-sent after a reconnect too. Given `https://`, a CA file and a token,
+//! they connect over TLS to a node that requires tokens. `.ci/tools.sh` installs what the workers
 //! need; without it these tests fail, they never skip.
 
 mod common;
@@ -91,20 +91,45 @@ async fn node_worker_connects_over_tls() {
     over_tls("node", node_worker).await;
 }
 
-/// On a node serving TLS, the worker given `https://` and the CA file (and,
-/// the second time, a bare `host:port` with the CA from LEASEHOLD_TLS_CA)
-/// completes a task.
+/// On a node serving TLS with `--auth required`, the worker given
+/// `https://`, the CA file and a worker token (and, the second time, a bare
+/// `host:port` with the CA and the token from LEASEHOLD_TLS_CA and
+/// LEASEHOLD_TOKEN) completes a task.
 async fn over_tls(language: &'static str, worker: fn() -> Command) {
     let pki = common::pki::Pki::new();
-    let server = common::TestServer::start_with(|c| pki.serve_with(c, false)).await;
+    let server = common::TestServer::start_with(|c| {
+        pki.serve_with(c, false);
+        c.auth = leasehold::config::Auth::Required;
+    })
+    .await;
     let addr = server.running.as_ref().unwrap().addr();
+    let token = |role: &str| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_leasehold"))
+            .args([
+                "token",
+                "create",
+                "--role",
+                role,
+                "--database-url",
+                &server.url,
+            ])
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    };
+    let (admin, worker_token) = (token("admin"), token("worker"));
     let tls = leasehold::client::Tls::new().ca_pem(pki.ca.pem.clone());
-    let channel = leasehold::client::endpoint_with(&format!("https://{addr}"), Some(&tls))
-        .unwrap()
-        .connect()
+    let client = leasehold::client::Client::connect_with(&format!("https://{addr}"), &tls)
         .await
+        .unwrap()
+        .with_token(&admin)
         .unwrap();
-    let mut tasks = TaskServiceClient::new(channel);
     let ca = pki.path("ca.pem");
     for (round, server_arg) in [format!("https://{addr}"), addr.to_string()]
         .into_iter()
@@ -113,16 +138,30 @@ async fn over_tls(language: &'static str, worker: fn() -> Command) {
         let worker_id = format!("{language}-tls-{round}");
         let mut worker = worker();
         if round == 0 {
-            worker.args(["--tls-ca", ca.to_str().unwrap()]);
+            worker.args(["--tls-ca", ca.to_str().unwrap(), "--token", &worker_token]);
         } else {
-            worker.env("LEASEHOLD_TLS_CA", &ca);
+            worker
+                .env("LEASEHOLD_TLS_CA", &ca)
+                .env("LEASEHOLD_TOKEN", &worker_token);
         }
         worker
             .args(["--server", &server_arg, "--worker-id", &worker_id])
             .args(["--task-types", TASK_TYPE, "--slots", "1"]);
         let (mut child, _log) = spawn(language, &mut worker);
-        let id = create(&mut tasks, json!({"image": "cover.png"})).await;
-        let task = wait_status(&tasks, &id, TaskStatus::Completed).await;
+        let id = client
+            .create(
+                leasehold::client::NewTask::new(TASK_TYPE).params(json!({"image": "cover.png"})),
+            )
+            .await
+            .unwrap()
+            .task
+            .unwrap()
+            .id;
+        let task = common::eventually(LIMIT, || async {
+            let task = client.get(&id).await.unwrap();
+            (status_of(&task) == TaskStatus::Completed).then_some(task)
+        })
+        .await;
         assert_eq!(task.locked_by.as_deref(), Some(worker_id.as_str()));
         child.start_kill().unwrap();
         let _ = child.wait().await;

@@ -94,10 +94,24 @@ async function generateThumbnail(params, { workerId, signal }) {
 }
 
 class Worker {
-  constructor({ servers, workerId, taskTypes, slots, leaseSeconds, drainSeconds, tlsCa = null }) {
+  constructor({
+    servers,
+    workerId,
+    taskTypes,
+    slots,
+    leaseSeconds,
+    drainSeconds,
+    tlsCa = null,
+    token = null,
+  }) {
     this.servers = servers;
     // PEM of the CAs to trust for TLS servers (null: the system's).
     this.tlsCa = tlsCa;
+    // Sent as `authorization: Bearer <token>` to a node with --auth required.
+    this.metadata = new grpc.Metadata();
+    if (token) {
+      this.metadata.add('authorization', `Bearer ${token}`);
+    }
     this.workerId = workerId;
     this.taskTypes = taskTypes;
     this.slots = slots;
@@ -166,7 +180,7 @@ class Worker {
       ? grpc.credentials.createSsl(this.tlsCa)
       : grpc.credentials.createInsecure();
     const client = new WorkerService(target, credentials, CHANNEL_OPTIONS);
-    const call = client.Connect();
+    const call = client.Connect(this.metadata);
     const outbox = new Outbox(call);
     let registered = false;
     let drained = false;
@@ -681,13 +695,15 @@ function splitList(text) {
     .filter(Boolean);
 }
 
-const USAGE = `usage: node worker.js [--server HOST:PORT,...] [--tls-ca FILE]
+const USAGE = `usage: node worker.js [--server HOST:PORT,...] [--tls-ca FILE] [--token TOKEN]
                       [--worker-id ID] [--task-types TYPE,...] [--slots N]
                       [--lease-seconds N] [--drain-seconds N]
 
   --server         comma-separated host:port list, tried in turn;
                    https://host:port for TLS (env LEASEHOLD_SERVER,
                    default 127.0.0.1:50051)
+  --token          bearer token of a worker, for a node with --auth
+                   required (env LEASEHOLD_TOKEN)
   --tls-ca         PEM file of the CAs to trust for TLS instead of the
                    system's; a bare host:port then means TLS
                    (env LEASEHOLD_TLS_CA)
@@ -726,6 +742,7 @@ function main() {
       options: {
         server: { type: 'string', default: process.env.LEASEHOLD_SERVER ?? '127.0.0.1:50051' },
         'tls-ca': { type: 'string', default: process.env.LEASEHOLD_TLS_CA },
+        token: { type: 'string', default: process.env.LEASEHOLD_TOKEN },
         'worker-id': {
           type: 'string',
           default: process.env.LEASEHOLD_WORKER_ID ?? `${os.hostname()}-${process.pid}`,
@@ -779,6 +796,7 @@ function main() {
       values['lease-seconds'] === undefined ? null : numberFlag(values, 'lease-seconds', 1, 3600),
     drainSeconds: numberFlag(values, 'drain-seconds', 0, 86_400, { fraction: true }),
     tlsCa,
+    token: values.token ?? null,
   });
   // SIGTERM (as from a service manager) or Ctrl-C: drain, then exit. A
   // second signal acts as usual: it stops the worker at once.

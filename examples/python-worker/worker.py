@@ -131,10 +131,13 @@ class Worker:
         lease_seconds: int | None,
         drain_seconds: float,
         tls_ca: bytes | None = None,
+        token: str | None = None,
     ):
         self.servers = servers
         # PEM of the CAs to trust for TLS servers (None: the system's).
         self.tls_ca = tls_ca
+        # Sent as `authorization: Bearer <token>` to a node with --auth required.
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self.worker_id = worker_id
         self.task_types = task_types
         self.slots = slots
@@ -219,7 +222,7 @@ class Worker:
         heartbeats: asyncio.Task | None = None
         log.info("connecting to %s", server)
         async with self.channel(server) as channel:
-            call = pb_grpc.WorkerServiceStub(channel).Connect(requests())
+            call = pb_grpc.WorkerServiceStub(channel).Connect(requests(), metadata=self.metadata)
             try:
                 async for response in call:
                     match response.WhichOneof("kind"):
@@ -605,6 +608,11 @@ def main() -> None:
         " (env LEASEHOLD_SERVER)",
     )
     parser.add_argument(
+        "--token",
+        default=os.environ.get("LEASEHOLD_TOKEN"),
+        help="bearer token of a worker, for a node with --auth required (env LEASEHOLD_TOKEN)",
+    )
+    parser.add_argument(
         "--tls-ca",
         default=os.environ.get("LEASEHOLD_TLS_CA"),
         help="PEM file of the CAs to trust for TLS instead of the system's; a bare"
@@ -671,6 +679,7 @@ def main() -> None:
         lease_seconds=args.lease_seconds,
         drain_seconds=args.drain_seconds,
         tls_ca=tls_ca,
+        token=args.token,
     )
     try:
         asyncio.run(worker.run())

@@ -11,6 +11,7 @@ use futures_util::Stream;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tonic::{Status, Streaming};
 
+use crate::auth::{Authenticator, Caller};
 use crate::coordinator::Coordinator;
 use crate::dispatch::{Push, Session};
 use crate::error::Error;
@@ -36,6 +37,29 @@ const OUT_BUFFER: usize = 256;
 /// progress reports).
 const IN_HAND_EXTRA: usize = 64;
 
+/// How often an open session asks whether its token still works (the
+/// answer is at most `auth::RECHECK` old): within 5 s of a revocation the
+/// session is closed.
+const TOKEN_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The token a session was opened with, and what checks it.
+pub(super) struct Credential {
+    pub(super) caller: Caller,
+    pub(super) auth: Arc<Authenticator>,
+}
+
+impl Credential {
+    /// Completes once the token stops working (revoked or expired).
+    async fn revoked(self) {
+        loop {
+            tokio::time::sleep(TOKEN_CHECK_INTERVAL).await;
+            if !self.auth.still_valid(&self.caller.hash).await {
+                return;
+            }
+        }
+    }
+}
+
 fn respond(kind: connect_response::Kind) -> Box<Result<proto::ConnectResponse, Status>> {
     Box::new(Ok(proto::ConnectResponse { kind: Some(kind) }))
 }
@@ -47,6 +71,7 @@ pub(super) async fn open(
     default_lease: Duration,
     max_payload_bytes: usize,
     mut inbound: Streaming<proto::ConnectRequest>,
+    credential: Option<Credential>,
 ) -> Result<ConnectStream, Status> {
     let first = inbound
         .message()
@@ -59,6 +84,7 @@ pub(super) async fn open(
         .into());
     };
     let spec = request::register(&register, default_lease)?;
+    super::auth::check_task_types(credential.as_ref().map(|c| &c.caller), &spec.task_types)?;
     let (session, pushes) = coordinator.session_open(spec)?;
     let (out, rx) = mpsc::channel(OUT_BUFFER);
     let lease = session.spec.lease_duration;
@@ -82,7 +108,7 @@ pub(super) async fn open(
         permits,
         in_hand,
     };
-    tokio::spawn(stream.run(inbound, pushes));
+    tokio::spawn(stream.run(inbound, pushes, credential));
     let answers = futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|answer| (*answer, rx))
     });
@@ -151,10 +177,34 @@ impl Connection {
         self,
         mut inbound: Streaming<proto::ConnectRequest>,
         mut pushes: mpsc::UnboundedReceiver<Push>,
+        credential: Option<Credential>,
     ) {
         let mut undelivered = Vec::new();
+        let mut revoked: Pin<Box<dyn Future<Output = ()> + Send>> = match credential {
+            Some(credential) => Box::pin(credential.revoked()),
+            None => Box::pin(std::future::pending()),
+        };
         loop {
             tokio::select! {
+                () = &mut revoked => {
+                    // Told to stop at once, then cut off: a revoked token may
+                    // not report outcomes either. Its leases run out and are
+                    // reclaimed.
+                    tracing::info!(session_id = %self.session.id, "token revoked or expired: closing the session");
+                    let _ = self
+                        .out
+                        .send(respond(connect_response::Kind::Drain(proto::DrainNotice {
+                            grace_period: Some(convert::duration(Duration::ZERO)),
+                        })))
+                        .await;
+                    let _ = self
+                        .out
+                        .send(Box::new(Err(Status::unauthenticated(
+                            "authorization: the session's token was revoked or has expired",
+                        ))))
+                        .await;
+                    break;
+                }
                 message = inbound.message() => match message {
                     Ok(Some(request)) => {
                         self.session.touch();

@@ -1,11 +1,14 @@
 //! `leasehold.v1.WorkerService`: leases, heartbeats and outcomes, as unary
 //! calls and as the `Connect` session stream.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tonic::{Request, Response, Status, Streaming};
 
+use super::auth::{caller, check_task_types};
 use super::connect::{self, ConnectStream};
+use crate::auth::Authenticator;
 use crate::coordinator::Coordinator;
 use crate::wire::proto::{self, worker_service_server::WorkerService};
 use crate::wire::{convert, request};
@@ -16,20 +19,24 @@ pub(crate) struct WorkerApi {
     coordinator: Coordinator,
     default_lease: Duration,
     max_payload_bytes: usize,
+    auth: Option<Arc<Authenticator>>,
 }
 
 impl WorkerApi {
     /// The service, with the default lease length and the payload limit it
-    /// enforces on `result`.
+    /// enforces on `result`; with `auth`, sessions end when their token
+    /// stops working.
     pub(crate) fn new(
         coordinator: Coordinator,
         default_lease: Duration,
         max_payload_bytes: usize,
+        auth: Option<Arc<Authenticator>>,
     ) -> Self {
         Self {
             coordinator,
             default_lease,
             max_payload_bytes,
+            auth,
         }
     }
 }
@@ -41,6 +48,7 @@ impl WorkerService for WorkerApi {
         request: Request<proto::AcquireTasksRequest>,
     ) -> Result<Response<proto::AcquireTasksResponse>, Status> {
         let (claim, wait) = request::acquire(request.get_ref(), self.default_lease)?;
+        check_task_types(caller(&request), &claim.task_types)?;
         let tasks = self.coordinator.acquire(claim, wait).await?;
         Ok(Response::new(proto::AcquireTasksResponse {
             tasks: tasks.iter().map(convert::leased_to_proto).collect(),
@@ -100,11 +108,19 @@ impl WorkerService for WorkerApi {
         &self,
         request: Request<Streaming<proto::ConnectRequest>>,
     ) -> Result<Response<Self::ConnectStream>, Status> {
+        let credential = match (&self.auth, caller(&request)) {
+            (Some(auth), Some(caller)) => Some(connect::Credential {
+                caller: caller.clone(),
+                auth: auth.clone(),
+            }),
+            _ => None,
+        };
         let stream = connect::open(
             self.coordinator.clone(),
             self.default_lease,
             self.max_payload_bytes,
             request.into_inner(),
+            credential,
         )
         .await?;
         Ok(Response::new(stream))

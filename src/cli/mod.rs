@@ -31,6 +31,7 @@ mod json;
 mod parse;
 mod stats;
 mod task;
+mod token;
 mod watch;
 mod workers;
 
@@ -42,6 +43,7 @@ use crate::error::chain;
 
 pub use stats::StatsArgs;
 pub use task::{CancelArgs, CreateArgs, GetArgs, ListArgs, PurgeArgs, RetryArgs, TaskCommand};
+pub use token::{CreateTokenArgs, RevokeTokenArgs, TokenCommand, TokenTarget};
 pub use watch::WatchArgs;
 pub use workers::WorkersArgs;
 
@@ -65,6 +67,10 @@ pub(crate) struct Options {
     #[arg(long, env = "LEASEHOLD_TLS_CA")]
     pub(crate) tls_ca: Option<std::path::PathBuf>,
 
+    /// Bearer token sent with every call, for a node with `--auth required`.
+    #[arg(long, env = "LEASEHOLD_TOKEN", hide_env_values = true)]
+    pub(crate) token: Option<String>,
+
     /// Print JSON, one object per line, instead of a table.
     #[arg(long)]
     pub(crate) json: bool,
@@ -76,7 +82,11 @@ impl Options {
             Some(ca) => Some(client::Tls::new().ca_file(ca)?),
             None => None,
         };
-        Ok(Client::connect_any_with(&self.server, tls.as_ref()).await?)
+        let client = Client::connect_any_with(&self.server, tls.as_ref()).await?;
+        Ok(match &self.token {
+            Some(token) => client.with_token(token)?,
+            None => client,
+        })
     }
 }
 
@@ -93,6 +103,11 @@ pub async fn stats(args: StatsArgs) -> ExitCode {
 /// Runs `leasehold workers` and returns the process exit code.
 pub async fn workers(args: WorkersArgs) -> ExitCode {
     exit(workers::run(args).await)
+}
+
+/// Runs `leasehold token ...` and returns the process exit code.
+pub async fn token(command: TokenCommand) -> ExitCode {
+    exit(token::run(command).await)
 }
 
 /// Runs `leasehold watch` until Ctrl-C or SIGTERM (exit 0) or until the

@@ -74,6 +74,39 @@ impl Tls {
 /// Default server address, as `leasehold serve` listens by default.
 pub const DEFAULT_SERVER: &str = "http://127.0.0.1:50051";
 
+/// Adds `authorization: Bearer <token>` to every call made through it (a
+/// tonic interceptor); without a token it adds nothing.
+#[derive(Debug, Clone, Default)]
+pub struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl Bearer {
+    /// Sends `token` with every call; [`Error::InvalidConfig`] if it cannot
+    /// be a header value (tokens are ASCII).
+    pub fn new(token: &str) -> Result<Self> {
+        format!("Bearer {}", token.trim())
+            .parse()
+            .map(|value| Self(Some(value)))
+            .map_err(|_| Error::InvalidConfig("token: must be printable ASCII".into()))
+    }
+}
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> std::result::Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// A channel whose calls carry the client's token.
+pub type AuthChannel = tonic::service::interceptor::InterceptedService<Channel, Bearer>;
+
 /// An endpoint for `address`: `host:port` or a full `http://` or
 /// `https://` URI. An `https://` address trusts the system's certificate
 /// authorities; [`endpoint_with`] takes others.

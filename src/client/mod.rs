@@ -40,13 +40,14 @@ use futures_util::{Stream, StreamExt, TryStreamExt};
 use tonic::transport::Channel;
 
 pub use builder::{NewTask, TaskFilter, WatchFilter};
-pub use channel::{connect, endpoint, endpoint_with, Tls, DEFAULT_SERVER};
+pub use channel::{connect, endpoint, endpoint_with, AuthChannel, Bearer, Tls, DEFAULT_SERVER};
 use error::missing;
 pub use error::{CreateManyError, Error, Result};
 pub use worker::{HandlerResult, Shutdown, TaskContext, TaskError, Worker, WorkerBuilder};
 
 use crate::proto::{
-    self, task_service_client::TaskServiceClient, worker_service_client::WorkerServiceClient,
+    self, task_service_client::TaskServiceClient, token_service_client::TokenServiceClient,
+    worker_service_client::WorkerServiceClient,
 };
 
 /// Most tasks one CreateTasks call accepts; [`Client::create_many`] splits
@@ -88,8 +89,10 @@ pub const MAX_CREATE_BATCH: usize = crate::wire::limit::MAX_BATCH;
 /// ```
 #[derive(Debug, Clone)]
 pub struct Client {
-    tasks: TaskServiceClient<Channel>,
-    workers: WorkerServiceClient<Channel>,
+    channel: Channel,
+    tasks: TaskServiceClient<AuthChannel>,
+    workers: WorkerServiceClient<AuthChannel>,
+    tokens: TokenServiceClient<AuthChannel>,
     address: Option<Arc<str>>,
 }
 
@@ -179,11 +182,65 @@ impl Client {
     /// A client over an existing channel (e.g. one built from
     /// [`endpoint`] with TLS or other settings).
     pub fn from_channel(channel: Channel) -> Client {
+        Self::authed(channel, Bearer::default(), None)
+    }
+
+    fn authed(channel: Channel, bearer: Bearer, address: Option<Arc<str>>) -> Client {
         Client {
-            tasks: TaskServiceClient::new(channel.clone()),
-            workers: WorkerServiceClient::new(channel),
-            address: None,
+            tasks: TaskServiceClient::with_interceptor(channel.clone(), bearer.clone()),
+            workers: WorkerServiceClient::with_interceptor(channel.clone(), bearer.clone()),
+            tokens: TokenServiceClient::with_interceptor(channel.clone(), bearer),
+            channel,
+            address,
         }
+    }
+
+    /// The same client, sending `token` (`authorization: Bearer <token>`)
+    /// with every call, as a node with `--auth required` expects;
+    /// [`Error::InvalidConfig`] if it is not printable ASCII.
+    pub fn with_token(self, token: &str) -> Result<Client> {
+        Ok(Self::authed(
+            self.channel,
+            Bearer::new(token)?,
+            self.address,
+        ))
+    }
+
+    /// Creates a bearer token (admin tokens only); the response holds its
+    /// secret, shown this once.
+    pub async fn create_token(
+        &self,
+        request: proto::CreateTokenRequest,
+    ) -> Result<proto::CreateTokenResponse> {
+        Ok(self
+            .tokens
+            .clone()
+            .create_token(request)
+            .await?
+            .into_inner())
+    }
+
+    /// Every bearer token, newest first, without secrets (admin tokens only).
+    pub async fn list_tokens(&self) -> Result<Vec<proto::Token>> {
+        Ok(self
+            .tokens
+            .clone()
+            .list_tokens(proto::ListTokensRequest {})
+            .await?
+            .into_inner()
+            .tokens)
+    }
+
+    /// Revokes a bearer token (admin tokens only); every node refuses it
+    /// within seconds.
+    pub async fn revoke_token(&self, id: &str) -> Result<proto::Token> {
+        let response = self
+            .tokens
+            .clone()
+            .revoke_token(proto::RevokeTokenRequest { id: id.to_owned() })
+            .await?
+            .into_inner();
+        response.token.ok_or_else(|| missing("token"))
     }
 
     /// The address this client connected to, as given to
@@ -276,7 +333,7 @@ impl Client {
         filter: TaskFilter,
     ) -> impl Stream<Item = Result<proto::Task>> + Send + Unpin + 'static {
         struct Pages {
-            tasks: TaskServiceClient<Channel>,
+            tasks: TaskServiceClient<AuthChannel>,
             request: proto::ListTasksRequest,
             buffered: VecDeque<proto::Task>,
             last_page: bool,

@@ -9,7 +9,9 @@
 pub(crate) mod event;
 pub(crate) mod session;
 pub(crate) mod task;
+pub(crate) mod token;
 
 pub(crate) use event::{Event, EventFilter, EventKind};
 pub(crate) use session::{CancelReason, SessionEntry, SessionSpec};
 pub(crate) use task::*;
+pub(crate) use token::{NewToken, Role, Token};

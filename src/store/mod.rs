@@ -11,6 +11,7 @@
 //!   and the reclaim: every write fenced by a lease token;
 //! - `row`: the columns statements return and the one row-to-task mapping;
 //! - `node`: the node directory behind ListWorkers;
+//! - `token`: bearer tokens, stored as hashes of their secrets;
 //! - `notify`: the notification channels and the node's LISTEN connection;
 //! - `bench`: what the benchmarks do to a database around a node;
 //! - `error`: the one mapping of Postgres and pool failures.
@@ -24,6 +25,7 @@ mod lease;
 mod node;
 mod notify;
 mod task;
+mod token;
 
 use std::time::Duration;
 
@@ -295,6 +297,7 @@ impl Store {
             .chain(notify::STATEMENTS)
             .chain(bench::STATEMENTS)
             .chain(history::STATEMENTS)
+            .chain(token::STATEMENTS)
         {
             client.prepare(sql).await?;
         }

@@ -227,6 +227,28 @@ pub(crate) fn stats_to_proto(stats: &Stats) -> proto::GetStatsResponse {
     }
 }
 
+/// A token's role on the wire.
+pub(crate) fn role_to_proto(role: crate::model::Role) -> proto::TokenRole {
+    match role {
+        crate::model::Role::Worker => proto::TokenRole::Worker,
+        crate::model::Role::Producer => proto::TokenRole::Producer,
+        crate::model::Role::Admin => proto::TokenRole::Admin,
+    }
+}
+
+/// A token on the wire (never its secret).
+pub(crate) fn token_to_proto(token: &crate::model::Token) -> proto::Token {
+    proto::Token {
+        id: token.id.to_string(),
+        role: role_to_proto(token.role) as i32,
+        task_types: token.task_types.clone(),
+        description: token.description.clone(),
+        created_at: Some(timestamp(token.created_at)),
+        expires_at: token.expires_at.map(timestamp),
+        revoked_at: token.revoked_at.map(timestamp),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

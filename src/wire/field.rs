@@ -150,6 +150,29 @@ pub(crate) fn dedup_key(field: &str, value: Option<&str>) -> Result<Option<Strin
         .transpose()
 }
 
+/// A token's description: free text, at most 200 characters; may be empty.
+pub(crate) fn description(field: &str, value: &str) -> Result<String> {
+    text(field, value, 0, 200, false)
+}
+
+/// A token role: UNSPECIFIED and unknown values are rejected.
+pub(crate) fn role(field: &str, value: i32) -> Result<crate::model::Role> {
+    use crate::model::Role;
+    match proto::TokenRole::try_from(value) {
+        Ok(proto::TokenRole::Worker) => Ok(Role::Worker),
+        Ok(proto::TokenRole::Producer) => Ok(Role::Producer),
+        Ok(proto::TokenRole::Admin) => Ok(Role::Admin),
+        Ok(proto::TokenRole::Unspecified) => Err(Error::invalid(
+            field,
+            "TOKEN_ROLE_UNSPECIFIED is not a role: give worker, producer or admin",
+        )),
+        Err(_) => Err(Error::invalid(
+            field,
+            format!("{value} is not a known role"),
+        )),
+    }
+}
+
 /// A cancellation reason: empty means none.
 pub(crate) fn reason(field: &str, value: &str) -> Result<Option<String>> {
     if value.is_empty() {

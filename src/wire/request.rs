@@ -16,7 +16,8 @@ use super::limit::*;
 use super::proto;
 use crate::error::Error;
 use crate::model::{
-    Claim, EventFilter, Failure, LeaseRef, ListFilter, NewTask, Progress, SessionSpec, Status,
+    Claim, EventFilter, Failure, LeaseRef, ListFilter, NewTask, NewToken, Progress, Role,
+    SessionSpec, Status,
 };
 
 type Result<T> = std::result::Result<T, Error>;
@@ -292,4 +293,42 @@ pub(crate) fn register(
         labels: field::labels("register.labels", &register.labels)?,
         batched_pushes: register.batched_pushes,
     })
+}
+
+/// The longest a token may be made to last.
+const TOKEN_MAX_LIFETIME: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// A CreateToken request, expiring `expires_in` after `now`.
+pub(crate) fn token_create(req: &proto::CreateTokenRequest, now: SystemTime) -> Result<NewToken> {
+    let role = field::role("role", req.role)?;
+    let task_types = field::task_types("task_types", &req.task_types)?;
+    if role != Role::Worker && !task_types.is_empty() {
+        return Err(Error::invalid(
+            "task_types",
+            "only worker tokens are limited to task types",
+        ));
+    }
+    let expires_at = match &req.expires_in {
+        None => None,
+        Some(d) => Some(
+            now + field::duration(
+                "expires_in",
+                Some(d),
+                Duration::from_secs(1),
+                TOKEN_MAX_LIFETIME,
+                Duration::ZERO,
+            )?,
+        ),
+    };
+    Ok(NewToken {
+        role,
+        task_types,
+        description: field::description("description", &req.description)?,
+        expires_at,
+    })
+}
+
+/// A RevokeToken request: the token's id.
+pub(crate) fn token_id(id: &str) -> Result<Uuid> {
+    field::uuid("id", id)
 }

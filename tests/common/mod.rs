@@ -324,6 +324,29 @@ impl Session {
         Self::over(channel_to(endpoint).await, first).await
     }
 
+    /// Opens a stream over `channel` whose first message is `first`, with
+    /// `bearer`'s token.
+    pub async fn over_intercepted(
+        channel: Channel,
+        bearer: leasehold::client::Bearer,
+        first: proto::connect_request::Kind,
+    ) -> Result<Session, tonic::Status> {
+        let (tx, rx) = tokio::sync::mpsc::channel(1024);
+        tx.send(proto::ConnectRequest { kind: Some(first) })
+            .await
+            .unwrap();
+        let outbound = futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|item| (item, rx))
+        });
+        let mut client = WorkerServiceClient::with_interceptor(channel, bearer);
+        let mut rx = client.connect(outbound).await?.into_inner();
+        let registered = match rx.message().await?.and_then(|m| m.kind) {
+            Some(proto::connect_response::Kind::Registered(r)) => r,
+            other => panic!("expected registered, got {other:?}"),
+        };
+        Ok(Session { tx, rx, registered })
+    }
+
     /// Opens a stream over `channel` (TLS, say) whose first message is
     /// `first`.
     pub async fn over(

@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::context::{Handler, HandlerResult, TaskContext};
 use super::Worker;
-use crate::client::{endpoint_with, Error, Result, Tls};
+use crate::client::{endpoint_with, Bearer, Error, Result, Tls};
 use crate::proto;
 use crate::wire::{convert, limit, request};
 
@@ -26,6 +26,7 @@ pub struct WorkerBuilder {
     pub(super) backoff_initial: Duration,
     pub(super) backoff_max: Duration,
     pub(super) tls: Option<Tls>,
+    pub(super) token: Option<String>,
 }
 
 impl WorkerBuilder {
@@ -51,6 +52,14 @@ impl WorkerBuilder {
     /// system's certificate authorities.
     pub fn tls(mut self, tls: Tls) -> Self {
         self.tls = Some(tls);
+        self
+    }
+
+    /// Sends this bearer token with the session (`authorization: Bearer
+    /// <token>`), as a node with `--auth required` expects: a worker token,
+    /// limited to this worker's task types if it is limited at all.
+    pub fn token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(token.into());
         self
     }
 
@@ -139,9 +148,14 @@ impl WorkerBuilder {
         // the server picks its own when none is given.)
         request::register(&register, limit::MIN_LEASE)
             .map_err(|err| Error::InvalidConfig(err.to_string()))?;
+        let bearer = match &self.token {
+            Some(token) => Bearer::new(token)?,
+            None => Bearer::default(),
+        };
         Ok(Worker {
             register,
             channels,
+            bearer,
             handlers: self.handlers,
             drain_timeout: self.drain_timeout,
             backoff_initial: self.backoff_initial,

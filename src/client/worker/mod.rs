@@ -88,6 +88,7 @@ impl Shutdown {
 pub struct Worker {
     register: proto::RegisterWorker,
     channels: Vec<(String, Channel)>,
+    bearer: crate::client::Bearer,
     handlers: HashMap<String, Handler>,
     drain_timeout: Duration,
     backoff_initial: Duration,
@@ -110,6 +111,7 @@ impl Worker {
             backoff_initial: Duration::from_millis(100),
             backoff_max: Duration::from_secs(10),
             tls: None,
+            token: None,
         }
     }
 

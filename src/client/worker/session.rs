@@ -145,7 +145,7 @@ impl SessionLoop {
                 self.worker.register.clone(),
             )))
             .await;
-        let mut client = WorkerServiceClient::new(channel);
+        let mut client = WorkerServiceClient::with_interceptor(channel, self.worker.bearer.clone());
         let mut inbound = match client.connect(outbound).await {
             Ok(response) => response.into_inner(),
             Err(status) => return refused(status),

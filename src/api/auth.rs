@@ -1,0 +1,130 @@
+//! Authentication and the role check of every call, before any service
+//! sees it: a tower layer around all services. A refused call never reaches
+//! a handler, so nothing is written; an allowed one carries its
+//! [`Caller`] in the request's extensions, for the checks that need the
+//! request itself (a worker token's task types, an open session's token).
+//!
+//! With authentication off (`--auth off`) the layer lets everything through
+//! and no call has a caller.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use tonic::codegen::http;
+use tonic::Status;
+
+use crate::auth::{roles_for, Authenticator, Caller, Refusal};
+
+/// Checks every call's token, when authentication is on.
+#[derive(Debug, Clone)]
+pub(crate) struct AuthLayer {
+    auth: Option<Arc<Authenticator>>,
+}
+
+impl AuthLayer {
+    /// A layer checking tokens with `auth`; `None` lets every call through.
+    pub(crate) fn new(auth: Option<Arc<Authenticator>>) -> Self {
+        Self { auth }
+    }
+}
+
+impl<S> tower_layer::Layer<S> for AuthLayer {
+    type Service = Authenticated<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Authenticated {
+            inner,
+            auth: self.auth.clone(),
+        }
+    }
+}
+
+/// A service whose calls are authenticated (see [`AuthLayer`]).
+#[derive(Debug, Clone)]
+pub(crate) struct Authenticated<S> {
+    inner: S,
+    auth: Option<Arc<Authenticator>>,
+}
+
+/// The status a refusal is answered with.
+fn refused(refusal: Refusal) -> Status {
+    match refusal {
+        Refusal::Unauthenticated(message) => Status::unauthenticated(message),
+        Refusal::Unavailable(message) => Status::unavailable(message),
+    }
+}
+
+impl<S, B> tower_service::Service<http::Request<B>> for Authenticated<S>
+where
+    S: tower_service::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        // The service that was polled ready serves this call; a clone takes
+        // its place for the next.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let Some(auth) = self.auth.clone() else {
+            return Box::pin(inner.call(request));
+        };
+        Box::pin(async move {
+            let path = request.uri().path().to_owned();
+            let Some(roles) = roles_for(&path) else {
+                return inner.call(request).await;
+            };
+            let header = request
+                .headers()
+                .get(http::header::AUTHORIZATION)
+                .map(|value| value.to_str().unwrap_or(""));
+            let status = match auth.authenticate(header).await {
+                Ok(caller) if roles.contains(&caller.token.role) => {
+                    request.extensions_mut().insert(caller);
+                    return inner.call(request).await;
+                }
+                Ok(Caller { token, .. }) => Status::permission_denied(format!(
+                    "token {} has the {} role, which may not call {path}",
+                    token.id,
+                    token.role.as_str()
+                )),
+                Err(refusal) => refused(refusal),
+            };
+            Ok(status.into_http())
+        })
+    }
+}
+
+/// The caller of a call, when authentication is on.
+pub(crate) fn caller<T>(request: &tonic::Request<T>) -> Option<&Caller> {
+    request.extensions().get::<Caller>()
+}
+
+/// Refuses a worker token's call for task types it is not limited to.
+pub(crate) fn check_task_types(
+    caller: Option<&Caller>,
+    task_types: &[String],
+) -> Result<(), Status> {
+    match caller {
+        Some(caller) if !caller.token.allows_task_types(task_types) => {
+            Err(Status::permission_denied(format!(
+                "task_types: token {} may only take {}",
+                caller.token.id,
+                caller.token.task_types.join(", ")
+            )))
+        }
+        _ => Ok(()),
+    }
+}
