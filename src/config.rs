@@ -23,6 +23,17 @@ pub enum Auth {
 /// environment variable of the same meaning, listed by `leasehold serve --help`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Config {
+    /// A TOML file of settings, keyed by flag name (`db-pool-size = 32`,
+    /// `tls-cert = "/etc/leasehold/server.pem"`); environment variables and
+    /// flags override it. An unknown key or a bad value stops the start.
+    #[arg(long = "config", env = "LEASEHOLD_CONFIG", value_name = "FILE")]
+    pub config_file: Option<std::path::PathBuf>,
+
+    /// Print the effective configuration (file, environment and flags
+    /// merged) as TOML, and exit.
+    #[arg(long)]
+    pub print_config: bool,
+
     /// Address the gRPC server listens on.
     #[arg(long, env = "LEASEHOLD_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
@@ -158,6 +169,8 @@ impl Config {
     /// A configuration with every default, for the given database.
     pub fn with_database_url(database_url: impl Into<String>) -> Self {
         Self {
+            config_file: None,
+            print_config: false,
             listen: "127.0.0.1:50051".parse().expect("valid literal address"),
             auth: Auth::Off,
             insecure: false,
@@ -255,9 +268,191 @@ impl Config {
     }
 }
 
+/// The flags that are no settings of a config file.
+const NOT_SETTINGS: [&str; 2] = ["config", "print-config"];
+
+/// Every setting a config file may hold: the long flags of [`Config`] with
+/// their environment variables.
+fn settings() -> Vec<clap::Arg> {
+    let command = <Config as clap::Args>::augment_args(clap::Command::new("leasehold"));
+    command
+        .get_arguments()
+        .filter(|arg| {
+            arg.get_long()
+                .is_some_and(|long| !NOT_SETTINGS.contains(&long))
+                && arg.get_env().is_some()
+        })
+        .cloned()
+        .collect()
+}
+
+/// The config file a command line names (`--config FILE`, `--config=FILE`),
+/// or else `LEASEHOLD_CONFIG`.
+pub fn file_named(args: &[std::ffi::OsString]) -> Option<std::path::PathBuf> {
+    let mut args = args.iter().skip(1);
+    while let Some(arg) = args.next() {
+        let arg = arg.to_string_lossy();
+        if arg == "--" {
+            break;
+        }
+        if arg == "--config" {
+            return args.next().map(Into::into);
+        }
+        if let Some(path) = arg.strip_prefix("--config=") {
+            return Some(path.into());
+        }
+    }
+    std::env::var_os("LEASEHOLD_CONFIG").map(Into::into)
+}
+
+/// Reads the config file at `path` into the environment variables its
+/// settings stand for: the caller sets those not set already, so that
+/// flags override the environment, which overrides the file. Every key is
+/// checked against the flags and every value with its flag's own parser;
+/// the first bad one fails, named.
+pub fn file_environment(path: &std::path::Path) -> Result<Vec<(String, String)>, String> {
+    let file = path.display();
+    let text = std::fs::read_to_string(path).map_err(|err| format!("--config {file}: {err}"))?;
+    let table: toml::Table = text
+        .parse()
+        .map_err(|err| format!("--config {file}: not valid TOML: {err}"))?;
+    let settings = settings();
+    let mut out = Vec::with_capacity(table.len());
+    for (key, value) in &table {
+        let Some(arg) = settings.iter().find(|arg| {
+            arg.get_long()
+                .is_some_and(|long| long == key.replace('_', "-"))
+        }) else {
+            return Err(format!(
+                "{file}: unknown setting `{key}` (the settings are the flags of \
+                 `leasehold serve --help`, named without their `--`: `db-pool-size = 16`)"
+            ));
+        };
+        let text = match value {
+            toml::Value::String(s) => s.clone(),
+            toml::Value::Integer(n) => n.to_string(),
+            toml::Value::Float(x) => x.to_string(),
+            toml::Value::Boolean(b) => b.to_string(),
+            _ => {
+                return Err(format!(
+                    "{file}: {key}: expected a string, a number or a boolean"
+                ))
+            }
+        };
+        if arg.get_action().takes_values() {
+            // The flag alone, with its own parser (its ties to other flags
+            // and its environment variable left out).
+            let trial = clap::Command::new("leasehold").no_binary_name(true).arg(
+                clap::Arg::new("value")
+                    .long("value")
+                    .value_parser(arg.get_value_parser().clone())
+                    .action(clap::ArgAction::Set),
+            );
+            trial
+                .try_get_matches_from(["--value", text.as_str()])
+                .map_err(|err| {
+                    // clap's words, less the stand-in flag's name.
+                    let why = err
+                        .to_string()
+                        .replace(" for '--value <value>'", "")
+                        .lines()
+                        .map(str::trim)
+                        .filter(|line| !line.is_empty() && !line.starts_with("For more"))
+                        .collect::<Vec<_>>()
+                        .join(" ");
+                    let why = why.trim_start_matches("error: ").to_owned();
+                    format!("{file}: {key} = {value}: {why}")
+                })?;
+        } else if !matches!(value, toml::Value::Boolean(_)) {
+            return Err(format!("{file}: {key} = {value}: expected true or false"));
+        }
+        let env = arg
+            .get_env()
+            .expect("settings have an environment variable")
+            .to_string_lossy()
+            .into_owned();
+        out.push((env, text));
+    }
+    Ok(out)
+}
+
+/// The effective configuration of `matches` (a command's flattened
+/// [`Config`]) as a TOML config file: every setting, where it came from in
+/// a comment, and those unset commented out.
+pub fn render(matches: &clap::ArgMatches) -> String {
+    let mut out = String::from("# leasehold configuration (file, environment and flags merged)\n");
+    for arg in settings() {
+        let id = arg.get_id().as_str();
+        let long = arg.get_long().unwrap_or(id);
+        let values: Vec<String> = matches
+            .get_raw(id)
+            .map(|raw| raw.map(|v| v.to_string_lossy().into_owned()).collect())
+            .unwrap_or_default();
+        let source = match matches.value_source(id) {
+            Some(clap::parser::ValueSource::CommandLine) => "flag",
+            Some(clap::parser::ValueSource::EnvVariable) => "environment or file",
+            Some(clap::parser::ValueSource::DefaultValue) => "default",
+            _ => "unset",
+        };
+        match values.as_slice() {
+            [] => out.push_str(&format!("# {long} =  (unset)\n")),
+            [value] => {
+                let literal = if value.parse::<i64>().is_ok() || value == "true" || value == "false"
+                {
+                    value.clone()
+                } else {
+                    toml::Value::String(value.clone()).to_string()
+                };
+                out.push_str(&format!("{long} = {literal}  # {source}\n"));
+            }
+            many => {
+                let list: Vec<String> = many
+                    .iter()
+                    .map(|v| toml::Value::String(v.clone()).to_string())
+                    .collect();
+                out.push_str(&format!("{long} = [{}]  # {source}\n", list.join(", ")));
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_config_file_names_its_unknown_keys_and_bad_values() {
+        let dir = std::env::temp_dir().join(format!("leasehold-config-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let write = |text: &str| {
+            let path = dir.join("leasehold.toml");
+            std::fs::write(&path, text).unwrap();
+            path
+        };
+        let good = file_environment(&write(
+            "listen = \"127.0.0.1:6000\"\ndb-pool-size = 4\nreclaim_interval = \"100ms\"\nauth = \"required\"\n",
+        ))
+        .unwrap();
+        assert_eq!(
+            good,
+            vec![
+                ("LEASEHOLD_AUTH".to_owned(), "required".to_owned()),
+                ("LEASEHOLD_DB_POOL_SIZE".to_owned(), "4".to_owned()),
+                ("LEASEHOLD_LISTEN".to_owned(), "127.0.0.1:6000".to_owned()),
+                ("LEASEHOLD_RECLAIM_INTERVAL".to_owned(), "100ms".to_owned()),
+            ]
+        );
+        let unknown = file_environment(&write("db-pool = 4\n")).unwrap_err();
+        assert!(unknown.contains("unknown setting `db-pool`"), "{unknown}");
+        let bad = file_environment(&write("db-pool-size = \"many\"\n")).unwrap_err();
+        assert!(bad.contains("db-pool-size"), "{bad}");
+        let bad = file_environment(&write("auth = \"maybe\"\n")).unwrap_err();
+        assert!(bad.contains("auth") && bad.contains("maybe"), "{bad}");
+        let nested = file_environment(&write("[db]\npool = 4\n")).unwrap_err();
+        assert!(nested.contains("db"), "{nested}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn defaults_are_valid() {

@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use leasehold::config::Config;
 
 /// Leasehold: a gRPC server that hands out tasks to workers as leases,
@@ -54,10 +54,63 @@ struct ServeArgs {
 }
 
 /// Exit codes: 0 success, 1 failure (the server said no, or a server
-/// command failed), 2 usage (clap's own code for a bad command line).
-#[tokio::main]
-async fn main() -> ExitCode {
-    let cli = Cli::parse();
+/// command failed), 2 usage (clap's own code for a bad command line, and a
+/// bad config file).
+fn main() -> ExitCode {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    // A config file's settings become the environment variables they stand
+    // for, where those are not set: flags override the environment, which
+    // overrides the file. This runs before any thread exists.
+    if let Some(path) = leasehold::config::file_named(&args) {
+        match leasehold::config::file_environment(&path) {
+            Ok(settings) => {
+                for (name, value) in settings {
+                    if std::env::var_os(&name).is_none() {
+                        std::env::set_var(name, value);
+                    }
+                }
+            }
+            Err(err) => {
+                eprintln!("error: {err}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let matches = Cli::command().get_matches_from(&args);
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(err) => err.exit(),
+    };
+    // The effective configuration, for the commands that run a node.
+    let print_config = || {
+        let settings = match matches.subcommand() {
+            Some(("serve" | "migrate", sub)) => sub,
+            _ => &matches,
+        };
+        print!("{}", leasehold::config::render(settings));
+        ExitCode::SUCCESS
+    };
+    match &cli.command {
+        None if cli.config.print_config => return print_config(),
+        Some(Command::Serve(args) | Command::Migrate(args)) if args.config.print_config => {
+            return print_config()
+        }
+        _ => {}
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(run(cli))
+}
+
+async fn run(cli: Cli) -> ExitCode {
     leasehold::telemetry::init(cli.log_json);
     match cli.command {
         None => report(serve(cli.config).await),

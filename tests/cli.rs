@@ -956,3 +956,93 @@ async fn a_server_list_uses_the_first_server_that_answers() {
     );
     server.stop().await;
 }
+
+/// `serve --config FILE --print-config`: the file's settings, overridden by
+/// the environment, overridden by flags; a bad file stops the start with
+/// exit 2, naming the key.
+#[tokio::test]
+async fn a_config_file_is_overridden_by_the_environment_and_by_flags() {
+    let dir = std::env::temp_dir().join(format!("leasehold-cli-config-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("leasehold.toml");
+    std::fs::write(
+        &file,
+        "db-pool-size = 4\ndb-timeout = \"3s\"\nlease-duration = \"45s\"\nauth = \"required\"\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_leasehold"))
+        .args([
+            "serve",
+            "--config",
+            file.to_str().unwrap(),
+            "--print-config",
+        ])
+        .args(["--lease-duration", "50s"])
+        .env("LEASEHOLD_DB_TIMEOUT", "9s")
+        .env_remove("LEASEHOLD_DB_POOL_SIZE")
+        .env_remove("LEASEHOLD_LEASE_DURATION")
+        .env_remove("LEASEHOLD_AUTH")
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed = String::from_utf8(out.stdout).unwrap();
+    for line in [
+        "db-pool-size = 4",
+        "db-timeout = \"9s\"",
+        "lease-duration = \"50s\"  # flag",
+        "auth = \"required\"",
+        "retain-finished = \"14d\"  # default",
+    ] {
+        assert!(printed.contains(line), "{line} missing from\n{printed}");
+    }
+    // What it printed is a config file that gives the same configuration.
+    let again = dir.join("printed.toml");
+    std::fs::write(&again, &printed).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_leasehold"))
+        .args([
+            "serve",
+            "--config",
+            again.to_str().unwrap(),
+            "--print-config",
+        ])
+        .env_remove("LEASEHOLD_DB_TIMEOUT")
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8(out.stdout)
+        .unwrap()
+        .contains("lease-duration = \"50s\""));
+
+    std::fs::write(&file, "db-pool-size = 4\nvacum-threshold = 10\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_leasehold"))
+        .args(["serve", "--config", file.to_str().unwrap()])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("unknown setting `vacum-threshold`"),
+        "{stderr}"
+    );
+    std::fs::write(&file, "retain-failed = \"forever\"\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_leasehold"))
+        .args(["serve", "--config", file.to_str().unwrap()])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("retain-failed = \"forever\""), "{stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
