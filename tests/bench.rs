@@ -68,6 +68,37 @@ async fn drain_on_a_spawned_node_reports_its_cpu() {
     );
 }
 
+/// With `--tls-cert` and `--auth`, the spawned node serves TLS and requires
+/// tokens, and the bench's clients drain every task through both.
+#[tokio::test]
+async fn drain_over_tls_with_tokens_drains_every_task() {
+    let pki = common::pki::Pki::new();
+    let (cert, key, ca) = (
+        pki.path("server.pem"),
+        pki.path("server.key"),
+        pki.path("ca.pem"),
+    );
+    let json = bench(&[
+        "drain",
+        "--tasks",
+        "40",
+        "--sessions",
+        "2",
+        "--slots",
+        "5",
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+        "--tls-ca",
+        ca.to_str().unwrap(),
+        "--auth",
+    ])
+    .await;
+    assert_eq!(json["scenario"], "drain");
+    assert_eq!(json["tasks"], 40);
+}
+
 /// The sessions spread over three nodes on one database drain every task;
 /// the nodes' CPU is summed.
 #[tokio::test]

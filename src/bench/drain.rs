@@ -200,8 +200,8 @@ impl Report for DrainReport {
         out
     }
 
-    /// `{"scenario":"drain","tasks":N,"sessions":W,"slots":S,"tasks_per_s":..,
-    /// "server_cpu_s_per_1k":..,"preexisting_finished_rows":M}`.
+    /// `{"scenario":"drain","tasks":N,"sessions":W,"slots":S,"tls":..,"auth":..,
+    /// "tasks_per_s":..,"server_cpu_s_per_1k":..,"preexisting_finished_rows":M}`.
     fn json_line(&self) -> String {
         JsonLine::new("drain")
             .field("tasks", self.args.workload.tasks)
@@ -209,6 +209,8 @@ impl Report for DrainReport {
             .field("slots", self.args.workload.slots)
             .field("batched", !self.args.single_messages)
             .field("nodes", self.args.nodes)
+            .field("tls", self.args.target.tls_cert.is_some())
+            .field("auth", self.args.target.auth)
             .field("tasks_per_s", round(self.rate(), 1))
             .field(
                 "server_cpu_s_per_1k",

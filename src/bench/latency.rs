@@ -8,7 +8,6 @@ use std::time::Duration;
 use super::error::{Context, Error, Result};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior};
-use tonic::transport::Channel;
 
 use super::db;
 use super::producer::task_client;
@@ -206,7 +205,7 @@ struct Phase {
 /// is measured right: the two are joined by task id at the end.
 async fn paced(
     phase: &str,
-    client: &mut TaskServiceClient<Channel>,
+    client: &mut TaskServiceClient<crate::client::AuthChannel>,
     task_type: &str,
     count: u32,
     rate: f64,

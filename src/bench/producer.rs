@@ -4,9 +4,9 @@ use std::time::Duration;
 
 use super::error::{Context, Error, Result};
 use tokio::time::Instant;
-use tonic::transport::Channel;
 
-use super::target::channel_to;
+use super::target::{bearer, channel_to};
+use crate::client::AuthChannel;
 use crate::proto;
 use crate::proto::task_service_client::TaskServiceClient;
 
@@ -15,8 +15,11 @@ use crate::proto::task_service_client::TaskServiceClient;
 pub(crate) const SETUP_BATCH: usize = 5000;
 
 /// A client of the task service on a connection of its own.
-pub(crate) async fn task_client(endpoint: &str) -> Result<TaskServiceClient<Channel>> {
-    Ok(TaskServiceClient::new(channel_to(endpoint).await?))
+pub(crate) async fn task_client(endpoint: &str) -> Result<TaskServiceClient<AuthChannel>> {
+    Ok(TaskServiceClient::with_interceptor(
+        channel_to(endpoint).await?,
+        bearer(),
+    ))
 }
 
 /// `count` requests for tasks of `task_type` with empty params.
@@ -33,7 +36,7 @@ pub(crate) fn requests(task_type: &str, count: usize) -> Vec<proto::CreateTaskRe
 /// call, one call at a time; returns the duration of each call. Fails if
 /// any call fails or answers for fewer tasks than it was given.
 pub(crate) async fn create_tasks(
-    client: &mut TaskServiceClient<Channel>,
+    client: &mut TaskServiceClient<AuthChannel>,
     task_type: &str,
     count: usize,
     batch: usize,

@@ -4,7 +4,9 @@
 //! CPU time and memory can be measured apart from the bench clients.
 
 use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use super::error::{Context, Error, Result};
@@ -12,7 +14,9 @@ use tokio::time::Instant;
 use tonic::transport::Channel;
 
 use super::system::Usage;
+use crate::client::{Bearer, Tls};
 use crate::config::Config;
+use crate::model::{NewToken, Role};
 use crate::server::Running;
 
 /// Database of a node started for the run when neither `--database-url` nor
@@ -62,6 +66,91 @@ pub(crate) struct Target {
     /// missing database is created and migrated.
     #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
     pub(crate) database_url: String,
+
+    /// Serve the nodes started for the run over TLS with this PEM
+    /// certificate (for 127.0.0.1; with `--tls-key`, and `--tls-ca` for the
+    /// bench's clients).
+    #[arg(long, requires_all = ["tls_key", "tls_ca"], conflicts_with = "server")]
+    pub(crate) tls_cert: Option<PathBuf>,
+
+    /// The PEM private key of `--tls-cert`.
+    #[arg(long, requires = "tls_cert")]
+    pub(crate) tls_key: Option<PathBuf>,
+
+    /// PEM file of the CA the bench's clients trust: for `--tls-cert`, or
+    /// for a `--server https://...`.
+    #[arg(long)]
+    pub(crate) tls_ca: Option<PathBuf>,
+
+    /// Start the nodes with `--auth required`; the bench makes an admin
+    /// token for its own clients on the database.
+    #[arg(long, conflicts_with = "server")]
+    pub(crate) auth: bool,
+
+    /// Bearer token of the bench's clients, for a `--server` that requires
+    /// tokens.
+    #[arg(
+        long,
+        env = "LEASEHOLD_TOKEN",
+        hide_env_values = true,
+        requires = "server"
+    )]
+    pub(crate) token: Option<String>,
+}
+
+/// How the bench's clients reach the nodes of the run: TLS settings and a
+/// bearer token, set once per bench process before any client connects
+/// (every scenario's clients share them).
+#[derive(Debug, Clone, Default)]
+struct Access {
+    tls: Option<Tls>,
+    bearer: Bearer,
+}
+
+static ACCESS: OnceLock<Access> = OnceLock::new();
+
+/// The bench's bearer token interceptor (empty without `--auth`/`--token`).
+pub(crate) fn bearer() -> Bearer {
+    ACCESS.get().map(|a| a.bearer.clone()).unwrap_or_default()
+}
+
+/// Sets the clients' access for `target` once its nodes run (the database
+/// is migrated by then, so a token can be made in it).
+async fn access_for(target: &Target) -> Result<()> {
+    if ACCESS.get().is_some() {
+        return Ok(());
+    }
+    let tls = match &target.tls_ca {
+        Some(ca) => Some(
+            Tls::new()
+                .ca_file(ca)
+                .map_err(|err| Error::Scenario(format!("--tls-ca: {err}")))?,
+        ),
+        None => None,
+    };
+    let secret = if target.auth {
+        let store = super::db::connect(&target.database_url)?;
+        let token = NewToken {
+            role: Role::Admin,
+            task_types: Vec::new(),
+            description: "leasehold bench".into(),
+            expires_at: Some(std::time::SystemTime::now() + Duration::from_secs(24 * 3600)),
+        };
+        let (_, secret) = crate::auth::create(&store, &token)
+            .await
+            .context("cannot make the bench's token")?;
+        Some(secret)
+    } else {
+        target.token.clone()
+    };
+    let bearer = match secret {
+        Some(secret) => {
+            Bearer::new(&secret).map_err(|err| Error::Scenario(format!("--token: {err}")))?
+        }
+        None => Bearer::default(),
+    };
+    let _ = ACCESS.set(Access { tls, bearer });
+    Ok(())
 }
 
 /// Where the node of a run lives.
@@ -107,6 +196,11 @@ impl Target {
             spawn: false,
             in_process: true,
             database_url,
+            tls_cert: None,
+            tls_key: None,
+            tls_ca: None,
+            auth: false,
+            token: None,
         }
     }
 
@@ -139,6 +233,17 @@ impl Node {
     /// over `--database-url`: in this process or as a child process, as the
     /// flags say or else as `default` says.
     pub(crate) async fn start(target: &Target, default: NodeKind) -> Result<Self> {
+        let node = Self::start_node(target, default).await?;
+        access_for(target).await?;
+        Ok(node)
+    }
+
+    async fn start_node(target: &Target, default: NodeKind) -> Result<Self> {
+        let scheme = if target.tls_cert.is_some() {
+            "https"
+        } else {
+            "http"
+        };
         match target.kind(default) {
             NodeKind::Remote => Ok(Self {
                 endpoint: target.server.clone().expect("remote means --server"),
@@ -149,6 +254,11 @@ impl Node {
             NodeKind::InProcess => {
                 let mut config = Config::with_database_url(&target.database_url);
                 config.drain_grace = NODE_DRAIN_GRACE;
+                config.tls_cert = target.tls_cert.clone();
+                config.tls_key = target.tls_key.clone();
+                if target.auth {
+                    config.auth = crate::config::Auth::Required;
+                }
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
                     .await
                     .context("cannot listen on 127.0.0.1")?;
@@ -159,16 +269,16 @@ impl Node {
                     .await
                     .context("cannot start the in-process node")?;
                 Ok(Self {
-                    endpoint: format!("http://{}", running.addr()),
+                    endpoint: format!("{scheme}://{}", running.addr()),
                     kind: NodeKind::InProcess,
                     running: Some(running),
                     child: None,
                 })
             }
             NodeKind::Spawned => {
-                let child = ChildNode::spawn(&target.database_url).await?;
+                let child = ChildNode::spawn(target).await?;
                 Ok(Self {
-                    endpoint: format!("http://{}", child.addr),
+                    endpoint: format!("{scheme}://{}", child.addr),
                     kind: NodeKind::Spawned,
                     running: None,
                     child: Some(child),
@@ -262,13 +372,13 @@ impl Node {
     }
 }
 
-/// A connected channel to `endpoint` (`http://host:port`).
+/// A connected channel to `endpoint` (`http://host:port`, or `https://`
+/// with the run's CA).
 pub(crate) async fn channel_to(endpoint: &str) -> Result<Channel> {
-    Channel::from_shared(endpoint.to_owned())
-        .map_err(|source| Error::Address {
-            address: endpoint.to_owned(),
-            source,
-        })?
+    let tls = ACCESS.get().and_then(|access| access.tls.as_ref());
+    let tls = tls.filter(|_| endpoint.starts_with("https://"));
+    crate::client::endpoint_with(endpoint, tls)
+        .map_err(|err| Error::Scenario(format!("{endpoint}: {err}")))?
         .connect()
         .await
         .with_context(|| format!("cannot connect to {endpoint}"))
@@ -287,7 +397,8 @@ struct ChildNode {
 impl ChildNode {
     /// Runs this same executable as `serve --listen 127.0.0.1:0` and waits
     /// for the `listening ... addr=` line on its standard error.
-    async fn spawn(database_url: &str) -> Result<Self> {
+    async fn spawn(target: &Target) -> Result<Self> {
+        let database_url = &target.database_url;
         let exe = std::env::current_exe().context("cannot find the leasehold executable")?;
         let mut command = Command::new(&exe);
         command
@@ -295,6 +406,7 @@ impl ChildNode {
             .arg(database_url)
             .arg("--drain-grace")
             .arg(humantime::format_duration(NODE_DRAIN_GRACE).to_string())
+            .env_remove("LEASEHOLD_CONFIG")
             .env("RUST_LOG", SPAWNED_LOG_FILTER)
             .env("NO_COLOR", "1")
             .env_remove("LEASEHOLD_LOG_JSON")
@@ -314,6 +426,16 @@ impl ChildNode {
                     Ok(())
                 });
             }
+        }
+        if let (Some(cert), Some(key)) = (&target.tls_cert, &target.tls_key) {
+            command
+                .arg("--tls-cert")
+                .arg(cert)
+                .arg("--tls-key")
+                .arg(key);
+        }
+        if target.auth {
+            command.args(["--auth", "required"]);
         }
         let mut child = command
             .spawn()
@@ -462,6 +584,11 @@ mod tests {
             spawn,
             in_process,
             database_url: DEFAULT_DATABASE_URL.into(),
+            tls_cert: None,
+            tls_key: None,
+            tls_ca: None,
+            auth: false,
+            token: None,
         };
         let spawned = NodeKind::Spawned;
         let in_process = NodeKind::InProcess;

@@ -172,7 +172,7 @@ impl SessionStream {
         let outbound = futures_util::stream::unfold(rx, |mut rx| async move {
             rx.recv().await.map(|item| (item, rx))
         });
-        let mut client = WorkerServiceClient::new(channel);
+        let mut client = WorkerServiceClient::with_interceptor(channel, super::target::bearer());
         let mut rx = client
             .connect(outbound)
             .await
