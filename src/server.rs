@@ -219,6 +219,7 @@ pub(crate) async fn token_revoke_direct(
 /// Starts a node on `listener` (bound by the caller, so tests can use port
 /// 0) and returns once it accepts calls.
 pub async fn start(config: Config, listener: tokio::net::TcpListener) -> Result<Running, Error> {
+    config.check_exposure().map_err(Error::Config)?;
     let store = prepare_database(&config).await?;
     let addr = listener.local_addr()?;
     let node_id = uuid::Uuid::now_v7();
