@@ -353,20 +353,7 @@ impl Session {
         channel: Channel,
         first: proto::connect_request::Kind,
     ) -> Result<Session, tonic::Status> {
-        let (tx, rx) = tokio::sync::mpsc::channel(1024);
-        tx.send(proto::ConnectRequest { kind: Some(first) })
-            .await
-            .unwrap();
-        let outbound = futures_util::stream::unfold(rx, |mut rx| async move {
-            rx.recv().await.map(|item| (item, rx))
-        });
-        let mut client = WorkerServiceClient::new(channel);
-        let mut rx = client.connect(outbound).await?.into_inner();
-        let registered = match rx.message().await?.and_then(|m| m.kind) {
-            Some(proto::connect_response::Kind::Registered(r)) => r,
-            other => panic!("expected registered, got {other:?}"),
-        };
-        Ok(Session { tx, rx, registered })
+        Self::over_intercepted(channel, leasehold::client::Bearer::default(), first).await
     }
 
     /// Sends one message.
