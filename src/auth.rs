@@ -25,6 +25,12 @@ use crate::store::{self, Store};
 /// How long a token's last answer from the database is trusted.
 pub(crate) const RECHECK: Duration = Duration::from_secs(2);
 
+/// Secrets looked up in the database at once, per node.
+const LOOKUPS_AT_ONCE: usize = 4;
+
+/// Secrets remembered at most.
+const CACHE_MAX: usize = 10_000;
+
 /// The prefix of every secret, so that one is recognised in a config file
 /// or a leaked log.
 const SECRET_PREFIX: &str = "lh_";
@@ -100,6 +106,9 @@ struct Cached {
 pub(crate) struct Authenticator {
     store: Store,
     cache: Mutex<HashMap<SecretHash, Cached>>,
+    /// Lookups of uncached secrets at once: a flood of made-up tokens
+    /// queues here instead of taking every pooled connection.
+    lookups: tokio::sync::Semaphore,
 }
 
 impl Authenticator {
@@ -108,6 +117,7 @@ impl Authenticator {
         Self {
             store,
             cache: Mutex::new(HashMap::new()),
+            lookups: tokio::sync::Semaphore::new(LOOKUPS_AT_ONCE),
         }
     }
 
@@ -127,6 +137,18 @@ impl Authenticator {
             .ok_or_else(|| {
                 Refusal::Unauthenticated("authorization: expected `Bearer <token>`".into())
             })?;
+        // A secret of another shape cannot be one of ours: refused without
+        // asking the database, so garbage costs no query.
+        let ours = secret.len() == SECRET_PREFIX.len() + 64
+            && secret.starts_with(SECRET_PREFIX)
+            && secret[SECRET_PREFIX.len()..]
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        if !ours {
+            return Err(Refusal::Unauthenticated(
+                "authorization: not a leasehold token (`lh_` and 64 hex digits)".into(),
+            ));
+        }
         let hash = secret_hash(secret);
         let token = self.token(&hash).await?;
         Ok(Caller { token, hash })
@@ -142,14 +164,15 @@ impl Authenticator {
         let cached = self.cache.lock().expect("lock poisoned").get(hash).cloned();
         let token = match cached {
             Some(cached) if cached.fetched.elapsed() < RECHECK => cached.token,
-            stale => match self.store.token_by_hash(hash).await {
+            stale => match self.lookup(hash).await {
                 Ok(token) => {
                     let mut cache = self.cache.lock().expect("lock poisoned");
                     // Unknown secrets are remembered too (a client retrying
                     // a bad token costs one query per RECHECK), but not
-                    // without bound.
-                    if cache.len() > 10_000 {
-                        cache.retain(|_, c| c.fetched.elapsed() < RECHECK);
+                    // without bound: past it the cache starts over, which
+                    // costs each live token one query.
+                    if cache.len() >= CACHE_MAX {
+                        cache.clear();
                     }
                     cache.insert(
                         *hash,
@@ -189,6 +212,11 @@ impl Authenticator {
             )));
         }
         Ok(token)
+    }
+
+    async fn lookup(&self, hash: &SecretHash) -> store::Result<Option<Token>> {
+        let _permit = self.lookups.acquire().await.expect("never closed");
+        self.store.token_by_hash(hash).await
     }
 
     /// Creates a token; returns it with its secret, shown this once.

@@ -401,6 +401,12 @@ pub fn render(matches: &clap::ArgMatches) -> String {
             Some(clap::parser::ValueSource::DefaultValue) => "default",
             _ => "unset",
         };
+        // A password in the database URL is not printed.
+        let values: Vec<String> = if long == "database-url" {
+            values.into_iter().map(|url| mask_password(&url)).collect()
+        } else {
+            values
+        };
         match values.as_slice() {
             [] => out.push_str(&format!("# {long} =  (unset)\n")),
             [value] => {
@@ -424,9 +430,35 @@ pub fn render(matches: &clap::ArgMatches) -> String {
     out
 }
 
+/// `postgres://user:secret@host/db` as `postgres://user:***@host/db`.
+fn mask_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let Some((userinfo, host)) = rest.split_once('@') else {
+        return url.to_owned();
+    };
+    match userinfo.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => url.to_owned(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn printed_database_urls_hide_their_password() {
+        assert_eq!(
+            mask_password("postgres://leasehold:s3cret@db:5432/leasehold"),
+            "postgres://leasehold:***@db:5432/leasehold"
+        );
+        assert_eq!(
+            mask_password("postgres://postgres@127.0.0.1/x"),
+            "postgres://postgres@127.0.0.1/x"
+        );
+    }
 
     #[test]
     fn a_config_file_names_its_unknown_keys_and_bad_values() {

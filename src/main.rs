@@ -61,7 +61,20 @@ fn main() -> ExitCode {
     // A config file's settings become the environment variables they stand
     // for, where those are not set: flags override the environment, which
     // overrides the file. This runs before any thread exists.
-    if let Some(path) = leasehold::config::file_named(&args) {
+    // Only the commands that run a node read it (a server's file must not
+    // point `bench` or `worker` at its database).
+    let runs_a_node = match Cli::command().try_get_matches_from(&args) {
+        Ok(matches) => matches!(matches.subcommand_name(), None | Some("serve" | "migrate")),
+        // The real parse below reports what is wrong, with the file's
+        // settings applied if the command would read it.
+        Err(_) => !args.iter().skip(1).any(|arg| {
+            let arg = arg.to_string_lossy();
+            Cli::command()
+                .get_subcommands()
+                .any(|sub| sub.get_name() == arg && arg != "serve" && arg != "migrate")
+        }),
+    };
+    if let Some(path) = leasehold::config::file_named(&args).filter(|_| runs_a_node) {
         match leasehold::config::file_environment(&path) {
             Ok(settings) => {
                 for (name, value) in settings {

@@ -127,6 +127,41 @@ pub(crate) struct Metrics {
     pool_connections: Family<PoolLabel, Gauge>,
     pool_waiting: Gauge,
     reclaim_lag: Histogram,
+    /// Every method path the node serves: the only `method` labels.
+    methods: std::collections::HashSet<String>,
+}
+
+/// The paths of every gRPC method the node serves (`/package.Service/Method`),
+/// read from the descriptors it serves by reflection.
+fn served_methods() -> std::collections::HashSet<String> {
+    let mut methods: std::collections::HashSet<String> = [
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+    ]
+    .into_iter()
+    .map(str::to_owned)
+    .collect();
+    for encoded in [
+        crate::wire::proto::FILE_DESCRIPTOR_SET,
+        tonic_health::pb::FILE_DESCRIPTOR_SET,
+    ] {
+        let Ok(set) = <prost_types::FileDescriptorSet as prost::Message>::decode(encoded) else {
+            continue;
+        };
+        for file in &set.file {
+            for service in &file.service {
+                for method in &service.method {
+                    methods.insert(format!(
+                        "/{}.{}/{}",
+                        file.package(),
+                        service.name(),
+                        method.name()
+                    ));
+                }
+            }
+        }
+    }
+    methods
 }
 
 impl std::fmt::Debug for Metrics {
@@ -273,6 +308,7 @@ impl Metrics {
             pool_connections,
             pool_waiting,
             reclaim_lag,
+            methods: served_methods(),
         }
     }
 
@@ -361,12 +397,13 @@ impl Metrics {
 
     /// A gRPC call ended with `code` after `took`.
     pub(crate) fn grpc_call(&self, method: &str, code: tonic::Code, took: Duration) {
-        // A path no service answers is anyone's invention: one label for
-        // all of them keeps the label set bounded.
-        let method = if code == tonic::Code::Unimplemented {
-            "unknown"
-        } else {
+        // A path no service answers is anyone's invention (and is refused
+        // before routing when tokens are required): one label for all of
+        // them keeps the label set bounded.
+        let method = if self.methods.contains(method) {
             method
+        } else {
+            "unknown"
         };
         self.grpc_requests
             .get_or_create(&CallLabels {
@@ -542,6 +579,11 @@ mod tests {
             Duration::from_millis(2),
         );
         metrics.grpc_call("/nope/Nope", tonic::Code::Unimplemented, Duration::ZERO);
+        metrics.grpc_call(
+            "/leasehold.v1.TaskService/Invented",
+            tonic::Code::Unauthenticated,
+            Duration::ZERO,
+        );
         metrics.queue_sampled(
             &[("scan_library".into(), "pending".into(), 3)],
             &[("scan_library".into(), 1.5)],
@@ -552,6 +594,7 @@ mod tests {
             "leasehold_tasks_failed_total{task_type=\"scan_library\",outcome=\"retried\"} 1",
             "leasehold_grpc_requests_total{method=\"/leasehold.v1.TaskService/GetTask\",code=\"NOT_FOUND\"} 1",
             "leasehold_grpc_requests_total{method=\"unknown\",code=\"UNIMPLEMENTED\"} 1",
+            "leasehold_grpc_requests_total{method=\"unknown\",code=\"UNAUTHENTICATED\"} 1",
             "leasehold_queue_tasks{task_type=\"scan_library\",status=\"pending\"} 3",
             "leasehold_queue_oldest_due_age_seconds{task_type=\"scan_library\"} 1.5",
             "# TYPE leasehold_task_run_duration_seconds histogram",

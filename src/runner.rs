@@ -158,6 +158,8 @@ impl CommandSpec {
             .env("LEASEHOLD_TASK_ID", ctx.id())
             .env("LEASEHOLD_TASK_TYPE", ctx.task_type())
             .env("LEASEHOLD_ATTEMPT", ctx.attempt().to_string())
+            // The worker's token is the runner's, not the task's.
+            .env_remove("LEASEHOLD_TOKEN")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

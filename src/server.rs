@@ -327,16 +327,17 @@ pub async fn start(config: Config, listener: tokio::net::TcpListener) -> Result<
             }
         });
     }
+    let authenticator = Arc::new(crate::auth::Authenticator::new(store.clone()));
+    let auth = (config.auth == crate::config::Auth::Required).then(|| authenticator.clone());
     // A message must fit the largest payload plus the rest of the request.
     let max_message = (config.max_payload_bytes + 64 * 1024).max(4 * 1024 * 1024);
     let tasks = TaskServiceServer::new(TaskApi::new(
         coordinator.clone(),
         config.max_payload_bytes,
         shutdown_rx.clone(),
+        auth.clone(),
     ))
     .max_decoding_message_size(max_message);
-    let authenticator = Arc::new(crate::auth::Authenticator::new(store.clone()));
-    let auth = (config.auth == crate::config::Auth::Required).then(|| authenticator.clone());
     let workers = WorkerServiceServer::new(WorkerApi::new(
         coordinator,
         config.lease_duration,

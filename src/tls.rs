@@ -27,6 +27,9 @@ use tokio_rustls::TlsAcceptor;
 /// Longest a client may take over its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Handshakes in progress at once; past it, accepting waits.
+const HANDSHAKES_AT_ONCE: usize = 256;
+
 /// The PEM files a node's TLS is read from.
 #[derive(Debug, Clone)]
 pub(crate) struct Files {
@@ -125,8 +128,12 @@ pub(crate) fn incoming(
     mut shutdown: watch::Receiver<bool>,
 ) -> impl Stream<Item = Result<TlsStream<TcpStream>, std::io::Error>> {
     let (tx, rx) = mpsc::channel::<TlsStream<TcpStream>>(64);
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(HANDSHAKES_AT_ONCE));
     tokio::spawn(async move {
         loop {
+            let Ok(permit) = handshakes.clone().acquire_owned().await else {
+                return;
+            };
             let accepted = tokio::select! {
                 accepted = listener.accept() => accepted,
                 _ = tx.closed() => return,
@@ -144,6 +151,7 @@ pub(crate) fn incoming(
             let _ = tcp.set_nodelay(true);
             let (acceptor, tx) = (acceptor.acceptor(), tx.clone());
             tokio::spawn(async move {
+                let _permit = permit;
                 let peer = tcp.peer_addr().ok();
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => {

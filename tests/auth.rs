@@ -345,7 +345,8 @@ async fn every_call_against_every_credential() {
         ("none", None),
         ("malformed", Some("Basic dXNlcjpwYXNz".to_owned())),
         ("empty", Some("Bearer ".to_owned())),
-        ("unknown", Some("Bearer lh_0000".to_owned())),
+        ("not ours", Some("Bearer lh_0000".to_owned())),
+        ("unknown", Some(format!("Bearer lh_{}", "0".repeat(64)))),
         ("expired", Some(format!("Bearer {expired}"))),
         ("revoked", Some(format!("Bearer {revoked}"))),
     ];
@@ -479,6 +480,30 @@ async fn a_worker_token_takes_only_its_task_types_and_its_revocation_closes_the_
     .await
     .expect("the session of a revoked token still open after 5 s");
     assert_eq!(closed.code(), Code::Unauthenticated);
+    // A watch stream ends the same way when its token goes.
+    let (watcher_id, watcher) =
+        make_token(&channel, &admin, role(proto::TokenRole::Producer)).await;
+    let mut watch = TaskServiceClient::new(channel.clone())
+        .watch_tasks(with(
+            proto::WatchTasksRequest::default(),
+            Some(&format!("Bearer {watcher}")),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    client.revoke_token(&watcher_id).await.unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match watch.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!("the watch ended without a status"),
+                Err(status) => return status,
+            }
+        }
+    })
+    .await
+    .expect("the watch of a revoked token still open after 5 s");
+    assert_eq!(ended.code(), Code::Unauthenticated);
     // And a new session with it is refused.
     let first = proto::connect_request::Kind::Register(register("w", &["generate_thumbnail"], 1));
     let Err(refused) = session_with_token(&channel, first, &limited).await else {

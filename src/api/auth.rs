@@ -11,6 +11,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use tonic::codegen::http;
 use tonic::Status;
@@ -127,4 +128,33 @@ pub(crate) fn check_task_types(
         }
         _ => Ok(()),
     }
+}
+
+/// How often a call that lasts (a session, a watch, a long poll) asks
+/// whether its token still works (the answer is at most `auth::RECHECK`
+/// old): within 5 s of a revocation it ends.
+const TOKEN_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Completes once `caller`'s token stops working (revoked or expired);
+/// never, when the call has no caller (authentication off).
+pub(crate) fn until_revoked(
+    auth: Option<Arc<Authenticator>>,
+    caller: Option<Caller>,
+) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+    match (auth, caller) {
+        (Some(auth), Some(caller)) => Box::pin(async move {
+            loop {
+                tokio::time::sleep(TOKEN_CHECK_INTERVAL).await;
+                if !auth.still_valid(&caller.hash).await {
+                    return;
+                }
+            }
+        }),
+        _ => Box::pin(std::future::pending()),
+    }
+}
+
+/// The status a call that outlived its token ends with.
+pub(crate) fn token_gone() -> Status {
+    Status::unauthenticated("authorization: the call's token was revoked or has expired")
 }

@@ -37,27 +37,10 @@ const OUT_BUFFER: usize = 256;
 /// progress reports).
 const IN_HAND_EXTRA: usize = 64;
 
-/// How often an open session asks whether its token still works (the
-/// answer is at most `auth::RECHECK` old): within 5 s of a revocation the
-/// session is closed.
-const TOKEN_CHECK_INTERVAL: Duration = Duration::from_secs(1);
-
 /// The token a session was opened with, and what checks it.
 pub(super) struct Credential {
     pub(super) caller: Caller,
     pub(super) auth: Arc<Authenticator>,
-}
-
-impl Credential {
-    /// Completes once the token stops working (revoked or expired).
-    async fn revoked(self) {
-        loop {
-            tokio::time::sleep(TOKEN_CHECK_INTERVAL).await;
-            if !self.auth.still_valid(&self.caller.hash).await {
-                return;
-            }
-        }
-    }
 }
 
 fn respond(kind: connect_response::Kind) -> Box<Result<proto::ConnectResponse, Status>> {
@@ -180,9 +163,11 @@ impl Connection {
         credential: Option<Credential>,
     ) {
         let mut undelivered = Vec::new();
-        let mut revoked: Pin<Box<dyn Future<Output = ()> + Send>> = match credential {
-            Some(credential) => Box::pin(credential.revoked()),
-            None => Box::pin(std::future::pending()),
+        let mut revoked = match credential {
+            Some(Credential { caller, auth }) => {
+                super::auth::until_revoked(Some(auth), Some(caller))
+            }
+            None => super::auth::until_revoked(None, None),
         };
         loop {
             tokio::select! {
@@ -199,9 +184,7 @@ impl Connection {
                         .await;
                     let _ = self
                         .out
-                        .send(Box::new(Err(Status::unauthenticated(
-                            "authorization: the session's token was revoked or has expired",
-                        ))))
+                        .send(Box::new(Err(super::auth::token_gone())))
                         .await;
                     break;
                 }

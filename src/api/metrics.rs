@@ -49,18 +49,29 @@ pub(crate) struct CallMetrics<S> {
     metrics: Arc<Metrics>,
 }
 
-/// A call not yet ended.
+/// A call not yet ended. Dropped unended (the client gave up before the
+/// answer, or the answer's body before its trailers) it counts as
+/// CANCELLED.
 #[derive(Debug)]
 struct Call {
-    metrics: Arc<Metrics>,
+    metrics: Option<Arc<Metrics>>,
     method: String,
     started: Instant,
 }
 
 impl Call {
-    fn end(self, code: tonic::Code) {
-        self.metrics
-            .grpc_call(&self.method, code, self.started.elapsed());
+    fn end(mut self, code: tonic::Code) {
+        if let Some(metrics) = self.metrics.take() {
+            metrics.grpc_call(&self.method, code, self.started.elapsed());
+        }
+    }
+}
+
+impl Drop for Call {
+    fn drop(&mut self) {
+        if let Some(metrics) = self.metrics.take() {
+            metrics.grpc_call(&self.method, tonic::Code::Cancelled, self.started.elapsed());
+        }
     }
 }
 
@@ -79,7 +90,7 @@ where
 
     fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
         let call = Call {
-            metrics: self.metrics.clone(),
+            metrics: Some(self.metrics.clone()),
             method: request.uri().path().to_owned(),
             started: Instant::now(),
         };
@@ -101,8 +112,8 @@ where
     }
 }
 
-/// A response body that ends its call when the trailers pass (or when it is
-/// dropped before them).
+/// A response body that ends its call when the trailers pass (dropped
+/// before them, the call counts as CANCELLED).
 #[derive(Debug)]
 pub(crate) struct MeteredBody<B> {
     inner: B,
@@ -143,13 +154,5 @@ impl<B: Body + Unpin> Body for MeteredBody<B> {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
-    }
-}
-
-impl<B> Drop for MeteredBody<B> {
-    fn drop(&mut self) {
-        if let Some(call) = self.call.take() {
-            call.end(tonic::Code::Cancelled);
-        }
     }
 }

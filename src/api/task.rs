@@ -1,7 +1,11 @@
 //! `leasehold.v1.TaskService`: creating and administering tasks.
 
+use std::sync::Arc;
+
 use tonic::{Request, Response, Status};
 
+use super::auth::{caller, token_gone, until_revoked};
+use crate::auth::Authenticator;
 use crate::coordinator::Coordinator;
 use crate::events::Delivery;
 use crate::model::Created;
@@ -19,20 +23,24 @@ pub(crate) struct TaskApi {
     coordinator: Coordinator,
     max_payload_bytes: usize,
     shutdown: tokio::sync::watch::Receiver<bool>,
+    auth: Option<Arc<Authenticator>>,
 }
 
 impl TaskApi {
     /// The service, with the payload limit it enforces on `params`.
-    /// Watch streams end when `shutdown` turns true.
+    /// Watch streams end when `shutdown` turns true, or, with `auth`, when
+    /// their token stops working.
     pub(crate) fn new(
         coordinator: Coordinator,
         max_payload_bytes: usize,
         shutdown: tokio::sync::watch::Receiver<bool>,
+        auth: Option<Arc<Authenticator>>,
     ) -> Self {
         Self {
             coordinator,
             max_payload_bytes,
             shutdown,
+            auth,
         }
     }
 }
@@ -140,16 +148,23 @@ impl TaskService for TaskApi {
         let filter = request::watch_filter(request.get_ref())?;
         let subscription = self.coordinator.watch().await;
         let shutdown = self.shutdown.clone();
+        let revoked = until_revoked(self.auth.clone(), caller(&request).cloned());
         // The stream is polled only as fast as the client reads; meanwhile
         // the subscription's bounded buffer absorbs events and reports what
         // overflowed as `missed`.
         let stream = futures_util::stream::unfold(
-            (subscription, filter, shutdown),
-            |(mut subscription, filter, mut shutdown)| async move {
+            (subscription, filter, shutdown, Some(revoked)),
+            |(mut subscription, filter, mut shutdown, mut revoked)| async move {
+                // Ended by a revocation: the error was the last item.
+                let revoking = revoked.as_mut()?;
                 loop {
                     let delivery = tokio::select! {
-                        d = subscription.next() => d?,
+                        d = subscription.next() => Some(d?),
                         _ = shutdown.wait_for(|s| *s) => return None,
+                        () = &mut *revoking => None,
+                    };
+                    let Some(delivery) = delivery else {
+                        return Some((Err(token_gone()), (subscription, filter, shutdown, None)));
                     };
                     let kind = match delivery {
                         Delivery::Event(event) if filter.matches(&event) => {
@@ -163,7 +178,7 @@ impl TaskService for TaskApi {
                         }
                     };
                     let item = Ok(proto::WatchTasksResponse { kind: Some(kind) });
-                    return Some((item, (subscription, filter, shutdown)));
+                    return Some((item, (subscription, filter, shutdown, revoked)));
                 }
             },
         );

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tonic::{Request, Response, Status, Streaming};
 
-use super::auth::{caller, check_task_types};
+use super::auth::{caller, check_task_types, token_gone, until_revoked};
 use super::connect::{self, ConnectStream};
 use crate::auth::Authenticator;
 use crate::coordinator::Coordinator;
@@ -49,7 +49,12 @@ impl WorkerService for WorkerApi {
     ) -> Result<Response<proto::AcquireTasksResponse>, Status> {
         let (claim, wait) = request::acquire(request.get_ref(), self.default_lease)?;
         check_task_types(caller(&request), &claim.task_types)?;
-        let tasks = self.coordinator.acquire(claim, wait).await?;
+        // A long poll ends when its token stops working, like a session.
+        let revoked = until_revoked(self.auth.clone(), caller(&request).cloned());
+        let tasks = tokio::select! {
+            tasks = self.coordinator.acquire(claim, wait) => tasks?,
+            () = revoked => return Err(token_gone()),
+        };
         Ok(Response::new(proto::AcquireTasksResponse {
             tasks: tasks.iter().map(convert::leased_to_proto).collect(),
         }))

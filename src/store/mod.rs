@@ -273,8 +273,13 @@ impl Store {
     /// under 2 % of the table's pages hold dead rows, which on a table with
     /// a large history is always, and the dead entries the claims walk in
     /// the pending indexes are the very thing this vacuum is for.
+    ///
+    /// It runs on a connection of its own with no statement timeout: a
+    /// vacuum cancelled at the timeout would start over every time and
+    /// never finish.
     pub(crate) async fn task_vacuum(&self) -> Result<()> {
-        let client = self.client().await?;
+        let client = self.connect_dedicated(None).await?;
+        client.batch_execute("SET statement_timeout = 0").await?;
         client
             .batch_execute("VACUUM (SKIP_LOCKED, INDEX_CLEANUP ON, ANALYZE) task")
             .await?;
