@@ -20,26 +20,6 @@ use tonic::{Code, Request};
 
 const BIN: &str = env!("CARGO_BIN_EXE_leasehold");
 
-/// `leasehold token create --database-url`: the first admin token, with no
-/// server involved.
-async fn first_admin_token(url: &str) -> String {
-    let out = tokio::process::Command::new(BIN)
-        .args(["token", "create", "--role", "admin", "--database-url", url])
-        .args(["--description", "bootstrap", "--json"])
-        .env("RUST_LOG", "warn")
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(line["role"], "admin");
-    line["secret"].as_str().unwrap().to_owned()
-}
-
 /// A request carrying `authorization: <header>` when given.
 fn with<T>(message: T, header: Option<&str>) -> Request<T> {
     let mut request = Request::new(message);
@@ -299,7 +279,7 @@ async fn counts(sql: &tokio_postgres::Client) -> (i64, i64) {
 #[tokio::test]
 async fn every_call_against_every_credential() {
     let (url, db_name) = common::fresh_database_url();
-    let admin = first_admin_token(&url).await;
+    let admin = common::token_on_database(&url, "admin");
     let mut config = leasehold::config::Config::with_database_url(&url);
     config.auth = leasehold::config::Auth::Required;
     config.db_pool_size = 8;
@@ -410,7 +390,7 @@ async fn every_call_against_every_credential() {
 #[tokio::test]
 async fn a_worker_token_takes_only_its_task_types_and_its_revocation_closes_the_session() {
     let (url, db_name) = common::fresh_database_url();
-    let admin = first_admin_token(&url).await;
+    let admin = common::token_on_database(&url, "admin");
     let mut config = leasehold::config::Config::with_database_url(&url);
     config.auth = leasehold::config::Auth::Required;
     config.drain_grace = Duration::from_secs(1);

@@ -103,27 +103,8 @@ async fn over_tls(language: &'static str, worker: fn() -> Command) {
     })
     .await;
     let addr = server.running.as_ref().unwrap().addr();
-    let token = |role: &str| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_leasehold"))
-            .args([
-                "token",
-                "create",
-                "--role",
-                role,
-                "--database-url",
-                &server.url,
-            ])
-            .env("RUST_LOG", "warn")
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap().trim().to_owned()
-    };
-    let (admin, worker_token) = (token("admin"), token("worker"));
+    let admin = common::token_on_database(&server.url, "admin");
+    let worker_token = common::token_on_database(&server.url, "worker");
     let tls = leasehold::client::Tls::new().ca_pem(pki.ca.pem.clone());
     let client = leasehold::client::Client::connect_with(&format!("https://{addr}"), &tls)
         .await

@@ -30,6 +30,14 @@ async fn client(server: &TestServer, pki: &Pki) -> Client {
         .expect("a TLS client trusting the CA connects")
 }
 
+/// Whether a client from `connect` gets an answer (GetStats); `Err` when
+/// it cannot connect or its call is refused.
+async fn answers(
+    connect: impl std::future::Future<Output = leasehold::client::Result<Client>>,
+) -> leasehold::client::Result<()> {
+    connect.await?.stats().await.map(drop)
+}
+
 /// The binary with a clean environment.
 fn leasehold(args: &[&str]) -> Command {
     let mut command = Command::new(BIN);
@@ -74,15 +82,9 @@ async fn the_rust_clients_the_cli_and_the_runner_speak_tls() {
     // Plaintext to a TLS port, and TLS trusting only the system's CAs, are
     // both refused.
     let plaintext = format!("http://{}", server.running.as_ref().unwrap().addr());
-    let refused = match Client::connect(&plaintext).await {
-        Ok(plain) => plain.stats().await.map(drop),
-        Err(err) => Err(err),
-    };
+    let refused = answers(Client::connect(&plaintext)).await;
     assert!(refused.is_err(), "a plaintext client was answered");
-    let untrusted = match Client::connect(&address).await {
-        Ok(system_roots) => system_roots.stats().await.map(drop),
-        Err(err) => Err(err),
-    };
+    let untrusted = answers(Client::connect(&address)).await;
     assert!(
         untrusted.is_err(),
         "a client not trusting the CA was answered"
@@ -181,10 +183,7 @@ async fn mutual_tls_refuses_a_client_without_a_certificate() {
     let address = https(&server);
 
     let anonymous = Tls::new().ca_pem(pki.ca.pem.clone());
-    let refused = match Client::connect_with(&address, &anonymous).await {
-        Ok(client) => client.stats().await.map(drop),
-        Err(err) => Err(err),
-    };
+    let refused = answers(Client::connect_with(&address, &anonymous)).await;
     assert!(
         refused.is_err(),
         "a client without a certificate was answered"
@@ -193,11 +192,11 @@ async fn mutual_tls_refuses_a_client_without_a_certificate() {
     // A certificate from another CA is refused too.
     let stranger = Authority::new("someone else");
     let (cert, key) = stranger.sign(&["worker-2"]);
-    let refused =
-        match Client::connect_with(&address, &anonymous.clone().identity_pem(cert, key)).await {
-            Ok(client) => client.stats().await.map(drop),
-            Err(err) => Err(err),
-        };
+    let refused = answers(Client::connect_with(
+        &address,
+        &anonymous.clone().identity_pem(cert, key),
+    ))
+    .await;
     assert!(
         refused.is_err(),
         "a certificate of an unknown CA was answered"
@@ -246,10 +245,7 @@ async fn sighup_swaps_the_certificate_and_keeps_open_sessions() {
     })
     .await;
     // New connections no longer trust the old certificate...
-    let refused = match Client::connect_with(&address, &old_ca).await {
-        Ok(client) => client.stats().await.map(drop),
-        Err(err) => Err(err),
-    };
+    let refused = answers(Client::connect_with(&address, &old_ca)).await;
     assert!(refused.is_err(), "the old certificate is still served");
     // ...while the session opened before goes on: it completes its task and
     // gets the next one.

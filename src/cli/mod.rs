@@ -35,6 +35,7 @@ mod token;
 mod watch;
 mod workers;
 
+use crate::wire::convert::code_name;
 use std::io::Write;
 use std::process::ExitCode;
 
@@ -173,30 +174,6 @@ fn describe(err: &client::Error) -> String {
     match err.status() {
         Some(status) => format!("{}: {}", code_name(status.code()), status.message()),
         None => chain(err),
-    }
-}
-
-/// The canonical name of a gRPC code, as grpcurl and the contract spell it.
-fn code_name(code: tonic::Code) -> &'static str {
-    use tonic::Code;
-    match code {
-        Code::Ok => "OK",
-        Code::Cancelled => "CANCELLED",
-        Code::Unknown => "UNKNOWN",
-        Code::InvalidArgument => "INVALID_ARGUMENT",
-        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        Code::NotFound => "NOT_FOUND",
-        Code::AlreadyExists => "ALREADY_EXISTS",
-        Code::PermissionDenied => "PERMISSION_DENIED",
-        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-        Code::FailedPrecondition => "FAILED_PRECONDITION",
-        Code::Aborted => "ABORTED",
-        Code::OutOfRange => "OUT_OF_RANGE",
-        Code::Unimplemented => "UNIMPLEMENTED",
-        Code::Internal => "INTERNAL",
-        Code::Unavailable => "UNAVAILABLE",
-        Code::DataLoss => "DATA_LOSS",
-        Code::Unauthenticated => "UNAUTHENTICATED",
     }
 }
 

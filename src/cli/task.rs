@@ -12,10 +12,11 @@ use futures_util::TryStreamExt;
 
 use super::filter::{About, Filter};
 use super::parse;
-use super::{code_name, describe, human, json, note, print_json, print_line, Failure, Options};
+use super::{describe, human, json, note, print_json, print_line, Failure, Options};
 use crate::client::{Client, CreateManyError, NewTask, TaskFilter, MAX_CREATE_BATCH};
 use crate::model::Status;
 use crate::proto;
+use crate::wire::convert::code_name;
 
 /// Tasks `task list` prints unless told otherwise.
 const DEFAULT_LIMIT: u64 = 100;

@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use super::{human, json as json_out, note, print_json, print_line, Failure, Options};
+use crate::model::Role;
 use crate::proto;
 use crate::wire::convert;
 
@@ -73,21 +74,10 @@ pub struct RevokeTokenArgs {
     pub(crate) target: TokenTarget,
 }
 
-fn role(name: &str) -> proto::TokenRole {
-    match name {
-        "worker" => proto::TokenRole::Worker,
-        "producer" => proto::TokenRole::Producer,
-        _ => proto::TokenRole::Admin,
-    }
-}
-
+/// The name of a token's role on the wire (`unknown` for a value this
+/// build does not know).
 fn role_name(value: i32) -> &'static str {
-    match proto::TokenRole::try_from(value) {
-        Ok(proto::TokenRole::Worker) => "worker",
-        Ok(proto::TokenRole::Producer) => "producer",
-        Ok(proto::TokenRole::Admin) => "admin",
-        _ => "unknown",
-    }
+    crate::wire::field::role("role", value).map_or("unknown", Role::as_str)
 }
 
 fn token_json(token: &proto::Token) -> Value {
@@ -107,7 +97,8 @@ pub(super) async fn run(command: TokenCommand) -> Result<(), Failure> {
     match command {
         TokenCommand::Create(args) => {
             let request = proto::CreateTokenRequest {
-                role: role(&args.role) as i32,
+                // clap allows only the three names.
+                role: Role::parse(&args.role).map_or(0, |r| convert::role_to_proto(r) as i32),
                 task_types: args.task_types.clone(),
                 expires_in: args.expires_in.map(convert::duration),
                 description: args.description.clone(),

@@ -131,6 +131,33 @@ impl TestServer {
     }
 }
 
+/// `leasehold token create --role ROLE --database-url URL`: a token made on
+/// the database itself, with no server involved (how the first admin token
+/// of an install is made); returns its secret.
+pub fn token_on_database(database_url: &str, role: &str) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_leasehold"))
+        .args([
+            "token",
+            "create",
+            "--role",
+            role,
+            "--database-url",
+            database_url,
+        ])
+        .args(["--description", "made by a test", "--json"])
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(line["role"], role);
+    line["secret"].as_str().unwrap().to_owned()
+}
+
 /// A connected channel to `endpoint` (`http://host:port`).
 pub async fn channel_to(endpoint: &str) -> Channel {
     Channel::from_shared(endpoint.to_owned())
