@@ -36,6 +36,13 @@ pub(crate) enum Error {
         /// What happened, for the client.
         message: String,
     },
+    /// No usable bearer token: missing, malformed, unknown, expired or
+    /// revoked.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// A valid token whose role or task types do not allow the call.
+    #[error("{0}")]
+    PermissionDenied(String),
     /// Database down, pool exhausted, or node shutting down. Safe to retry.
     #[error("{0}")]
     Unavailable(String),
@@ -90,6 +97,8 @@ impl Error {
             Error::FailedPrecondition(_) | Error::LeaseLost { .. } => {
                 tonic::Code::FailedPrecondition
             }
+            Error::Unauthenticated(_) => tonic::Code::Unauthenticated,
+            Error::PermissionDenied(_) => tonic::Code::PermissionDenied,
             Error::Unavailable(_) => tonic::Code::Unavailable,
             Error::Internal(_) => tonic::Code::Internal,
         };
@@ -106,7 +115,11 @@ impl Error {
             } => AckStatus::Cancelled,
             Error::LeaseLost { .. } | Error::FailedPrecondition(_) => AckStatus::LeaseLost,
             Error::NotFound(_) => AckStatus::NotFound,
-            Error::InvalidArgument { .. } => AckStatus::Invalid,
+            // A session's outcomes are checked when it opens, not one by
+            // one; should one be refused, it is as good as invalid.
+            Error::InvalidArgument { .. }
+            | Error::Unauthenticated(_)
+            | Error::PermissionDenied(_) => AckStatus::Invalid,
             Error::Unavailable(_) | Error::Internal(_) => AckStatus::Unavailable,
         };
         (status, self.public_message())
@@ -210,6 +223,15 @@ mod tests {
     }
 
     #[cfg(feature = "server")]
+    #[test]
+    fn refused_tokens_map_to_their_codes_with_their_message() {
+        let status = Error::Unauthenticated("authorization: unknown token".into()).into_status();
+        assert_eq!(status.code(), tonic::Code::Unauthenticated);
+        assert_eq!(status.message(), "authorization: unknown token");
+        let status = Error::PermissionDenied("task_types: no".into()).into_status();
+        assert_eq!(status.code(), tonic::Code::PermissionDenied);
+    }
+
     #[test]
     fn store_errors_map_to_codes() {
         use crate::store;

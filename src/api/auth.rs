@@ -17,6 +17,7 @@ use tonic::codegen::http;
 use tonic::Status;
 
 use crate::auth::{roles_for, Authenticator, Caller, Refusal};
+use crate::error::Error;
 
 /// Checks every call's token, when authentication is on.
 #[derive(Debug, Clone)]
@@ -52,9 +53,10 @@ pub(crate) struct Authenticated<S> {
 /// The status a refusal is answered with.
 fn refused(refusal: Refusal) -> Status {
     match refusal {
-        Refusal::Unauthenticated(message) => Status::unauthenticated(message),
-        Refusal::Unavailable(message) => Status::unavailable(message),
+        Refusal::Unauthenticated(message) => Error::Unauthenticated(message),
+        Refusal::Unavailable(message) => Error::Unavailable(message),
     }
+    .into_status()
 }
 
 impl<S, B> tower_service::Service<http::Request<B>> for Authenticated<S>
@@ -96,11 +98,12 @@ where
                     request.extensions_mut().insert(caller);
                     return inner.call(request).await;
                 }
-                Ok(Caller { token, .. }) => Status::permission_denied(format!(
+                Ok(Caller { token, .. }) => Error::PermissionDenied(format!(
                     "token {} has the {} role, which may not call {path}",
                     token.id,
                     token.role.as_str()
-                )),
+                ))
+                .into_status(),
                 Err(refusal) => refused(refusal),
             };
             Ok(status.into_http())
@@ -120,11 +123,12 @@ pub(crate) fn check_task_types(
 ) -> Result<(), Status> {
     match caller {
         Some(caller) if !caller.token.allows_task_types(task_types) => {
-            Err(Status::permission_denied(format!(
+            Err(Error::PermissionDenied(format!(
                 "task_types: token {} may only take {}",
                 caller.token.id,
                 caller.token.task_types.join(", ")
-            )))
+            ))
+            .into_status())
         }
         _ => Ok(()),
     }
@@ -156,5 +160,6 @@ pub(crate) fn until_revoked(
 
 /// The status a call that outlived its token ends with.
 pub(crate) fn token_gone() -> Status {
-    Status::unauthenticated("authorization: the call's token was revoked or has expired")
+    Error::Unauthenticated("authorization: the call's token was revoked or has expired".into())
+        .into_status()
 }
